@@ -1,0 +1,77 @@
+"""fla-core backend of lightning attention vs the torch backend (float64 on the same GPU).
+
+fla's float32 dots run in TF32 and its bf16 path keeps intermediates in bf16, so tolerances are
+TF32-level (2e-3) and bf16-level (1e-2) relative errors, measured as ||got - ref|| / ||ref||.
+"""
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+pytest.importorskip("fla")
+
+from minimax_train.ops.lightning import lightning_attention, lightning_slopes  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+TOL = {torch.float32: 2e-3, torch.bfloat16: 1e-2}
+
+# (B, T, H, D, doc lengths or None)
+SHAPES = [
+    (2, 300, 2, 64, None),
+    (1, 1000, 4, 64, [1, 250, 511, 238]),
+    (1, 8192, 8, 128, [1537, 4096, 2000, 559]),
+]
+
+
+def _rel(got, ref):
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("layer_idx", [0, 79])  # strongest and weakest decay of an 80-layer model
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("B,T,H,D,docs", SHAPES)
+def test_fla_matches_torch(B, T, H, D, docs, dtype, layer_idx):
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(T + H)
+    cu = None if docs is None else torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist(), device=dev,
+                                                dtype=torch.int32)
+    N = B if docs is None else len(docs)
+    # Activated inputs as in the model (silu), v zero-mean so outputs do not share one large mean.
+    q = torch.nn.functional.silu(torch.randn(B, T, H, D, generator=g, device=dev)).to(dtype)
+    k = torch.nn.functional.silu(torch.randn(B, T, H, D, generator=g, device=dev)).to(dtype)
+    v = torch.randn(B, T, H, D, generator=g, device=dev).to(dtype)
+    h0 = torch.randn(N, H, D, D, generator=g, device=dev)
+    do = torch.randn(B, T, H, D, generator=g, device=dev)
+    dht = torch.randn(N, H, D, D, generator=g, device=dev)
+    slopes = lightning_slopes(H, layer_idx, 80, device=dev)
+
+    def run(inputs, backend):
+        leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+        o, ht = lightning_attention(*leaves[:3], slopes, cu_seqlens=cu, initial_state=leaves[3],
+                                    output_final_state=True, backend=backend)
+        loss = (o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()
+        return [o, ht] + list(torch.autograd.grad(loss, leaves))
+
+    got = run([q, k, v, h0], "fla")
+    ref = run([x.double() for x in (q, k, v, h0)], "torch")  # the same (rounded) values, exact math
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    names = ["o", "final_state", "dq", "dk", "dv", "dh0"]
+    errs = {n: _rel(a, b) for n, a, b in zip(names, got, ref)}
+    assert all(e < TOL[dtype] for e in errs.values()), errs
+
+
+def test_auto_picks_fla_on_cuda():
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(1, 130, 2, 64, device=dev) for _ in range(3))
+    slopes = lightning_slopes(2, 1, 4, device=dev)
+    o_auto, _ = lightning_attention(q, k, v, slopes)
+    o_fla, _ = lightning_attention(q, k, v, slopes, backend="fla")
+    assert torch.equal(o_auto, o_fla)
+
+
+def test_slopes_on_cuda_match_cpu():
+    # The buffers an export writes are computed on CPU; the GPU copy must not drift from them.
+    torch.testing.assert_close(lightning_slopes(64, 40, 80, device="cuda").cpu(), lightning_slopes(64, 40, 80),
+                               rtol=1e-6, atol=0)
