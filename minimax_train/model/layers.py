@@ -1,0 +1,65 @@
+"""Small building blocks shared by the model: RMSNorm, activations, packed-sequence metadata."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) computed in fp32, cast back, then times the weight (transformers' order)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+@dataclass
+class PackedSequence:
+    """Where documents start and end in the flattened token stream that every layer sees.
+
+    cu_seqlens [N+1] int32 over the local tokens; doc_ids [T] the document of each token; causal_pos [T]
+    the index of each token in the (global) packed stream, used for causality; rope_pos [T] the position
+    inside its document, used for RoPE."""
+
+    cu_seqlens: torch.Tensor
+    doc_ids: torch.Tensor
+    causal_pos: torch.Tensor
+    rope_pos: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.doc_ids.numel()
+
+    @classmethod
+    def build(cls, batch: int, seqlen: int, device, cu_seqlens=None, position_ids=None) -> "PackedSequence":
+        n = batch * seqlen
+        if cu_seqlens is None:
+            cu_seqlens = torch.arange(0, n + 1, seqlen, device=device, dtype=torch.int32)
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+            raise ValueError(f"cu_seqlens must start at 0 and end at batch*seq_len={n}, got "
+                             f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+        causal_pos = torch.arange(n, device=device)
+        doc_ids = torch.searchsorted(cu_seqlens[1:].long(), causal_pos, right=True)
+        if position_ids is None:
+            rope_pos = causal_pos - cu_seqlens.long()[doc_ids]
+        else:
+            rope_pos = position_ids.reshape(-1).to(device)
+        return cls(cu_seqlens=cu_seqlens, doc_ids=doc_ids, causal_pos=causal_pos, rope_pos=rope_pos)

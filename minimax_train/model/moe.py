@@ -1,0 +1,95 @@
+"""The MoE block: softmax router, top-k with renormalised weights, SwiGLU experts.
+
+The token movement (permute -> experts -> unpermute) goes through a `dispatcher`; the local one here
+is dropless and exact; expert parallelism swaps in an all-to-all dispatcher with the same interface."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.experts import grouped_swiglu
+from .config import ModelConfig
+from .layers import ACTIVATIONS
+
+
+@dataclass
+class RouterOutput:
+    logits: torch.Tensor  # [T, E] (input dtype)
+    probs: torch.Tensor  # [T, E] fp32 softmax
+    weights: torch.Tensor  # [T, k] fp32, renormalised
+    experts: torch.Tensor  # [T, k] int64
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.weight = nn.Parameter(torch.empty(cfg.num_local_experts, cfg.hidden_size))
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        logits = F.linear(x, self.weight)
+        probs = torch.softmax(logits.float(), dim=-1)
+        top_w, top_e = torch.topk(probs, self.top_k, dim=-1)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return RouterOutput(logits=logits, probs=probs, weights=top_w, experts=top_e)
+
+
+class Experts(nn.Module):
+    """All experts' weights as two 3-D tensors (transformers v5's in-memory layout)."""
+
+    def __init__(self, cfg: ModelConfig, num_experts: int | None = None):
+        super().__init__()
+        e = cfg.num_local_experts if num_experts is None else num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * cfg.intermediate_size, cfg.hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(e, cfg.hidden_size, cfg.intermediate_size))
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int] | None = None):
+        return grouped_swiglu(x_sorted, counts, self.gate_up_proj, self.down_proj, self.act, counts_cpu)
+
+
+class LocalDispatcher:
+    """Dropless, single-process token routing: sort (token, slot) pairs by expert, run, scatter back."""
+
+    def __call__(self, x: torch.Tensor, route: RouterOutput, experts: Experts) -> tuple[torch.Tensor, dict]:
+        t, k = route.experts.shape
+        num_experts = experts.gate_up_proj.shape[0]
+        flat_e = route.experts.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        token_of = order // k
+        counts = torch.bincount(flat_e, minlength=num_experts)
+        y = experts(x[token_of], counts)
+        y = y * route.weights.reshape(-1)[order, None].to(y.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+        return out, {"tokens_per_expert": counts, "dropped": torch.zeros((), dtype=torch.long, device=x.device)}
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.jitter = cfg.router_jitter_noise
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput, dict]:
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        route = self.gate(x)
+        out, stats = self.dispatcher(x, route, self.experts)
+        return out, route, stats
+
+
+def load_balancing_stats(route: RouterOutput, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-layer pieces of transformers' aux loss: top-k assignment counts [E], summed probs [E], rows."""
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=route.probs.device)
+    counts.scatter_add_(0, route.experts.reshape(-1), torch.ones_like(route.experts.reshape(-1), dtype=torch.float32))
+    return counts, route.probs.sum(0), route.probs.shape[0]
+
+
+def load_balancing_loss(counts: torch.Tensor, prob_sum: torch.Tensor, rows: int, num_experts: int) -> torch.Tensor:
+    """transformers' load_balancing_loss_func on stats pooled over all layers: E * sum_e f_e P_e."""
+    return num_experts * torch.sum((counts / rows) * (prob_sum / rows))

@@ -1,0 +1,150 @@
+"""MiniMax-Text-01: embedding -> hybrid decoder layers -> norm -> lm_head, on packed documents.
+
+Parameter names equal transformers v5's in-memory names, so HF conversion is a pure re-layout."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import LightningAttention, SoftmaxAttention
+from .config import FULL, ModelConfig
+from .layers import PackedSequence, RMSNorm
+from .moe import MoE, load_balancing_loss, load_balancing_stats
+
+
+class DecoderLayer(nn.Module):
+    """Post-norm residual with the NORMED input as residual: h = a*N(x) + b*Attn(N(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = cfg.resolved_layer_types()[layer_idx]
+        if self.layer_type == FULL:
+            self.self_attn = SoftmaxAttention(cfg, layer_idx)
+            self.attn_alpha, self.attn_beta = cfg.full_attn_alpha_factor, cfg.full_attn_beta_factor
+        else:
+            self.self_attn = LightningAttention(cfg, layer_idx)
+            self.attn_alpha, self.attn_beta = cfg.linear_attn_alpha_factor, cfg.linear_attn_beta_factor
+        self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha_factor, cfg.mlp_beta_factor
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg)
+        self.checkpoint_mode = "none"
+
+    def _attn(self, x, seq):
+        return self.self_attn(x, seq)
+
+    def forward(self, x: torch.Tensor, seq: PackedSequence):
+        a = self.input_layernorm(x)
+        if self.checkpoint_mode == "selective":  # recompute the attention sublayer, keep the rest
+            attn = checkpoint(self._attn, a, seq, use_reentrant=False)
+        else:
+            attn = self.self_attn(a, seq)
+        h = self.attn_alpha * a + self.attn_beta * attn
+        b = self.post_attention_layernorm(h)
+        moe, route, stats = self.mlp(b)
+        return self.mlp_alpha * b + self.mlp_beta * moe, route, stats
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    lm_loss_sum: torch.Tensor | None = None
+    num_loss_tokens: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None  # [layers, experts] token assignments (detached)
+    dropped_tokens: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+class MiniMaxModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, seq: PackedSequence):
+        x = self.embed_tokens(input_ids.reshape(-1))
+        e = self.config.num_local_experts
+        counts = x.new_zeros(e, dtype=torch.float32)
+        prob_sum = x.new_zeros(e, dtype=torch.float32)
+        rows, loads, dropped = 0, [], 0
+        for layer in self.layers:
+            if layer.checkpoint_mode == "full" and torch.is_grad_enabled():
+                x, route, stats = checkpoint(layer, x, seq, use_reentrant=False)
+            else:
+                x, route, stats = layer(x, seq)
+            c, p, r = load_balancing_stats(route, e)
+            counts, prob_sum, rows = counts + c, prob_sum + p, rows + r
+            loads.append(stats["tokens_per_expert"])
+            dropped = dropped + stats["dropped"]
+        aux = load_balancing_loss(counts, prob_sum, rows, e)
+        return self.norm(x), aux, torch.stack(loads).detach(), dropped
+
+
+class MiniMaxForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = MiniMaxModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    # ---- initialisation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """transformers' init (normal(0, initializer_range), norms = 1) or Xavier with DeepNorm gains."""
+        cfg = self.config
+        deep_beta = (8 * cfg.num_hidden_layers) ** -0.25
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif cfg.init == "normal" or p.dim() < 2 or "embed_tokens" in name:
+                p.normal_(0.0, cfg.initializer_range)
+            else:
+                # DeepNorm: value/output/FFN projections get gain beta, q/k/router/lm_head gain 1
+                scaled = any(s in name for s in ("v_proj", "o_proj", "out_proj", "output_gate", "experts", "qkv_proj"))
+                gain = deep_beta if scaled else 1.0
+                fan_out, fan_in = p.shape[-2], p.shape[-1]
+                std = gain * math.sqrt(2.0 / (fan_in + fan_out))
+                p.normal_(0.0, std)
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        if mode not in ("none", "selective", "full"):
+            raise ValueError(f"activation checkpointing mode '{mode}' unknown; use none, selective or full")
+        for layer in self.model.layers:
+            layer.checkpoint_mode = mode
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                return_logits: bool | None = None) -> CausalLMOutput:
+        """input_ids [B, T]; labels [B, T] next-token targets already aligned (-100 = no loss);
+        cu_seqlens document boundaries over the flattened B*T tokens (default: one document per row)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        b, t = input_ids.shape
+        seq = PackedSequence.build(b, t, input_ids.device, cu_seqlens, position_ids)
+        hidden, aux, loads, dropped = self.model(input_ids, seq)
+        out = CausalLMOutput(aux_loss=aux, expert_load=loads, dropped_tokens=dropped)
+        want_logits = labels is None if return_logits is None else return_logits
+        logits = self.lm_head(hidden)
+        if want_logits:
+            out.logits = logits.view(b, t, -1)
+        if labels is not None:
+            flat = labels.reshape(-1)
+            out.lm_loss_sum = F.cross_entropy(logits.float(), flat, ignore_index=-100, reduction="sum")
+            out.num_loss_tokens = (flat != -100).sum()
+            out.lm_loss = out.lm_loss_sum / out.num_loss_tokens.clamp(min=1)
+            out.loss = out.lm_loss + self.config.router_aux_loss_coef * aux
+        return out
