@@ -17,6 +17,18 @@ from .layers import ACTIVATIONS, PackedSequence, RMSNorm
 LIGHTNING_NORM_EPS = 1e-6  # transformers hard-codes this for the lightning output norm
 
 
+def local_softmax_core(q, k, v, seq: PackedSequence, *, scale: float, sliding_window):
+    """q [T, Hq, D], k/v [T, Hkv, D], all tokens of the packed row on this rank -> [T, Hq, D]."""
+    return varlen_attention(q, k, v, q_doc=seq.doc_ids, q_pos=seq.causal_pos, k_doc=seq.doc_ids,
+                            k_pos=seq.causal_pos, scale=scale, sliding_window=sliding_window)
+
+
+def local_lightning_core(q, k, v, slopes, seq: PackedSequence, *, block_size: int):
+    """q/k/v [T, H, D] activated, all tokens of the packed row on this rank -> [T, H, D]."""
+    o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens, block_size=block_size)
+    return o[0]
+
+
 class SoftmaxAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -29,6 +41,8 @@ class SoftmaxAttention(nn.Module):
         self.k_proj = nn.Linear(h, kv * d, bias=False)
         self.v_proj = nn.Linear(h, kv * d, bias=False)
         self.o_proj = nn.Linear(n * d, h, bias=False)
+        # The attention core over packed documents; context parallelism swaps in ring attention.
+        self.core = local_softmax_core
 
     def forward(self, x: torch.Tensor, seq: PackedSequence) -> torch.Tensor:
         t = x.shape[0]
@@ -39,8 +53,7 @@ class SoftmaxAttention(nn.Module):
                                 theta=self.rope_theta, dtype=x.dtype)
         # apply_rope expects [..., T, H, D] with cos/sin [..., T, rotary_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = varlen_attention(q, k, v, q_doc=seq.doc_ids, q_pos=seq.causal_pos, k_doc=seq.doc_ids,
-                             k_pos=seq.causal_pos, scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
+        o = self.core(q, k, v, seq, scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
         return self.o_proj(o.reshape(t, -1))
 
 
@@ -58,15 +71,15 @@ class LightningAttention(nn.Module):
         self.norm = RMSNorm(n * d, eps=LIGHTNING_NORM_EPS)
         slopes = lightning_slopes(n, layer_idx, cfg.num_hidden_layers, legacy=cfg.legacy_slopes)
         self.register_buffer("slopes", slopes, persistent=False)
+        # The decayed recurrence over packed documents; context parallelism swaps in LASP+.
+        self.core = local_lightning_core
 
     def mix(self, x: torch.Tensor, seq: PackedSequence) -> torch.Tensor:
         """The attention core: activated qkv -> decayed linear recurrence per document -> [T, n*d]."""
         t = x.shape[0]
         qkv = self.act(self.qkv_proj(x)).view(t, -1, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        o, _ = lightning_attention(q[None], k[None], v[None], self.slopes, cu_seqlens=seq.cu_seqlens,
-                                   block_size=self.block_size)
-        return o.reshape(t, -1)
+        return self.core(q, k, v, self.slopes, seq, block_size=self.block_size).reshape(t, -1)
 
     def forward(self, x: torch.Tensor, seq: PackedSequence) -> torch.Tensor:
         y = self.norm(self.mix(x, seq))

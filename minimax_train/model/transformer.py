@@ -138,13 +138,19 @@ class MiniMaxForCausalLM(nn.Module):
         hidden, aux, loads, dropped = self.model(input_ids, seq)
         out = CausalLMOutput(aux_loss=aux, expert_load=loads, dropped_tokens=dropped)
         want_logits = labels is None if return_logits is None else return_logits
-        logits = self.lm_head(hidden)
         if want_logits:
-            out.logits = logits.view(b, t, -1)
+            out.logits = self.lm_head(hidden).view(b, t, -1)
         if labels is not None:
             flat = labels.reshape(-1)
-            out.lm_loss_sum = F.cross_entropy(logits.float(), flat, ignore_index=-100, reduction="sum")
+            out.lm_loss_sum = self.lm_loss_sum(hidden, flat, out.logits)
             out.num_loss_tokens = (flat != -100).sum()
             out.lm_loss = out.lm_loss_sum / out.num_loss_tokens.clamp(min=1)
             out.loss = out.lm_loss + self.config.router_aux_loss_coef * aux
         return out
+
+    def lm_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+        """Sum of token cross-entropies in fp32 (-100 ignored). Tensor parallelism overrides this with a
+        vocabulary-parallel version; fused kernels can avoid materialising the logits."""
+        if logits is None:
+            logits = self.lm_head(hidden)
+        return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100, reduction="sum")
