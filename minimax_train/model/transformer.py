@@ -70,6 +70,9 @@ class MiniMaxModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Context parallelism splits one micro-batch's tokens over ranks: the load-balancing statistics
+        # are then summed over that group (differentiably) so the aux loss equals the unsplit one.
+        self.aux_stats_group = None
 
     def forward(self, input_ids: torch.Tensor, seq: PackedSequence):
         x = self.embed_tokens(input_ids.reshape(-1))
@@ -86,6 +89,11 @@ class MiniMaxModel(nn.Module):
             counts, prob_sum, rows = counts + c, prob_sum + p, rows + r
             loads.append(stats["tokens_per_expert"])
             dropped = dropped + stats["dropped"]
+        if self.aux_stats_group is not None:
+            from torch.distributed.nn.functional import all_reduce
+            counts = all_reduce(counts, group=self.aux_stats_group)
+            prob_sum = all_reduce(prob_sum, group=self.aux_stats_group)
+            rows = all_reduce(torch.tensor(float(rows), device=counts.device), group=self.aux_stats_group)
         aux = load_balancing_loss(counts, prob_sum, rows, e)
         return self.norm(x), aux, torch.stack(loads).detach(), dropped
 
@@ -128,13 +136,15 @@ class MiniMaxForCausalLM(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                return_logits: bool | None = None) -> CausalLMOutput:
+                return_logits: bool | None = None, seq: PackedSequence | None = None) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] next-token targets already aligned (-100 = no loss);
-        cu_seqlens document boundaries over the flattened B*T tokens (default: one document per row)."""
+        cu_seqlens document boundaries over the flattened B*T tokens (default: one document per row).
+        `seq` (instead of cu_seqlens/position_ids) passes prebuilt metadata, e.g. a context-parallel shard's."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         b, t = input_ids.shape
-        seq = PackedSequence.build(b, t, input_ids.device, cu_seqlens, position_ids)
+        if seq is None:
+            seq = PackedSequence.build(b, t, input_ids.device, cu_seqlens, position_ids)
         hidden, aux, loads, dropped = self.model(input_ids, seq)
         out = CausalLMOutput(aux_loss=aux, expert_load=loads, dropped_tokens=dropped)
         want_logits = labels is None if return_logits is None else return_logits
