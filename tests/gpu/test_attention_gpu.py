@@ -23,7 +23,9 @@ LSE_TOL = {torch.float32: 2e-3, torch.bfloat16: 2e-2}
 def _enough_recompiles(monkeypatch):
     # Each dtype / window / GQA variant is its own compiled graph; past dynamo's default limit
     # flex would fall back to the unfused dense path.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    # torch >= 2.13 calls it recompile_limit; earlier releases (the GPU image's 2.11) cache_size_limit
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    monkeypatch.setattr(torch._dynamo.config, name, 64)
 
 
 def _docs(lengths, dev):
