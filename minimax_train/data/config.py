@@ -1,0 +1,71 @@
+"""Data configuration: where documents come from, how they are tokenised and held out.
+
+Plain dataclasses with OmegaConf-friendly types (no unions except Optional), so the trainer's
+Hydra schema can embed DataConfig as is."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hf", "megatron")
+TEXT_SAMPLE_BY = ("document", "paragraph", "line")
+SPLITS = ("train", "valid")
+
+
+class DataError(ValueError):
+    """Bad data or data configuration: the message names the source and what was expected."""
+
+
+@dataclass
+class SourceConfig:
+    kind: str = "embedded"  # embedded | jsonl | parquet | text | hf | megatron
+    # file/dir/glob for jsonl/parquet/text; dataset name (or local dir) for hf;
+    # path prefix (no .bin/.idx) for megatron; unused for embedded.
+    path: Optional[str] = None
+    weight: float = 1.0
+    text_key: str = "text"  # column/field holding the document text (jsonl, parquet, hf)
+    split: str = "train"  # hf split name to read (local files always have one split)
+    streaming: bool = False  # hf only: iterate without downloading/converting everything
+    name: Optional[str] = None  # hf config name
+    sample_by: str = "document"  # text files: one document per file, paragraph or line
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    # "embedded", a local tokenizer dir (AutoTokenizer), a tokenizer.json file, or a hub id already
+    # in the local Hugging Face cache (never downloaded at run time).
+    tokenizer: str = "embedded"
+    valid_fraction: float = 0.01  # documents held out by a stable hash of their content
+    max_bad_lines: int = 100  # malformed records skipped and counted; more than this is an error
+    add_eos: bool = True  # append the tokenizer's EOS to every text document
+    shuffle: bool = True  # reshuffle documents every epoch from the seed (train split only)
+    shuffle_buffer: int = 10000  # streaming hf sources: size of the shuffle buffer
+    tokenize_batch: int = 64  # documents tokenised per call (the fast tokenizer runs a batch in parallel)
+    cache_dir: Optional[str] = None  # datasets' cache for parquet/text/hf (None: datasets' default)
+
+
+def validate_data_config(cfg: DataConfig) -> None:
+    """Raise DataError naming the offending key and the allowed values."""
+    if not cfg.sources:
+        raise DataError("data.sources is empty: give at least one source")
+    for i, s in enumerate(cfg.sources):
+        key = f"data.sources[{i}]"
+        if s.kind not in SOURCE_KINDS:
+            raise DataError(f"{key}.kind={s.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+        if s.kind != "embedded" and not s.path:
+            raise DataError(f"{key}.path is required for kind={s.kind!r}")
+        if not (s.weight > 0):
+            raise DataError(f"{key}.weight={s.weight!r} must be > 0")
+        if s.sample_by not in TEXT_SAMPLE_BY:
+            raise DataError(f"{key}.sample_by={s.sample_by!r} is not one of {', '.join(TEXT_SAMPLE_BY)}")
+        if s.streaming and s.kind != "hf":
+            raise DataError(f"{key}.streaming=True is only supported for kind='hf' (got kind={s.kind!r})")
+    if not (0.0 <= cfg.valid_fraction < 1.0):
+        raise DataError(f"data.valid_fraction={cfg.valid_fraction!r} must be in [0, 1)")
+    if cfg.max_bad_lines < 0:
+        raise DataError(f"data.max_bad_lines={cfg.max_bad_lines!r} must be >= 0")
+    if cfg.shuffle_buffer < 1:
+        raise DataError(f"data.shuffle_buffer={cfg.shuffle_buffer!r} must be >= 1")
+    if cfg.tokenize_batch < 1:
+        raise DataError(f"data.tokenize_batch={cfg.tokenize_batch!r} must be >= 1")

@@ -1,0 +1,111 @@
+"""Megatron indexed datasets (.bin/.idx) through megatron-core: reader source and writers.
+
+Documents are read as stored: they are already tokenised, and Megatron's preprocess_data
+appends EOD itself (--append-eod). To make a corpus that reads back exactly like a direct
+tokenisation, write `tokenize_documents(tok, texts, add_eos)` with write_megatron_dataset.
+
+megatron-core is imported lazily: its package import takes several seconds (it pulls in the
+whole core), and only runs that read or write these files should pay for it."""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Iterable
+
+import numpy as np
+
+from .config import DataError
+from .sources import DocSource
+
+
+def strip_prefix(path: str) -> str:
+    """Accept 'corpus', 'corpus.bin' or 'corpus.idx' for the prefix 'corpus'."""
+    return path[:-4] if path.endswith((".bin", ".idx")) else path
+
+
+def _indexed_dataset_module():
+    try:
+        with warnings.catch_warnings():  # megatron.core's import warns about Apex/TE, irrelevant here
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets import indexed_dataset
+    except ImportError as e:
+        raise DataError(f"kind='megatron' needs megatron-core (pip install 'minimax_train[megatron]'): {e}") from e
+    return indexed_dataset
+
+
+def choose_dtype(max_token_id: int):
+    """Megatron's rule: uint16 while the vocabulary fits, else int32."""
+    return np.uint16 if max_token_id < 65500 else np.int32
+
+
+def write_megatron_dataset(path_prefix: str, token_lists: Iterable, dtype=None) -> str:
+    """Write one document per token list to path_prefix.bin/.idx; return the prefix.
+
+    dtype None picks uint16 or int32 from the largest id (this materialises token_lists)."""
+    idx_mod = _indexed_dataset_module()
+    path_prefix = strip_prefix(str(path_prefix))
+    if dtype is None:
+        token_lists = [np.asarray(t, dtype=np.int64) for t in token_lists]
+        dtype = choose_dtype(max((int(t.max()) for t in token_lists if len(t)), default=0))
+    dtype = np.dtype(dtype).type
+    info = np.iinfo(dtype)
+    os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
+    builder = idx_mod.IndexedDatasetBuilder(idx_mod.get_bin_path(path_prefix), dtype=dtype)
+    for i, toks in enumerate(token_lists):
+        arr = np.asarray(toks, dtype=np.int64)
+        if len(arr) and (arr.min() < info.min or arr.max() > info.max):
+            raise DataError(f"document {i}: token ids outside {np.dtype(dtype).name} range "
+                            f"[{info.min}, {info.max}]: choose a wider dtype")
+        builder.add_document(arr.astype(dtype), [len(arr)])
+    builder.finalize(idx_mod.get_idx_path(path_prefix))
+    return path_prefix
+
+
+def merge_megatron_datasets(out_prefix: str, in_prefixes: list[str]) -> str:
+    """Concatenate indexed datasets (e.g. shards tokenised in parallel) in the given order."""
+    idx_mod = _indexed_dataset_module()
+    out_prefix = strip_prefix(str(out_prefix))
+    in_prefixes = [strip_prefix(str(p)) for p in in_prefixes]
+    if not in_prefixes:
+        raise DataError("merge_megatron_datasets: no inputs")
+    dtype = idx_mod.IndexedDataset(in_prefixes[0]).index.dtype
+    builder = idx_mod.IndexedDatasetBuilder(idx_mod.get_bin_path(out_prefix), dtype=dtype)
+    for p in in_prefixes:
+        builder.add_index(p)
+    builder.finalize(idx_mod.get_idx_path(out_prefix))
+    return out_prefix
+
+
+def read_megatron_documents(path_prefix: str) -> list[np.ndarray]:
+    """All documents of an indexed dataset (tests and tools; the loader reads lazily)."""
+    src = MegatronSource(path_prefix, repr(path_prefix))
+    return src.fetch(range(src.num_docs))
+
+
+class MegatronSource(DocSource):
+    pretokenized = True
+
+    def __init__(self, path: str, label: str):
+        self.label = label
+        prefix = strip_prefix(path)
+        missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{label}: Megatron indexed dataset not found: missing "
+                                    f"{', '.join(map(repr, missing))} (path is the prefix without .bin/.idx)")
+        idx_mod = _indexed_dataset_module()
+        self.ds = idx_mod.IndexedDataset(prefix, mmap=True)
+        # A Megatron "document" may hold several sequences (sentences); we pack documents.
+        self._doc_idx = np.asarray(self.ds.document_indices, dtype=np.int64)
+        self._one_seq_per_doc = len(self._doc_idx) == len(self.ds) + 1
+        self.num_docs = len(self._doc_idx) - 1
+
+    def fetch(self, indices) -> list:
+        out = []
+        for d in indices:
+            if self._one_seq_per_doc:
+                out.append(np.asarray(self.ds[int(d)], dtype=np.int64))
+            else:
+                lo, hi = int(self._doc_idx[d]), int(self._doc_idx[d + 1])
+                parts = self.ds[lo:hi] if hi > lo else []
+                out.append(np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64))
+        return out
