@@ -1,0 +1,261 @@
+"""Typed schema of a training job: the Hydra config tree (conf/) is merged into these dataclasses, so
+an unknown key or a value of the wrong type fails while the config is composed; every value is then
+checked here (and the model/data/parallel schemas check their own), before any work starts.
+
+Groups: model (ModelConfig), data (DataConfig), optim, parallel (ParallelConfig), train, checkpoint,
+logging. Batch keys follow Megatron: train.seq_len tokens per packed row, train.global_batch_size and
+train.micro_batch_size in rows; gradient accumulation = global / (micro * dp)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from minimax_train.data.config import DataConfig, SourceConfig, validate_data_config
+from minimax_train.model.config import ModelConfig
+from minimax_train.parallel.mesh import ParallelConfig
+
+SCHEDULES = ("cosine", "wsd", "linear", "constant")
+DECAY_STYLES = ("linear", "cosine", "sqrt")
+OPTIM_IMPLS = ("auto", "fused", "foreach", "apex")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+AC_MODES = ("none", "selective", "full")
+WANDB_MODES = ("online", "offline", "disabled")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and what is allowed."""
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: unknown value {value!r}; use one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value, *, zero_ok: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    impl: str = "auto"  # auto: apex FusedAdam if importable (GPU, unsharded), else torch fused on GPU, foreach on CPU
+    lr: float = 3.0e-3  # peak learning rate
+    min_lr: float = 3.0e-4  # final learning rate of the cosine / linear / wsd decay
+    weight_decay: float = 0.1  # not applied to 1-D parameters (norms, biases)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1.0e-8
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | linear | constant
+    warmup_steps: int = 10
+    decay_steps: Optional[int] = None  # wsd: length of the final decay; None: decay_fraction * train.steps
+    decay_fraction: float = 0.2  # wsd only
+    decay_style: str = "sqrt"  # wsd decay shape: linear | cosine | sqrt (1 - sqrt, as MiniCPM/DeepSeek)
+
+    def __post_init__(self):
+        _choice("optim.name", self.name, ("adamw",))
+        _choice("optim.impl", self.impl, OPTIM_IMPLS)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        _choice("optim.decay_style", self.decay_style, DECAY_STYLES)
+        _positive("optim.lr", self.lr)
+        _positive("optim.min_lr", self.min_lr, zero_ok=True)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}")
+        _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
+        for k in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, k) < 1.0:
+                raise ConfigError(f"optim.{k}: must be in [0, 1), got {getattr(self, k)}")
+        _positive("optim.eps", self.eps)
+        _positive("optim.clip_grad", self.clip_grad, zero_ok=True)
+        _positive("optim.warmup_steps", self.warmup_steps, zero_ok=True)
+        if self.decay_steps is not None:
+            _positive("optim.decay_steps", self.decay_steps, zero_ok=True)
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction: must be in [0, 1], got {self.decay_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 150  # optimiser steps
+    seq_len: int = 128  # tokens per packed row
+    global_batch_size: int = 8  # rows per optimiser step, over all data-parallel ranks
+    micro_batch_size: int = 4  # rows per forward/backward on one rank
+    seed: int = 1234  # model init, data order, dropout/jitter
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto: bf16 autocast (fp32 master weights) on GPU, fp32 on CPU
+    activation_checkpointing: str = "none"  # none | selective (attention) | full (whole layers)
+    eval_interval: int = 50  # validation loss every N steps (and at the end); 0 disables
+    eval_iters: int = 2  # validation micro-batches per data-parallel rank
+    max_nonfinite_steps: int = 5  # stop after this many consecutive steps with NaN/inf loss or gradients
+
+    def __post_init__(self):
+        for k in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_iters", "max_nonfinite_steps"):
+            _positive(f"train.{k}", getattr(self, k))
+        _positive("train.eval_interval", self.eval_interval, zero_ok=True)
+        _choice("train.device", self.device, DEVICES)
+        _choice("train.precision", self.precision, PRECISIONS)
+        _choice("train.activation_checkpointing", self.activation_checkpointing, AC_MODES)
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size={self.micro_batch_size}; valid micro_batch_size: "
+                              f"{_divs(self.global_batch_size)}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # None: <run dir>/checkpoints. A dir holding checkpoints is resumed from.
+    interval: int = 100  # save every N steps; 0: only at the end
+    keep_last: int = 2  # complete checkpoints kept; 0 keeps all
+    save_final: bool = True  # save after the last step
+    resume: bool = True  # resume from the latest complete checkpoint in dir when there is one
+    init_from_hf: Optional[str] = None  # start a fresh run from these transformers weights
+
+    def __post_init__(self):
+        _positive("checkpoint.interval", self.interval, zero_ok=True)
+        _positive("checkpoint.keep_last", self.keep_last, zero_ok=True)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # online | offline | disabled
+    project: str = "minimax_train"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: W&B picks one
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    notes: Optional[str] = None
+    dir: Optional[str] = None  # None: the run dir
+
+    def __post_init__(self):
+        _choice("logging.wandb.mode", self.mode, WANDB_MODES)
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # console progress line every N steps (metrics.jsonl gets every step)
+    level: str = "INFO"
+    metrics_file: str = "metrics.jsonl"  # relative to the run dir
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: known GPUs (bf16 dense), null on CPU
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        _positive("logging.interval", self.interval)
+        _choice("logging.level", self.level, LOG_LEVELS)
+        if self.peak_tflops is not None:
+            _positive("logging.peak_tflops", self.peak_tflops)
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _divs(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def register_configs() -> None:
+    """Register the schema as `config_schema` (conf/config.yaml lists it first in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="config_schema", node=JobConfig)
+
+
+def to_job_config(cfg: Any) -> JobConfig:
+    """OmegaConf DictConfig (or plain dict) -> validated JobConfig. Raises ConfigError naming the key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if not OmegaConf.is_config(cfg):
+            cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+        elif OmegaConf.get_type(cfg) is not JobConfig:
+            cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+        job = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e)) from None
+    except ConfigError:
+        raise
+    except ValueError as e:  # __post_init__ of ModelConfig / ParallelConfig
+        raise ConfigError(str(e)) from None
+    validate_job(job)
+    return job
+
+
+def _omegaconf_message(e) -> str:
+    msg = str(e).split("\n")[0]
+    key = getattr(e, "full_key", None)
+    if key:
+        return f"{key}: {msg}"
+    return msg
+
+
+def validate_job(job: JobConfig) -> None:
+    """Cross-group checks that need no process group (layout checks against the world size happen when
+    the mesh is built)."""
+    try:
+        validate_data_config(job.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t, o = job.train, job.optim
+    if o.warmup_steps > t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
+    if o.schedule == "wsd" and o.decay_steps is not None and o.warmup_steps + o.decay_steps > t.steps:
+        raise ConfigError(f"optim.warmup_steps + optim.decay_steps = {o.warmup_steps + o.decay_steps} exceeds "
+                          f"train.steps={t.steps}")
+    if job.model.max_position_embeddings < t.seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+                          f"{job.model.max_position_embeddings}")
+    if job.parallel.engine != "fsdp2":
+        raise ConfigError(f"parallel.engine={job.parallel.engine} is not available yet (issue 4); use fsdp2")
+    p = job.parallel
+    if (p.tp, p.cp, p.ep, p.etp) != (1, 1, 1, 1):
+        raise ConfigError(f"parallel.tp/cp/ep/etp = {p.tp}/{p.cp}/{p.ep}/{p.etp}: model parallelism is not wired "
+                          f"into the trainer yet (issue 4); use 1/1/1/1 (pure data parallelism)")
+    if job.checkpoint.init_from_hf is not None and not Path(job.checkpoint.init_from_hf).is_dir():
+        raise ConfigError(f"checkpoint.init_from_hf={job.checkpoint.init_from_hf!r}: no such directory")
+
+
+def check_batch_layout(train: TrainConfig, dp: int) -> int:
+    """Gradient-accumulation steps for `dp` data-parallel ranks; a clear error when the batch does not split."""
+    g, m = train.global_batch_size, train.micro_batch_size
+    if g % (m * dp):
+        ok_m = [d for d in range(1, g // dp + 1) if g % (d * dp) == 0] if g % dp == 0 else []
+        hint = (f"valid micro_batch_size for dp={dp}: {', '.join(map(str, ok_m))}" if ok_m else
+                f"global_batch_size must be a multiple of dp={dp} (e.g. {dp * m}, {2 * dp * m})")
+        raise ConfigError(f"train.global_batch_size={g} is not divisible by train.micro_batch_size * dp = {m} * {dp}; "
+                          f"{hint}")
+    return g // (m * dp)
+
+
+def job_to_container(job: JobConfig) -> dict:
+    """Plain nested dict (for config.yaml, W&B, checkpoints)."""
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
+
+
+def job_to_yaml(job: JobConfig) -> str:
+    from omegaconf import OmegaConf
+    return OmegaConf.to_yaml(OmegaConf.structured(job))
+
+
+def load_job_yaml(path) -> JobConfig:
+    """Read a config.yaml written by job_to_yaml (e.g. one saved with a checkpoint)."""
+    from omegaconf import OmegaConf
+    return to_job_config(OmegaConf.load(path))
+
+
+__all__ = ["JobConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig",
+           "ModelConfig", "DataConfig", "SourceConfig", "ParallelConfig", "ConfigError", "register_configs",
+           "to_job_config", "validate_job", "check_batch_layout", "job_to_container", "job_to_yaml", "load_job_yaml"]

@@ -1,0 +1,69 @@
+"""`python -m minimax_train.train [overrides]`: the Hydra entry point (also under torchrun / srun).
+
+conf/ lives at the repository top level; it is found relative to this package (editable installs),
+or inside the package as minimax_train/conf when a wheel ships it there, or at $MINIMAX_TRAIN_CONF."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("minimax_train.train")
+
+
+def conf_dir() -> str:
+    env = os.environ.get("MINIMAX_TRAIN_CONF")
+    pkg = Path(__file__).resolve().parent.parent  # minimax_train/
+    candidates = ([Path(env)] if env else []) + [pkg.parent / "conf", pkg / "conf"]
+    for c in candidates:
+        if (c / "config.yaml").is_file():
+            return str(c)
+    raise SystemExit(f"minimax_train: cannot find the config tree (conf/config.yaml); looked in "
+                     f"{', '.join(str(c) for c in candidates)}. Set MINIMAX_TRAIN_CONF to the conf directory.")
+
+
+def _non_main_rank_overrides(argv: list[str]) -> list[str]:
+    """Under torchrun only rank 0 owns the Hydra run dir (its config, log and metrics); other ranks write
+    nothing there and receive rank 0's run dir after the process group starts."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    extra = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    if not any(a.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for a in argv):
+        extra.append("hydra.run.dir=.")  # do not create a second (timestamped) dir
+    return extra
+
+
+def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from minimax_train.config import ConfigError, to_job_config
+    from minimax_train.data import DataError
+    from minimax_train.parallel.mesh import ParallelConfigError
+    from minimax_train.train.loop import NonFiniteError, train
+
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        job = to_job_config(cfg)
+        logging.getLogger("minimax_train").setLevel(job.logging.level)
+        result = train(job, run_dir)
+    except (ConfigError, DataError, ParallelConfigError) as e:
+        print(f"minimax_train: configuration error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except NonFiniteError as e:
+        log.error("%s", e)
+        print(f"minimax_train: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
+    if result.preempted:
+        log.warning("preempted at step %d; resume by starting the same command again", result.step)
+
+
+def main() -> None:
+    import hydra
+
+    from minimax_train.config import register_configs
+
+    register_configs()
+    sys.argv += _non_main_rank_overrides(sys.argv[1:])
+    entry = hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)
+    entry()

@@ -1,0 +1,382 @@
+"""The training loop: one function, `train(job, run_dir)`, used by the Hydra entry point and by tests.
+
+Per optimiser step on every rank: take `accum` micro-batches, all-reduce the number of loss tokens
+(one small all-reduce), back-propagate each micro-batch's lm_loss_sum / global_tokens (times the
+data-parallel size, because FSDP averages gradients) plus coef * aux_loss / accum, clip, skip the
+update when the loss or gradient norm is not finite, step AdamW, all-reduce the step's statistics
+(second small all-reduce, which also carries the preemption flag), write metrics, evaluate and save
+when due. The same global batch therefore gives the same update in any data-parallel layout."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
+from minimax_train.parallel.data_parallel import apply_fsdp, is_sharded, set_gradient_sync
+from minimax_train.parallel.mesh import ParallelMesh
+from minimax_train.train.checkpoint import CheckpointManager, read_meta, rng_state, set_rng_state
+from minimax_train.train.faults import Faults
+from minimax_train.train.metrics import (MetricsWriter, WandbLogger, format_duration, format_progress, max_memory_gb,
+                                         peak_tflops)
+from minimax_train.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+
+log = logging.getLogger("minimax_train.train")
+
+RESOLVED_CONFIG = "config_resolved.yaml"
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    last_loss: Optional[float]
+    skipped_steps: int
+    preempted: bool
+    checkpoint: Optional[str]
+    run_dir: str
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (slurm preemption, torchrun shutdown) -> save at the end of this step and exit."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.name: Optional[str] = None
+        self._old = {}
+
+    def _handler(self, signum, frame):
+        if self.name is None:
+            self.name = signal.Signals(signum).name
+            log.warning("received %s: will save a checkpoint after this step and exit", self.name)
+
+    def install(self):
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.SIGNALS:
+            sig = getattr(signal, s, None)
+            if sig is not None:
+                self._old[sig] = signal.signal(sig, self._handler)
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_from_hf: Optional[str] = None):
+    """Seeded fp32 model on mesh.device (or transformers weights), activation checkpointing, FSDP2 over dp."""
+    from minimax_train.model import MiniMaxForCausalLM
+
+    _seed_all(job.train.seed)
+    if init_from_hf:
+        from minimax_train.hf import load_hf
+        model = load_hf(init_from_hf, dtype=torch.float32)
+        log.info("initialised from transformers weights in %s", init_from_hf)
+    else:
+        model = MiniMaxForCausalLM(job.model)
+    model = model.to(mesh.device)
+    model.set_activation_checkpointing(job.train.activation_checkpointing)
+    apply_fsdp(model, mesh, param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None,
+               reduce_dtype=torch.float32)
+    return model
+
+
+def _local_eval(model, loader, iters: int, device, autocast) -> torch.Tensor:
+    """[lm_loss_sum, loss tokens] over up to `iters` held-out micro-batches of this rank."""
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    it = iter(loader)
+    model.eval()
+    with torch.no_grad():
+        for _ in range(iters):
+            try:
+                b = next(it).to(device, non_blocking=True)
+            except StopIteration:
+                break
+            with autocast():
+                out = model(b.input_ids, labels=b.labels, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens)
+            acc[0] += out.lm_loss_sum.double()
+            acc[1] += out.num_loss_tokens.double()
+    model.train()
+    return acc
+
+
+@dataclass
+class ForwardBackward:
+    global_tokens: float  # loss tokens of the whole global batch (all dp ranks)
+    lm_sum: torch.Tensor  # this rank's summed token cross-entropy (fp64 scalar)
+    aux_sum: torch.Tensor  # this rank's summed per-micro-batch aux losses (fp64 scalar)
+    expert_load: torch.Tensor  # this rank's [layers, experts] token counts (fp64)
+
+
+def forward_backward(model, batches, *, mesh: ParallelMesh, autocast=contextlib.nullcontext, coef: float,
+                     inject_nan: bool = False) -> ForwardBackward:
+    """Accumulate the gradient of one optimiser step's share of this rank: `batches` are its micro-batches.
+
+    The gradient (after FSDP's average over the dp group) is that of
+        sum(token CE over the global batch) / global loss tokens + coef * mean(aux loss over all micro-batches)
+    so any split of the same global rows over ranks and micro-batches gives the same update."""
+    device = mesh.device
+    accum = len(batches)
+    ntok = torch.tensor([sum(b.num_loss_tokens() for b in batches)], dtype=torch.float64, device=device)
+    mesh.all_reduce(ntok, group=mesh.dp_cp_group)
+    global_tokens = max(float(ntok.item()), 1.0)
+    scale = float(mesh.grad_reduce_size)  # FSDP averages gradients over this many ranks
+    lm_sum = torch.zeros((), dtype=torch.float64, device=device)
+    aux_sum = torch.zeros((), dtype=torch.float64, device=device)
+    load = None
+    for i, b in enumerate(batches):
+        b = b.to(device, non_blocking=True)
+        set_gradient_sync(model, i == accum - 1)
+        with autocast():
+            out = model(b.input_ids, labels=b.labels, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens)
+        loss_mb = out.lm_loss_sum.float() * (scale / global_tokens) + (coef / accum) * out.aux_loss.float()
+        if inject_nan:
+            loss_mb = loss_mb * float("nan")
+        loss_mb.backward()
+        lm_sum += out.lm_loss_sum.detach().double()
+        aux_sum += out.aux_loss.detach().double()
+        el = out.expert_load.detach().double()
+        load = el if load is None else load + el
+    if inject_nan:
+        lm_sum += float("nan")
+    return ForwardBackward(global_tokens, lm_sum, aux_sum, load)
+
+
+def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
+    """Run (or resume) the job. Collective: every rank of a torchrun job calls it. `run_dir` is rank 0's
+    output directory (other ranks receive it)."""
+    from minimax_train.data import build_loader, load_tokenizer
+
+    faults = Faults(rank=int(os.environ.get("RANK", "0")))
+    mesh = ParallelMesh.from_env(job.parallel, device=job.train.device, model_cfg=job.model)
+    stop = StopFlag()
+    wandb_logger = None
+    metrics = None
+    try:
+        run_dir = Path(mesh.broadcast_object(str(Path(run_dir).absolute())))
+        if not mesh.is_main:
+            logging.getLogger("minimax_train").setLevel(logging.WARNING)
+        T, G = job.train.seq_len, job.train.global_batch_size
+        dp = mesh.layout.dp
+        accum = check_batch_layout(job.train, dp)
+        device = mesh.device
+        bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and device.type == "cuda")
+
+        def autocast():
+            if not bf16:
+                return contextlib.nullcontext()
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+        # ---- checkpoints: where, and is there one to resume -------------------------------------------------
+        ckpt_root = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
+        ckpt_root = Path(mesh.broadcast_object(str(ckpt_root.absolute())))
+        manager = CheckpointManager(ckpt_root, mesh, keep_last=job.checkpoint.keep_last, faults=faults)
+        manager.prepare()
+        resume_from = manager.latest() if job.checkpoint.resume else None
+        resume_from = mesh.broadcast_object(str(resume_from) if resume_from else None)
+
+        # ---- data (before the model: data errors surface before any heavy work) ------------------------------
+        tokenizer = load_tokenizer(job.data)
+        init_hf = job.checkpoint.init_from_hf if not resume_from else None
+        if init_hf:
+            from minimax_train.hf import read_hf_config
+            hf_cfg = read_hf_config(init_hf)
+            if hf_cfg != job.model:
+                log.warning("checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)",
+                            init_hf)
+                job.model = hf_cfg
+        if len(tokenizer) > job.model.vocab_size:
+            raise ConfigError(f"model.vocab_size={job.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                              f"({len(tokenizer)} tokens, data.tokenizer={job.data.tokenizer!r})")
+        loader_kw = dict(seq_len=T, micro_batch_size=job.train.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=dp,
+                         seed=job.train.seed)
+        train_loader = build_loader(job.data, tokenizer, split="train", **loader_kw)
+        valid_loader = None
+        if job.train.eval_interval > 0:
+            valid_loader = build_loader(job.data, tokenizer, split="valid", **loader_kw)
+
+        # ---- model and optimiser -----------------------------------------------------------------------------
+        model = build_model(job, mesh, bf16=bf16, init_from_hf=init_hf)
+        optimizer, opt_impl = build_optimizer(model, job.optim, device=device, sharded=is_sharded(model))
+        params = [p for p in model.parameters() if p.requires_grad]
+        coef = float(job.model.router_aux_loss_coef)
+        from minimax_train.model.flops import count_params, train_flops_per_token
+        flops_per_token = train_flops_per_token(job.model, T)
+        peak = peak_tflops(device, job.logging.peak_tflops)
+        n_params = count_params(job.model)
+
+        # ---- resume -----------------------------------------------------------------------------------------
+        step, tokens, skipped, consecutive, wandb_id = 0, 0, 0, 0, None
+        if resume_from:
+            t0 = time.perf_counter()
+            meta, mine, blob = manager.load(Path(resume_from), model, optimizer)
+            step, tokens = int(meta["step"]), int(meta["tokens"])
+            skipped, consecutive = int(meta["skipped_steps"]), int(meta["consecutive_nonfinite"])
+            wandb_id = meta.get("wandb_run_id")
+            train_loader.load_state_dict(meta["data"])
+            if mine is not None:
+                set_rng_state(mine["rng"])
+            else:
+                log.warning("world size changed (%d -> %d): RNG streams reseeded", blob["world_size"],
+                            mesh.world_size)
+                _seed_all(job.train.seed + 1000003 * step + mesh.rank)
+            log.info("resumed from %s (step %d, %.2fs)", resume_from, step, time.perf_counter() - t0)
+        if step >= job.train.steps:
+            log.info("checkpoint step %d >= train.steps=%d: nothing to do", step, job.train.steps)
+
+        # ---- outputs -----------------------------------------------------------------------------------------
+        config_yaml = job_to_yaml(job)
+        if mesh.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RESOLVED_CONFIG).write_text(config_yaml)
+            metrics = MetricsWriter(run_dir / job.logging.metrics_file)
+            wandb_logger = WandbLogger(job.logging.wandb, run_dir, job_to_container(job), wandb_id)
+            wandb_id = wandb_logger.run_id
+        log.info("run dir %s | checkpoints %s | %s", run_dir, ckpt_root, mesh.describe())
+        log.info("model %.2fM params (%.2fM active/token) | batch %d rows x %d tokens = %d tokens/step, micro %d, "
+                 "accum %d, dp %d | %s | precision %s | optimizer %s", n_params.total / 1e6, n_params.active / 1e6,
+                 G, T, G * T, job.train.micro_batch_size, accum, dp, job.optim.schedule, "bf16" if bf16 else "fp32",
+                 opt_impl)
+
+        def save(at_step: int) -> Path:
+            t0 = time.perf_counter()
+            meta = {"step": at_step, "tokens": tokens, "skipped_steps": skipped,
+                    "consecutive_nonfinite": consecutive, "wandb_run_id": wandb_id,
+                    "data": train_loader.state_dict(), "dp_size": dp}
+            path = manager.save(at_step, model, optimizer, meta, {"rng": rng_state()}, config_yaml)
+            log.info("saved checkpoint %s (%.2fs)", path, time.perf_counter() - t0)
+            return path
+
+        stop.install()
+        grad_group = mesh.dp_cp_group
+        last_saved = step if resume_from else None
+        last_ckpt = resume_from
+        last_loss = None
+        step_times: list[float] = []
+        start_step = step
+        it = iter(train_loader)
+        model.train()
+
+        while step < job.train.steps:
+            t_start = time.perf_counter()
+            lr = lr_at(step, job.optim, job.train.steps)
+            set_lr(optimizer, lr)
+            batches = [next(it) for _ in range(accum)]
+            fb = forward_backward(model, batches, mesh=mesh, autocast=autocast, coef=coef,
+                                  inject_nan=faults.hit("nan", step + 1))
+            global_tokens, lm_sum, aux_sum, load = fb.global_tokens, fb.lm_sum, fb.aux_sum, fb.expert_load
+
+            max_norm = job.optim.clip_grad if job.optim.clip_grad > 0 else float("inf")
+            grad_norm = clip_grad_norm(params, max_norm)
+            # one all-reduce for the statistics and the stop flag
+            flags = torch.tensor([0.0 if stop.name is None else 1.0], dtype=torch.float64, device=device)
+            stats = torch.cat([lm_sum.view(1), aux_sum.view(1), flags, load.flatten()])
+            mesh.all_reduce(stats, group=grad_group)
+            gn = float(grad_norm.item())
+            lm_loss = float(stats[0].item()) / global_tokens
+            aux_loss = float(stats[1].item()) / (accum * mesh.grad_reduce_size)
+            stop_requested = stats[2].item() > 0
+            loss = lm_loss + coef * aux_loss
+            finite = math.isfinite(loss) and math.isfinite(gn)
+            if finite:
+                optimizer.step()
+                consecutive = 0
+            else:
+                skipped += 1
+                consecutive += 1
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += G * T
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t_start
+            step_times.append(dt)
+
+            if not finite:
+                log.warning("step %d: non-finite %s (loss %s, grad norm %s): update skipped (%d in a row, %d total)",
+                            step, "loss" if not math.isfinite(loss) else "gradient", loss, gn, consecutive, skipped)
+                if consecutive >= job.train.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"stopping: {consecutive} consecutive optimiser steps ({step - consecutive + 1}..{step}) had a "
+                        f"non-finite loss or gradient (train.max_nonfinite_steps={job.train.max_nonfinite_steps}); "
+                        f"their updates were skipped, the weights are those of step {step - consecutive}. Lower "
+                        f"optim.lr or lengthen optim.warmup_steps, check the data, or resume from the last checkpoint "
+                        f"({last_ckpt or 'none saved yet'}).")
+            else:
+                last_loss = loss
+
+            load2 = stats[3:].view_as(load)
+            mean = load2.mean(dim=1).clamp(min=1e-9)
+            imbalance = float((load2.max(dim=1).values / mean).max().item())
+            tps = G * T / dt
+            tflops = flops_per_token * tps / mesh.world_size / 1e12
+            rec: dict[str, Any] = {
+                "step": step, "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": gn,
+                "tokens": tokens, "tokens_per_s": tps, "tflops_per_device": tflops,
+                "mfu": (tflops / peak) if peak else None, "max_memory_gb": max_memory_gb(device),
+                "expert_load_imbalance": imbalance, "step_time_s": dt, "loss_tokens": int(global_tokens),
+                "skipped": not finite, "skipped_steps": skipped,
+            }
+            if valid_loader is not None and (step % job.train.eval_interval == 0 or step == job.train.steps):
+                acc = _local_eval(model, valid_loader, job.train.eval_iters, device, autocast)
+                mesh.all_reduce(acc, group=grad_group)
+                rec["val_loss"] = float(acc[0] / acc[1].clamp(min=1)) if acc[1] > 0 else None
+
+            if mesh.is_main:
+                metrics.write(rec)
+                wandb_logger.log(rec)
+                if step % job.logging.interval == 0 or step == job.train.steps or step == start_step + 1 \
+                        or stop_requested:
+                    recent = step_times[1:][-20:] or step_times
+                    eta = (job.train.steps - step) * (sum(recent) / len(recent))
+                    log.info(format_progress(rec, job.train.steps, eta))
+            faults.maybe_kill("kill", step)
+
+            due = job.checkpoint.interval > 0 and step % job.checkpoint.interval == 0
+            if due or stop_requested:
+                last_ckpt = str(save(step))
+                last_saved = step
+            faults.maybe_signal(step)
+            if stop_requested:
+                log.warning("stopping after step %d on %s (checkpoint %s)", step, stop.name or "a peer's signal",
+                            last_ckpt)
+                return TrainResult(step, tokens, last_loss, skipped, True, last_ckpt, str(run_dir))
+
+        if job.checkpoint.save_final and last_saved != step:
+            last_ckpt = str(save(step))
+        total = sum(step_times)
+        if step_times:
+            log.info("done: %d steps in %s (%.1fk tokens/s), last loss %s, %d skipped", step - start_step,
+                     format_duration(total), (step - start_step) * G * T / max(total, 1e-9) / 1e3,
+                     f"{last_loss:.4f}" if last_loss is not None else "n/a", skipped)
+        return TrainResult(step, tokens, last_loss, skipped, False, last_ckpt, str(run_dir))
+    finally:
+        stop.restore()
+        if metrics is not None:
+            metrics.close()
+        if wandb_logger is not None:
+            wandb_logger.finish()
+        mesh.destroy()

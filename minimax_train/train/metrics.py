@@ -1,0 +1,121 @@
+"""Per-step metrics: metrics.jsonl, the console progress line, and W&B (imported only when enabled)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from minimax_train.config import WandbConfig
+
+log = logging.getLogger("minimax_train.train")
+
+# Dense bf16 tensor-core peaks (TFLOP/s per device) for MFU; override with logging.peak_tflops.
+_PEAKS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4), ("B200", 2250.0),
+          ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0))
+
+
+def peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    if override is not None:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in _PEAKS:
+        if key in name:
+            return peak
+    return None
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or peak RSS of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+def _finite_or_none(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
+    return x
+
+
+class MetricsWriter:
+    """Appends one JSON object per optimiser step (rank 0 only)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        rec = {k: _finite_or_none(v) for k, v in record.items()}
+        self._f.write(json.dumps(rec, allow_nan=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def format_duration(s: float) -> str:
+    s = int(max(0, s))
+    h, m, sec = s // 3600, (s % 3600) // 60, s % 60
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+def format_progress(rec: dict[str, Any], total_steps: int, eta_s: float) -> str:
+    parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}", f"lm {rec['lm_loss']:.4f}",
+             f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
+    if rec.get("mfu") is not None:
+        parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+    if rec.get("val_loss") is not None:
+        parts.append(f"val {rec['val_loss']:.4f}")
+    if rec.get("skipped"):
+        parts.append("SKIPPED (non-finite)")
+    parts.append(f"ETA {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+class WandbLogger:
+    """Thin wrapper; wandb is imported only when mode != disabled. The API key is never read or logged
+    here (wandb takes it from its own login / WANDB_API_KEY)."""
+
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, run_id: Optional[str]):
+        self.run = None
+        self.run_id = run_id
+        if cfg.mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError as e:
+            raise RuntimeError(f"logging.wandb.mode={cfg.mode} but wandb is not installed "
+                               f"(pip install wandb, or logging.wandb.mode=disabled)") from e
+        wdir = Path(cfg.dir) if cfg.dir else Path(run_dir)
+        wdir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(mode=cfg.mode, project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
+                              tags=list(cfg.tags) or None, notes=cfg.notes, dir=str(wdir), config=config,
+                              id=run_id, resume="allow" if run_id else None)
+        self.run_id = self.run.id
+        log.info("W&B run %s (mode %s, dir %s)", self.run_id, cfg.mode, wdir)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None and k != "step"}
+        self.run.log(data, step=int(record["step"]))
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+def env_summary() -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": sys.version.split()[0], "pid": os.getpid()}
