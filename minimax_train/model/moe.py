@@ -1,9 +1,20 @@
 """The MoE block: softmax router, top-k with renormalised weights, SwiGLU experts.
 
 The token movement (permute -> experts -> unpermute) goes through a `dispatcher`; the local one here
-is dropless and exact; expert parallelism swaps in an all-to-all dispatcher with the same interface."""
+is the single-process reference: dropless (exact, as transformers) or capacity with token drop. Expert
+parallelism (minimax_train/parallel/expert_parallel.py) swaps in an all-to-all dispatcher with the same
+interface: dispatcher(x [T,H], route, experts) -> (out [T,H], {"tokens_per_expert": [E], "dropped": scalar}).
+
+Capacity rule (shared with the expert-parallel dispatcher, which applies it over the tokens of its whole
+EP group, rank-major): capacity per expert C = ceil(capacity_factor * tokens * top_k / E). The (token, slot)
+assignments to expert e are ranked in (rank, token, slot) order; the first C are kept, the rest dropped.
+A dropped assignment contributes nothing: a token with all slots dropped leaves the MoE block as zeros, so
+the layer passes it through the residual only. Weights are not renormalised over the kept slots.
+Statistics: tokens_per_expert counts routed assignments (before the drop); dropped counts dropped
+(token, slot) assignments."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,20 +62,58 @@ class Experts(nn.Module):
         return grouped_swiglu(x_sorted, counts, self.gate_up_proj, self.down_proj, self.act, counts_cpu)
 
 
+def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts: int) -> int:
+    """Assignments each expert accepts: ceil(capacity_factor * tokens * top_k / num_experts)."""
+    return int(math.ceil(capacity_factor * tokens * top_k / num_experts))
+
+
+def capacity_keep(flat_e: torch.Tensor, num_experts: int, capacity: int,
+                  offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep mask over flattened (token, slot) assignments `flat_e` [T*k] (expert ids): an assignment's
+    position is `offsets[e]` (assignments to e that come before these tokens, e.g. on lower ranks) plus
+    its index among this tensor's assignments to e in (token, slot) order; it is kept iff position < capacity."""
+    n = flat_e.numel()
+    order = torch.argsort(flat_e, stable=True)
+    counts = torch.bincount(flat_e, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(flat_e)
+    pos[order] = torch.arange(n, device=flat_e.device) - starts[flat_e[order]]
+    if offsets is not None:
+        pos = pos + offsets.to(pos.dtype)[flat_e]
+    return pos < capacity
+
+
 class LocalDispatcher:
-    """Dropless, single-process token routing: sort (token, slot) pairs by expert, run, scatter back."""
+    """Single-process token routing: sort (token, slot) pairs by expert, run, scatter back.
+
+    routing "dropless" (transformers, exact) or "capacity" (see the module docstring for the rule)."""
+
+    def __init__(self, routing: str = "dropless", capacity_factor: float = 1.25):
+        if routing not in ("dropless", "capacity"):
+            raise ValueError(f"moe_routing '{routing}' unknown; use dropless or capacity")
+        self.routing, self.capacity_factor = routing, capacity_factor
 
     def __call__(self, x: torch.Tensor, route: RouterOutput, experts: Experts) -> tuple[torch.Tensor, dict]:
         t, k = route.experts.shape
         num_experts = experts.gate_up_proj.shape[0]
         flat_e = route.experts.reshape(-1)
-        order = torch.argsort(flat_e, stable=True)
-        token_of = order // k
         counts = torch.bincount(flat_e, minlength=num_experts)
-        y = experts(x[token_of], counts)
+        dropped = torch.zeros((), dtype=torch.long, device=x.device)
+        if self.routing == "capacity":
+            cap = expert_capacity(self.capacity_factor, t, k, num_experts)
+            keep = capacity_keep(flat_e, num_experts, cap)
+            kept = int(keep.sum())
+            order = torch.argsort(torch.where(keep, flat_e, num_experts), stable=True)[:kept]
+            run_counts = torch.bincount(flat_e[order], minlength=num_experts)
+            dropped = dropped + (t * k - kept)
+        else:
+            order = torch.argsort(flat_e, stable=True)
+            run_counts = counts
+        token_of = order // k
+        y = experts(x[token_of], run_counts)
         y = y * route.weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
-        return out, {"tokens_per_expert": counts, "dropped": torch.zeros((), dtype=torch.long, device=x.device)}
+        return out, {"tokens_per_expert": counts, "dropped": dropped}
 
 
 class MoE(nn.Module):
@@ -73,7 +122,7 @@ class MoE(nn.Module):
         self.jitter = cfg.router_jitter_noise
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = LocalDispatcher(cfg.moe_routing, cfg.capacity_factor)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput, dict]:
         if self.training and self.jitter > 0:

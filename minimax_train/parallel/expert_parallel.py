@@ -1,0 +1,190 @@
+"""Expert parallelism (EP) and expert tensor parallelism (ETP) for the MoE blocks.
+
+    apply_expert_parallel(model, mesh, overlap_chunks=K)
+
+For every MoE block it keeps only this rank's experts and installs the all-to-all dispatcher
+(moe_dispatch.py). Layout (ParallelMesh.expert_mesh, dims edp x ep x etp):
+- ep rank r holds global experts [r*E/ep, (r+1)*E/ep);
+- etp rank j holds slice j of every local expert's FFN width I (gate and up rows j*I/etp.., down columns);
+- edp replicates; FSDP2 shards the expert parameters over it.
+Expert parameters are DTensors on the 2-D ("ep", "etp") sub-mesh: down_proj [E, H, I] with
+(Shard(0), Shard(2)); gate_up_proj [E, 2I, H] with (Shard(0), Replicate()) when etp == 1. With etp > 1
+each rank's rows (its gate slice and its up slice) are not contiguous in [E, 2I, H], which DCP cannot
+store, so gate_up_proj becomes the 4-D view [E, 2, I, H] (index 0 gate, 1 up) with (Shard(0), Shard(2)):
+`full.reshape(E, 2 * I, H)` is transformers' layout again. (Changing etp between 1 and > 1 across a DCP
+resume therefore needs that reshape; changing ep, edp, or etp among values > 1 reshards directly.)
+Compute always uses the local tensors.
+
+Token layout the dispatcher assumes: every rank of a dispatch group holds its own tokens (EP folds over
+the data-parallel and context-parallel ranks). Over etp the MoE input is either replicated (tensor
+parallel without sequence parallel: partial outputs are all-reduced over etp) or sharded (sequence
+parallel: dispatch over ep x etp); `sequence_parallel` says which.
+
+Gradient semantics: an expert parameter's gradient on a rank is the sum, over every token routed to
+it from the whole dispatch group, of that token's loss gradient; dense gradients stay per rank. To get
+the gradient of the global loss, sum expert gradients over edp and divide by the same factor as the
+dense ones (FSDP2: fully_shard(experts, mesh=expert_mesh["edp"]) with
+set_gradient_divide_factor(dp * cp), the dense group's size).
+
+Order in the trainer: build/load the full model (identical on all ranks) -> tensor/sequence/context
+parallel wrappers -> apply_expert_parallel -> FSDP2 (experts over edp first, then the decoder layers
+and root over dp x cp) -> optimiser.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..model.moe import MoE, Experts, LocalDispatcher
+from .moe_dispatch import AllToAllDispatcher, _ExpertExchange
+
+
+@dataclass
+class ExpertGroups:
+    """Process groups and coordinates the dispatcher uses. dispatch_group is the group tokens are
+    exchanged over: the EP group, or the flattened ep x etp group when sequence_parallel."""
+    ep_size: int = 1
+    ep_rank: int = 0
+    etp_size: int = 1
+    etp_rank: int = 0
+    ep_group: Any = None
+    etp_group: Any = None
+    sequence_parallel: bool = False
+    dispatch_group: Any = None
+    dispatch_size: int = 1
+    dispatch_rank: int = 0
+    mesh: Any = None  # DeviceMesh ("ep", "etp") for the DTensor parameters, or None (plain tensors)
+
+    def __post_init__(self):
+        if self.dispatch_group is None and not self.sequence_parallel:  # default: dispatch over ep
+            self.dispatch_group, self.dispatch_size, self.dispatch_rank = self.ep_group, self.ep_size, self.ep_rank
+
+
+def expert_groups(mesh_or_groups, sequence_parallel: Optional[bool] = None) -> ExpertGroups:
+    """ExpertGroups from a ParallelMesh, a DeviceMesh with dims ("edp",) "ep", "etp", or ExpertGroups.
+    Collective when it has to build the flattened ep x etp group (sequence_parallel with etp > 1)."""
+    if isinstance(mesh_or_groups, ExpertGroups):
+        return mesh_or_groups
+    from torch.distributed.device_mesh import DeviceMesh
+    if isinstance(mesh_or_groups, DeviceMesh):
+        dm = mesh_or_groups
+        sp = bool(sequence_parallel)
+    else:  # ParallelMesh
+        pm = mesh_or_groups
+        sp = pm.cfg.sequence_parallel if sequence_parallel is None else bool(sequence_parallel)
+        dm = pm.expert_mesh
+        if dm is None:  # single process
+            return ExpertGroups(sequence_parallel=sp and pm.etp_size > 1)
+    names = dm.mesh_dim_names or ()
+    if "ep" not in names:
+        raise ValueError(f"apply_expert_parallel: the device mesh needs an 'ep' dimension, has {names}")
+    sub = dm["ep", "etp"] if "etp" in names else dm["ep"]
+    ep_size, ep_rank = dm.size(names.index("ep")), dm.get_local_rank("ep")
+    etp_size, etp_rank = (dm.size(names.index("etp")), dm.get_local_rank("etp")) if "etp" in names else (1, 0)
+    g = ExpertGroups(ep_size=ep_size, ep_rank=ep_rank, etp_size=etp_size, etp_rank=etp_rank,
+                     ep_group=dm.get_group("ep"), etp_group=dm.get_group("etp") if "etp" in names else None,
+                     sequence_parallel=sp and etp_size > 1, mesh=sub)
+    if g.sequence_parallel:
+        flat = dm["ep", "etp"]._flatten("ep_etp")
+        g.dispatch_group, g.dispatch_size, g.dispatch_rank = flat.get_group(), flat.size(), flat.get_local_rank()
+    return g
+
+
+class ExpertParallelExperts(Experts):
+    """This rank's experts (DTensor parameters, see the module docstring); forward(send_x, plan) runs the
+    pipelined all-to-all exchange. Called as a module so FSDP2's hooks (unshard over edp) fire."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act, groups: ExpertGroups, num_experts: int,
+                 intermediate_size: int):
+        nn.Module.__init__(self)
+        self.gate_up_proj = nn.Parameter(gate_up)
+        self.down_proj = nn.Parameter(down)
+        self.act = act
+        self.groups = groups
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+
+    def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[E_local, 2*I_local, H] (rows: gate slice then up slice) and [E_local, H, I_local]."""
+        gu, dn = self.gate_up_proj, self.down_proj
+        if hasattr(gu, "to_local"):
+            gu, dn = gu.to_local(), dn.to_local()
+        return gu.reshape(gu.shape[0], -1, gu.shape[-1]), dn
+
+    def forward(self, send_x: torch.Tensor, plan) -> torch.Tensor:
+        gu, dn = self.local_weights()
+        return _ExpertExchange.apply(plan, send_x, gu, dn)
+
+    def extra_repr(self) -> str:
+        g = self.groups
+        return (f"experts {self.num_experts} (local {self.num_experts // g.ep_size}), ep {g.ep_size} rank {g.ep_rank}, "
+                f"etp {g.etp_size} rank {g.etp_rank}, sequence_parallel {g.sequence_parallel}")
+
+
+def _shard_experts(experts: Experts, g: ExpertGroups) -> ExpertParallelExperts:
+    gu, dn = experts.gate_up_proj, experts.down_proj
+    if isinstance(experts, ExpertParallelExperts) or hasattr(gu, "to_local"):
+        raise ValueError("apply_expert_parallel: the experts are already sharded")
+    e, two_i, h = gu.shape
+    inter = two_i // 2
+    if e % g.ep_size:
+        raise ValueError(f"parallel.ep={g.ep_size} does not divide num_local_experts={e}")
+    if inter % g.etp_size:
+        raise ValueError(f"parallel.etp={g.etp_size} does not divide intermediate_size={inter}")
+    el, il = e // g.ep_size, inter // g.etp_size
+    e0, i0 = g.ep_rank * el, g.etp_rank * il
+    with torch.no_grad():
+        gu_l = gu.detach()[e0:e0 + el].view(el, 2, inter, h)[:, :, i0:i0 + il].clone()
+        dn_l = dn.detach()[e0:e0 + el, :, i0:i0 + il].clone()
+        if g.etp_size == 1:
+            gu_l = gu_l.reshape(el, two_i, h)
+    if g.mesh is not None:
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+        mesh_dims = g.mesh.ndim
+        etp_place = [Shard(2)] if mesh_dims == 2 else []
+        gu_place = [Shard(0)] + ([Shard(2) if g.etp_size > 1 else Replicate()] if mesh_dims == 2 else [])
+        gu_l = DTensor.from_local(gu_l, g.mesh, gu_place, run_check=False)
+        dn_l = DTensor.from_local(dn_l, g.mesh, [Shard(0)] + etp_place, run_check=False)
+    out = ExpertParallelExperts(gu_l, dn_l, experts.act, g, e, inter)
+    out.gate_up_proj.requires_grad_(gu.requires_grad)
+    out.down_proj.requires_grad_(dn.requires_grad)
+    return out
+
+
+def apply_expert_parallel(model: nn.Module, expert_mesh_or_groups, *, overlap_chunks: int = 1,
+                          sequence_parallel: Optional[bool] = None) -> nn.Module:
+    """Shard every MoE block's experts over ep (and etp) and install the all-to-all dispatcher, in place.
+
+    expert_mesh_or_groups: a ParallelMesh, a DeviceMesh with dims ("edp",) "ep"(, "etp"), or ExpertGroups.
+    overlap_chunks: parallel.moe_overlap_chunks (K token groups pipelined; 1 = plain).
+    sequence_parallel: whether the MoE input is sharded over the etp ranks (default: the ParallelMesh's
+    parallel.sequence_parallel; False for a DeviceMesh). Routing mode and capacity factor come from each
+    block's existing dispatcher (model.moe_routing / capacity_factor)."""
+    g = expert_groups(expert_mesh_or_groups, sequence_parallel)
+    found = 0
+    for moe in model.modules():
+        if not isinstance(moe, MoE):
+            continue
+        found += 1
+        local = moe.dispatcher
+        routing = getattr(local, "routing", "dropless")
+        cf = getattr(local, "capacity_factor", 1.25)
+        if not isinstance(local, LocalDispatcher):
+            raise ValueError(f"apply_expert_parallel: MoE block already has a {type(local).__name__}")
+        moe.experts = _shard_experts(moe.experts, g)
+        moe.dispatcher = AllToAllDispatcher(g, moe.experts.num_experts, moe.gate.top_k, routing, cf, overlap_chunks)
+    if not found:
+        raise ValueError(f"apply_expert_parallel: no MoE block in {type(model).__name__}")
+    return model
+
+
+def unshard_expert_state(t: torch.Tensor) -> torch.Tensor:
+    """Full tensor of an expert parameter (or state) in transformers' layout: [E, 2I, H] / [E, H, I]."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() == 4 else t
+
+
+__all__ = ["ExpertGroups", "ExpertParallelExperts", "apply_expert_parallel", "expert_groups", "unshard_expert_state"]

@@ -1,0 +1,260 @@
+"""Benchmark one expert-parallel MoE layer: step time (forward + backward) for overlap chunks K = 1 vs
+K > 1, the share of the K = 1 step spent in all-to-all, and how much of it the overlap hides.
+
+GPU (MiniMax-Text-01 shapes by default: hidden 6144, 32 experts of 9216, top-2, 8192 tokens per rank,
+bf16; EP over all ranks):
+    torchrun --nproc-per-node 8 tools/bench_moe.py
+    torchrun --nproc-per-node 4 tools/bench_moe.py --tokens 4096 --chunks 1,2,4,8
+CPU smoke run (gloo, tiny shapes, spawns its own processes):
+    python tools/bench_moe.py --device cpu --nproc 2
+
+Columns (times are the slowest rank's mean per iteration):
+  step ms       router + dispatch + experts + combine, forward and backward, at this K
+  a2a ms        the layer's four all-to-alls (dispatch and combine, forward and backward) run alone with
+                the same split sizes (the bytes do not depend on K)
+  expert ms     the local experts' grouped SwiGLU forward + backward alone on the rows this rank receives
+  a2a share     a2a ms / step ms of K = 1 (the K = 1 path runs its transfers serially)
+  exposed ms    step(K) - (step(1) - a2a): all-to-all time still on the critical path at this K
+  hidden        1 - exposed / a2a: the share of the all-to-all the overlap hides (0 at K = 1 by definition;
+                chunking also costs smaller GEMMs, which shows up as less hidden)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--nproc", type=int, default=2, help="processes to spawn when not under torchrun")
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--inter", type=int, default=None, help="per-expert FFN width I")
+    p.add_argument("--experts", type=int, default=None)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--tokens", type=int, default=None, help="tokens per rank (one micro-batch)")
+    p.add_argument("--chunks", default="1,2,4", help="comma-separated moe_overlap_chunks values")
+    p.add_argument("--ep", type=int, default=None, help="expert parallel size (default: world / etp)")
+    p.add_argument("--etp", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true", help="tokens differ across etp ranks")
+    p.add_argument("--routing", choices=("dropless", "capacity"), default="dropless")
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None)
+    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--check", action="store_true", help="also compare outputs and gradients of every K to K=1")
+    a = p.parse_args(argv)
+    gpu = a.device == "cuda"
+    defaults = dict(hidden=6144 if gpu else 64, inter=9216 if gpu else 128, experts=32 if gpu else 8,
+                    tokens=8192 if gpu else 256, dtype="bf16" if gpu else "fp32", iters=20 if gpu else 5,
+                    warmup=5 if gpu else 2)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.chunk_list = [int(c) for c in a.chunks.split(",")]
+    return a
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(fn, dev, iters, warmup) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(dev)
+    return _max_over_ranks((time.perf_counter() - t0) / iters * 1e3, dev)
+
+
+def _max_over_ranks(v: float, dev) -> float:
+    t = torch.tensor([v], dtype=torch.float64, device=dev)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def check(moe, x, gy, chunk_list, dev) -> None:
+    """Outputs and gradients of every K against K = 1 on the same inputs (max relative error over ranks)."""
+    got = {}
+    for k in sorted(set(chunk_list) | {1}):
+        moe.dispatcher.chunks = k
+        moe.zero_grad(set_to_none=True)
+        x.grad = None
+        out, _, _ = moe(x)
+        out.backward(gy)
+        got[k] = [out.detach().float(), x.grad.float(), moe.experts.gate_up_proj.grad.float(),
+                  moe.experts.down_proj.grad.float(), moe.gate.weight.grad.float()]
+    x.grad = None
+    moe.zero_grad(set_to_none=True)
+    for k in sorted(got):
+        if k == 1:
+            continue
+        errs = [_max_over_ranks(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item(), dev)
+                for a, b in zip(got[k], got[1])]
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"check K={k} vs K=1 (max |diff| / max |ref|): out {errs[0]:.1e}, dx {errs[1]:.1e}, "
+                  f"d gate_up {errs[2]:.1e}, d down {errs[3]:.1e}, d router {errs[4]:.1e}")
+
+
+def run(a) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from minimax_train.model.config import ModelConfig
+    from minimax_train.model.moe import MoE
+    from minimax_train.ops.experts import grouped_swiglu
+    from minimax_train.parallel.expert_parallel import apply_expert_parallel, expert_groups
+    from minimax_train.parallel.moe_dispatch import _a2a
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if a.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    ep = a.ep or world // a.etp
+    if world % (ep * a.etp):
+        raise SystemExit(f"ep {ep} x etp {a.etp} does not divide the world size {world}")
+    cfg = ModelConfig(hidden_size=a.hidden, intermediate_size=a.inter, num_local_experts=a.experts,
+                      num_experts_per_tok=a.topk, moe_routing=a.routing, capacity_factor=a.capacity_factor,
+                      num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1)
+    with torch.device("meta"):
+        moe = MoE(cfg)
+    if world > 1:
+        dm = init_device_mesh(dev.type, (world // (ep * a.etp), ep, a.etp), mesh_dim_names=("edp", "ep", "etp"))
+        g = expert_groups(dm, sequence_parallel=a.sequence_parallel)
+        g.mesh = None  # plain local tensors: the full experts never exist on one rank here
+    else:
+        from minimax_train.parallel.expert_parallel import ExpertGroups
+        g = ExpertGroups()
+
+    captured = {}
+    apply_expert_parallel(moe, g, overlap_chunks=1)
+    moe.experts.register_forward_pre_hook(lambda mod, args: captured.update(plan=args[1], rows=args[0].shape[0]))
+    moe.to_empty(device=dev)
+    gen = torch.Generator(device=dev).manual_seed(1234 + rank)
+    with torch.no_grad():
+        moe.gate.weight.normal_(0, 0.02, generator=gen)
+        if world > 1:  # one router for all ranks, as in a real model
+            dist.broadcast(moe.gate.weight, 0)
+        moe.experts.gate_up_proj.normal_(0, 0.02, generator=gen)
+        moe.experts.down_proj.normal_(0, 0.02, generator=gen)
+    moe.to(dtype)
+    # tokens are replicated over etp unless sequence parallel (tensor-parallel ranks see the same micro-batch)
+    holder = rank if a.sequence_parallel else rank // a.etp
+    gen_x = torch.Generator(device=dev).manual_seed(777 + holder)
+    x = torch.randn(a.tokens, a.hidden, device=dev, dtype=dtype, generator=gen_x).requires_grad_()
+    gy = torch.randn(a.tokens, a.hidden, device=dev, dtype=dtype, generator=gen_x)
+
+    def step():
+        out, _, _ = moe(x)
+        out.backward(gy)
+
+    if a.check:
+        check(moe, x, gy, a.chunk_list, dev)
+    step_ms = {}
+    for k in a.chunk_list:
+        moe.dispatcher.chunks = k
+        step_ms[k] = _timed(step, dev, a.iters, a.warmup)
+
+    # isolated all-to-alls with K = 1's split sizes, and the isolated expert compute
+    moe.dispatcher.chunks = 1
+    step()
+    plan = captured["plan"]
+    h = a.hidden
+    send = torch.randn(plan.send_rows[0], h, device=dev, dtype=dtype)
+    recv = torch.empty(plan.recv_rows[0], h, device=dev, dtype=dtype)
+    grp = plan.group
+
+    def a2a4():
+        for _ in range(2):  # forward (dispatch, combine) and backward (the same two, reversed)
+            _a2a(recv, send, plan.recv_splits[0], plan.send_splits[0], grp).wait()
+            _a2a(send, recv, plan.send_splits[0], plan.recv_splits[0], grp).wait()
+
+    a2a_ms = _timed(a2a4, dev, a.iters, a.warmup) if grp is not None else 0.0
+    gu, dn = moe.experts.local_weights()
+    xr = torch.randn(plan.recv_rows[0], h, device=dev, dtype=dtype, requires_grad=True)
+    gr = torch.randn(plan.recv_rows[0], h, device=dev, dtype=dtype)
+
+    def expert():
+        y = grouped_swiglu(xr, plan.expert_counts_dev[0], gu, dn, moe.experts.act, plan.expert_counts[0])
+        y.backward(gr)
+
+    expert_ms = _timed(expert, dev, a.iters, a.warmup)
+    recv_max = _max_over_ranks(plan.recv_rows[0], dev)
+    send_max = _max_over_ranks(plan.send_rows[0], dev)
+
+    if rank == 0:
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (gloo)"
+        el, il = a.experts // ep, a.inter // a.etp
+        print(f"MoE layer: hidden {a.hidden}, {a.experts} experts of {a.inter} (ep {ep}: {el} per rank; etp {a.etp}: "
+              f"I {il} per rank), top-{a.topk}, {a.tokens} tokens/rank, {a.dtype}, {a.routing}"
+              f"{' sp' if a.sequence_parallel else ''}; {world} x {name}")
+        print(f"rows per rank: sent up to {int(send_max)}, received up to {int(recv_max)} "
+              f"({int(send_max) * a.hidden * (2 if dtype == torch.bfloat16 else 4) / 2**20:.1f} MiB per transfer); "
+              f"a2a alone {a2a_ms:.2f} ms, experts alone {expert_ms:.2f} ms (fwd+bwd)")
+        base = step_ms[a.chunk_list[0]] if 1 not in step_ms else step_ms[1]
+        non_comm = base - a2a_ms
+        hdr = f"{'K':>3} | {'step ms':>9} | {'vs K=1':>7} | {'a2a ms':>8} | {'a2a share':>9} | {'exposed ms':>10} | {'hidden':>7}"
+        print(hdr)
+        print("-" * len(hdr))
+        for k in a.chunk_list:
+            exposed = step_ms[k] - non_comm
+            hidden = (1.0 - exposed / a2a_ms) if a2a_ms > 0 else 0.0
+            share = a2a_ms / base if base > 0 else 0.0
+            print(f"{k:>3} | {step_ms[k]:>9.2f} | {base / step_ms[k]:>6.2f}x | {a2a_ms:>8.2f} | {share:>8.1%} | "
+                  f"{exposed:>10.2f} | {hidden:>6.1%}")
+
+
+def _spawned(rank, world, port, a):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo" if a.device == "cpu" else "nccl", rank=rank, world_size=world)
+    try:
+        run(a)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
+        kw = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))} if a.device == "cuda" else {}
+        if a.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if a.device == "cuda" else "gloo", **kw)
+        try:
+            run(a)
+        finally:
+            dist.destroy_process_group()
+    elif a.nproc > 1:
+        import socket
+
+        import torch.multiprocessing as mp
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_spawned, args=(a.nproc, port, a), nprocs=a.nproc, join=True)
+    else:
+        run(a)
+
+
+if __name__ == "__main__":
+    main()
