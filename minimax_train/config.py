@@ -178,10 +178,11 @@ def to_job_config(cfg: Any) -> JobConfig:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        if not OmegaConf.is_config(cfg):
-            cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
-        elif OmegaConf.get_type(cfg) is not JobConfig:
-            cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
+        # Always merge into a fresh schema: Hydra's `+key=value` appends bypass the struct flag, and
+        # this merge rejects any key the schema does not have.
+        if OmegaConf.is_config(cfg):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
+        cfg = OmegaConf.merge(OmegaConf.structured(JobConfig), cfg)
         job = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(_omegaconf_message(e)) from None

@@ -23,7 +23,8 @@ TINY = [
 
 def cli_env(**extra) -> dict:
     env = dict(os.environ)
-    env.pop("MINIMAX_TRAIN_FAULTS", None)
+    for k in ("MINIMAX_TRAIN_FAULTS", "WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR", "WANDB_RUN_ID"):
+        env.pop(k, None)
     env.setdefault("OMP_NUM_THREADS", "2")
     env.update({"HYDRA_FULL_ERROR": "0", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
     env.update({k: str(v) for k, v in extra.items()})

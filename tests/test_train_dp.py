@@ -42,6 +42,7 @@ def test_dp2_fsdp_matches_single_process(reference_run, tmp_path):
     assert path.name == "step_00000008"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (REPO / ".venv/bin/torchrun").exists(),
                     reason="torchrun not installed")
 def test_torchrun_cli_dp2_matches_single_process(reference_run, tmp_path):

@@ -40,6 +40,7 @@ def _task(cfg) -> None:
     from minimax_train.config import ConfigError, to_job_config
     from minimax_train.data import DataError
     from minimax_train.parallel.mesh import ParallelConfigError
+    from minimax_train.train.checkpoint import CheckpointError
     from minimax_train.train.loop import NonFiniteError, train
 
     run_dir = HydraConfig.get().runtime.output_dir
@@ -49,6 +50,9 @@ def _task(cfg) -> None:
         result = train(job, run_dir)
     except (ConfigError, DataError, ParallelConfigError) as e:
         print(f"minimax_train: configuration error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except (FileNotFoundError, CheckpointError) as e:
+        print(f"minimax_train: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except NonFiniteError as e:
         log.error("%s", e)

@@ -168,13 +168,14 @@ def forward_backward(model, batches, *, mesh: ParallelMesh, autocast=contextlib.
 def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
     """Run (or resume) the job. Collective: every rank of a torchrun job calls it. `run_dir` is rank 0's
     output directory (other ranks receive it)."""
-    from minimax_train.data import build_loader, load_tokenizer
+    from minimax_train.data import DataError, build_loader, load_tokenizer
 
     faults = Faults(rank=int(os.environ.get("RANK", "0")))
     mesh = ParallelMesh.from_env(job.parallel, device=job.train.device, model_cfg=job.model)
     stop = StopFlag()
     wandb_logger = None
     metrics = None
+    failed = True
     try:
         run_dir = Path(mesh.broadcast_object(str(Path(run_dir).absolute())))
         if not mesh.is_main:
@@ -214,9 +215,16 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         loader_kw = dict(seq_len=T, micro_batch_size=job.train.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=dp,
                          seed=job.train.seed)
         train_loader = build_loader(job.data, tokenizer, split="train", **loader_kw)
+        for src in train_loader.stats["sources"]:
+            log.info("data %s: %s documents, %d malformed records skipped", src["label"], src["documents"],
+                     src["bad_records"])
         valid_loader = None
         if job.train.eval_interval > 0:
-            valid_loader = build_loader(job.data, tokenizer, split="valid", **loader_kw)
+            try:
+                valid_loader = build_loader(job.data, tokenizer, split="valid", **loader_kw)
+            except DataError as e:
+                raise DataError(f"{e} (validation: train.eval_interval={job.train.eval_interval}; set "
+                                f"train.eval_interval=0 to train without a held-out split)") from None
 
         # ---- model and optimiser -----------------------------------------------------------------------------
         model = build_model(job, mesh, bf16=bf16, init_from_hf=init_hf)
@@ -318,13 +326,6 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             if not finite:
                 log.warning("step %d: non-finite %s (loss %s, grad norm %s): update skipped (%d in a row, %d total)",
                             step, "loss" if not math.isfinite(loss) else "gradient", loss, gn, consecutive, skipped)
-                if consecutive >= job.train.max_nonfinite_steps:
-                    raise NonFiniteError(
-                        f"stopping: {consecutive} consecutive optimiser steps ({step - consecutive + 1}..{step}) had a "
-                        f"non-finite loss or gradient (train.max_nonfinite_steps={job.train.max_nonfinite_steps}); "
-                        f"their updates were skipped, the weights are those of step {step - consecutive}. Lower "
-                        f"optim.lr or lengthen optim.warmup_steps, check the data, or resume from the last checkpoint "
-                        f"({last_ckpt or 'none saved yet'}).")
             else:
                 last_loss = loss
 
@@ -353,6 +354,13 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                     recent = step_times[1:][-20:] or step_times
                     eta = (job.train.steps - step) * (sum(recent) / len(recent))
                     log.info(format_progress(rec, job.train.steps, eta))
+            if not finite and consecutive >= job.train.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"stopping: {consecutive} consecutive optimiser steps ({step - consecutive + 1}..{step}) had a "
+                    f"non-finite loss or gradient (train.max_nonfinite_steps={job.train.max_nonfinite_steps}); "
+                    f"their updates were skipped, the weights are those of step {step - consecutive}. Lower "
+                    f"optim.lr or lengthen optim.warmup_steps, check the data, or resume from the last checkpoint "
+                    f"({last_ckpt or 'none saved yet'}).")
             faults.maybe_kill("kill", step)
 
             due = job.checkpoint.interval > 0 and step % job.checkpoint.interval == 0
@@ -363,6 +371,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             if stop_requested:
                 log.warning("stopping after step %d on %s (checkpoint %s)", step, stop.name or "a peer's signal",
                             last_ckpt)
+                failed = False
                 return TrainResult(step, tokens, last_loss, skipped, True, last_ckpt, str(run_dir))
 
         if job.checkpoint.save_final and last_saved != step:
@@ -372,11 +381,12 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             log.info("done: %d steps in %s (%.1fk tokens/s), last loss %s, %d skipped", step - start_step,
                      format_duration(total), (step - start_step) * G * T / max(total, 1e-9) / 1e3,
                      f"{last_loss:.4f}" if last_loss is not None else "n/a", skipped)
+        failed = False
         return TrainResult(step, tokens, last_loss, skipped, False, last_ckpt, str(run_dir))
     finally:
         stop.restore()
         if metrics is not None:
             metrics.close()
         if wandb_logger is not None:
-            wandb_logger.finish()
+            wandb_logger.finish(exit_code=1 if failed else 0)
         mesh.destroy()
