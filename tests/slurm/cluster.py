@@ -1,0 +1,711 @@
+"""A real, throw-away two-node Slurm cluster on this machine, for tests.
+
+Debian's Slurm (22.05) runs a genuine slurmctld plus one slurmd per "node"
+here; the nodes are names (n1, n2) that all live on this host
+(NodeAddr=127.0.0.1, one slurmd port each).  Everything the cluster writes
+(config, state, spool, logs, its own munged socket and key) lives in one
+directory, so several clusters (other engineers' test runs) can coexist:
+ports are picked free at random, FirstJobId is random (the launch script
+derives its rendezvous port from the job id), and munged listens on a private
+socket (``AuthInfo=socket=...``) with a private key.
+
+Use from pytest::
+
+    from tests.slurm.cluster import LocalSlurmCluster, require_slurm
+    with LocalSlurmCluster() as c:
+        job = c.sbatch(["launch/slurm.sbatch", "trainer.max_steps=10"],
+                       nodes=2, env={"NPROC_PER_NODE": "1"}, wait=True)
+        assert job.returncode == 0, c.diagnose(job)
+
+or by hand: ``tools/slurm_local.sh start|stop|status|env``.
+
+Needs root (the daemons run as root; munged as user munge).  Packages are
+installed with apt-get when missing; ``require_slurm()`` raises
+``SlurmUnavailable`` (tests turn it into a skip) when that is impossible.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm.sbatch"
+TORCHRUN_SCRIPT = REPO_ROOT / "launch" / "torchrun.sh"
+PROBE_SCRIPT = Path(__file__).resolve().parent / "dist_probe.py"
+# launcher settings that must not leak from the developer's shell into test jobs
+LAUNCH_ENV_VARS = ("NPROC_PER_NODE", "MINIMAX_ENTRY", "MINIMAX_RUN_DIR", "MINIMAX_MASTER_PORT", "MINIMAX_ROOT",
+                   "MINIMAX_REQUEUE_ON_TERM", "MINIMAX_NNODES", "MINIMAX_RDZV_ENDPOINT", "MINIMAX_RDZV_ID",
+                   "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")
+APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+NEEDED_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged", "munge")
+SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+class SlurmUnavailable(RuntimeError):
+    """Slurm cannot be installed or run here (tests skip with this reason)."""
+
+
+class ClusterError(RuntimeError):
+    """The local cluster failed; the message carries the daemon logs."""
+
+
+# --------------------------------------------------------------------------
+# installation
+# --------------------------------------------------------------------------
+
+def _which(name: str) -> str | None:
+    path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN_DIRS)
+    return shutil.which(name, path=path)
+
+
+def _missing_binaries() -> list[str]:
+    return [b for b in NEEDED_BINARIES if _which(b) is None]
+
+
+def require_slurm(install: bool = True, timeout: float = 600) -> None:
+    """Make sure slurm + munge are installed and usable, or raise SlurmUnavailable."""
+    if sys.platform != "linux":
+        raise SlurmUnavailable("local Slurm cluster needs Linux")
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("local Slurm cluster needs root (slurmd runs jobs as root, munged as munge)")
+    if _missing_binaries() and install:
+        apt = _which("apt-get")
+        if apt is None:
+            raise SlurmUnavailable(f"slurm binaries {_missing_binaries()} missing and no apt-get to install them")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        cmd = [apt, "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:  # stale package lists: update once and retry
+            subprocess.run([apt, "-o", "DPkg::Lock::Timeout=300", "update"], env=env,
+                           capture_output=True, text=True, timeout=timeout)
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise SlurmUnavailable("apt-get install %s failed (rc=%d): %s"
+                                   % (" ".join(APT_PACKAGES), out.returncode, (out.stderr or out.stdout)[-1500:]))
+    missing = _missing_binaries()
+    if missing:
+        raise SlurmUnavailable(f"slurm binaries missing: {missing}")
+    try:
+        import pwd
+        pwd.getpwnam("munge")
+    except KeyError as e:
+        raise SlurmUnavailable("user 'munge' does not exist (munge package broken?)") from e
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+def _free_port(used: set[int], lo: int = 41000, hi: int = 59000) -> int:
+    """A random TCP port in [lo, hi) that is free on all addresses right now."""
+    rng = random.SystemRandom()
+    for _ in range(500):
+        port = rng.randrange(lo, hi)
+        if port in used:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        used.add(port)
+        return port
+    raise ClusterError("no free port found")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie counts as dead
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _tail(path: Path, n: int = 60) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        return f"<cannot read {path}: {e}>"
+    return "\n".join(lines[-n:])
+
+
+def parse_scontrol_oneliner(text: str) -> dict[str, str]:
+    """Parse ``scontrol show ... -o`` output (Key=Value pairs, values may contain spaces
+    only in a few known fields; we split on ' Key=' boundaries)."""
+    out: dict[str, str] = {}
+    for m in re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=(.*?)(?=\s+[A-Za-z][A-Za-z0-9_:/]*=|\s*$)", text.strip()):
+        out.setdefault(m.group(1), m.group(2))
+    return out
+
+
+@dataclass
+class JobResult:
+    job_id: int
+    returncode: int | None          # sbatch --wait exit status (None when not waited)
+    info: dict[str, str] = field(default_factory=dict)  # scontrol show job -o at the end
+    stdout: str = ""                # sbatch's own output
+    stderr: str = ""
+    output_path: Path | None = None  # the job's --output file
+    run_dir: Path | None = None      # launch(): the run directory the sbatch script uses
+
+    @property
+    def state(self) -> str:
+        return self.info.get("JobState", "?")
+
+    @property
+    def exit_code(self) -> int | None:
+        """The job's ExitCode as a shell status (code, or 128+signal)."""
+        ec = self.info.get("ExitCode")
+        if not ec:
+            return None
+        code, _, sig = ec.partition(":")
+        return int(code) if int(code) or not int(sig or 0) else 128 + int(sig)
+
+    @property
+    def restarts(self) -> int:
+        return int(self.info.get("Restarts", "0") or 0)
+
+    def output(self) -> str:
+        if self.output_path is None:
+            return ""
+        try:
+            return self.output_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+
+# --------------------------------------------------------------------------
+# the cluster
+# --------------------------------------------------------------------------
+
+class LocalSlurmCluster:
+    """Start/stop slurmctld + N slurmd (+ a private munged) on this host.
+
+    ``workdir``: where everything lives (created when None, under /tmp with a
+    short name: unix socket paths are limited to 107 bytes).  ``cred_expire``
+    is Slurm's credential lifetime; Slurm holds a requeued job for
+    cred_expire+1 s before it may start again (default 120 s), so tests use a
+    small value.
+    """
+
+    def __init__(self, workdir: str | os.PathLike | None = None, nodes: Sequence[str] = ("n1", "n2"),
+                 cpus_per_node: int = 1, cred_expire: int = 10, kill_wait: int = 10,
+                 min_job_age: int = 300, keep_workdir: bool | None = None):
+        self.nodes = list(nodes)
+        self.cpus_per_node = cpus_per_node
+        self.cred_expire = cred_expire
+        self.kill_wait = kill_wait
+        self.min_job_age = min_job_age  # how long `scontrol show job` still answers after the end
+        self._own_dir = workdir is None
+        if workdir is None:
+            workdir = tempfile.mkdtemp(prefix="mmslurm-", dir="/tmp")
+        self.dir = Path(workdir).resolve()
+        # keep the directory after stop() when asked (MINIMAX_SLURM_KEEP=1) or when it was given to us
+        self.keep_workdir = (not self._own_dir or os.environ.get("MINIMAX_SLURM_KEEP") == "1") \
+            if keep_workdir is None else keep_workdir
+        self.conf = self.dir / "etc" / "slurm.conf"
+        self.hostname = socket.gethostname().split(".")[0]
+        self.ports: dict[str, int] = {}
+        self.cluster_name = ""
+        self.started = False
+        self.start_seconds: float | None = None
+
+    # ---- paths -----------------------------------------------------------
+    @property
+    def munge_dir(self) -> Path:
+        return self.dir / "munge"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.munge_dir / "munge.socket"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "log"
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Scratch space for job outputs (shared by all 'nodes')."""
+        return self.dir / "jobs"
+
+    def pid_files(self) -> dict[str, Path]:
+        files = {f"slurmd:{n}": self.dir / "run" / f"slurmd.{n}.pid" for n in self.nodes}
+        files["slurmctld"] = self.dir / "run" / "slurmctld.pid"
+        files["munged"] = self.munge_dir / "munged.pid"
+        return files
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for slurm client commands (sbatch, srun, scontrol, ...)."""
+        env = dict(os.environ)
+        env["SLURM_CONF"] = str(self.conf)
+        path = env.get("PATH", "/usr/bin:/bin")
+        for d in SBIN_DIRS:
+            if d not in path.split(os.pathsep):
+                path += os.pathsep + d
+        env["PATH"] = path
+        # don't leak an outer allocation into ours
+        for k in list(env):
+            if k.startswith(("SLURM_", "SBATCH_", "SALLOC_", "SRUN_")) and k != "SLURM_CONF":
+                del env[k]
+        return env
+
+    # ---- configuration ---------------------------------------------------
+    def _write_config(self) -> None:
+        used: set[int] = set()
+        self.ports = {"slurmctld": _free_port(used)}
+        for n in self.nodes:
+            self.ports[n] = _free_port(used)
+        self.cluster_name = "mm%06d" % random.SystemRandom().randrange(10**6)
+        first_job_id = random.SystemRandom().randrange(1000, 5_000_000)
+
+        d = self.dir
+        for sub in ("etc", "state", "run", "log", "jobs", *(f"spool/{n}" for n in self.nodes)):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        # munged runs as 'munge': it must traverse self.dir and own its own dir
+        os.chmod(d, 0o755)
+        import pwd
+        mu = pwd.getpwnam("munge")
+        self.munge_dir.mkdir(exist_ok=True)
+        os.chown(self.munge_dir, mu.pw_uid, mu.pw_gid)
+        os.chmod(self.munge_dir, 0o755)  # socket dir: readable, writable by owner only
+        key = self.munge_dir / "munge.key"
+        if not key.exists():
+            key.write_bytes(os.urandom(1024))
+        os.chown(key, mu.pw_uid, mu.pw_gid)
+        os.chmod(key, 0o400)
+
+        nodes = "\n".join(
+            f"NodeName={n} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={self.ports[n]} "
+            f"CPUs={self.cpus_per_node} State=UNKNOWN" for n in self.nodes)
+        conf = f"""\
+# generated by tests/slurm/cluster.py -- a local test cluster, not for production
+ClusterName={self.cluster_name}
+SlurmctldHost={self.hostname}(127.0.0.1)
+SlurmctldPort={self.ports['slurmctld']}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire}
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool/%n
+SlurmctldPidFile={d}/run/slurmctld.pid
+SlurmdPidFile={d}/run/slurmd.%n.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/builtin
+# schedule every second (default 60 s: a requeued job would wait up to a minute)
+SchedulerParameters=sched_interval=1
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MailProg=/bin/true
+FirstJobId={first_job_id}
+MinJobAge={self.min_job_age}
+ReturnToService=2
+KillWait={self.kill_wait}
+InactiveLimit=0
+SlurmdTimeout=60
+MessageTimeout=10
+{nodes}
+PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
+"""
+        self.conf.write_text(conf)
+        # CgroupPlugin=disabled stops slurmd 22.05 from starting; autodetect works
+        (self.conf.parent / "cgroup.conf").write_text("CgroupPlugin=autodetect\n")
+        (self.dir / "cluster.json").write_text(json.dumps(
+            {"conf": str(self.conf), "nodes": self.nodes, "ports": self.ports,
+             "cluster_name": self.cluster_name, "hostname": self.hostname}, indent=1))
+
+    # ---- processes -------------------------------------------------------
+    def _daemon(self, name: str, argv: list[str], user: str | None = None) -> None:
+        if user:
+            argv = [_which("runuser") or "runuser", "-u", user, "--", *argv]
+        out = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60,
+                             stdin=subprocess.DEVNULL)
+        if out.returncode != 0:
+            raise ClusterError(f"starting {name} failed (rc={out.returncode}): {' '.join(argv)}\n"
+                               f"{out.stdout}{out.stderr}\n{self.logs()}")
+
+    def _wait_for(self, what: str, pred: Callable[[], bool], timeout: float, interval: float = 0.25) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if pred():
+                return
+            time.sleep(interval)
+        raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs()}")
+
+    def start(self, timeout: float = 90) -> "LocalSlurmCluster":
+        require_slurm()
+        t0 = time.monotonic()
+        self._write_config()
+        try:
+            # munged: as user munge, private socket/key/pid/log/seed
+            md = self.munge_dir
+            self._daemon("munged", [_which("munged"), f"--socket={self.munge_socket}",
+                                    f"--key-file={md / 'munge.key'}", f"--pid-file={md / 'munged.pid'}",
+                                    f"--log-file={md / 'munged.log'}", f"--seed-file={md / 'munged.seed'}",
+                                    "--num-threads=2"], user="munge")
+            self._wait_for("munged socket", self.munge_socket.exists, 20)
+            # -c: start clean, ignore any saved state
+            self._daemon("slurmctld", [_which("slurmctld"), "-c", "-f", str(self.conf)])
+            self._wait_for("slurmctld to answer", lambda: self._cmd(["scontrol", "ping"], check=False,
+                                                                    timeout=10).returncode == 0, 30)
+            for n in self.nodes:
+                self._daemon(f"slurmd {n}", [_which("slurmd"), "-N", n, "-f", str(self.conf)])
+            self._wait_for("all nodes idle", self._all_idle, timeout, interval=0.5)
+        except BaseException:
+            self.stop()
+            raise
+        self.started = True
+        self.start_seconds = time.monotonic() - t0
+        return self
+
+    def _all_idle(self) -> bool:
+        out = self._cmd(["sinfo", "-h", "-N", "-o", "%N %t"], check=False, timeout=10)
+        if out.returncode != 0:
+            return False
+        states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        return all(states.get(n) == "idle" for n in self.nodes)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Cancel all jobs, then SIGTERM the daemons by their pid files (SIGKILL after timeout)."""
+        if self.conf.exists() and self._pid("slurmctld"):
+            self._cmd(["scancel", "--quiet", "-u", "root"], check=False, timeout=15)
+            # give running jobs a moment to be killed by their slurmd
+            deadline = time.monotonic() + min(timeout, self.kill_wait + 5)
+            while time.monotonic() < deadline:
+                q = self._cmd(["squeue", "-h", "-t", "R,CG,S", "-o", "%i"], check=False, timeout=10)
+                if q.returncode != 0 or not q.stdout.strip():
+                    break
+                time.sleep(0.5)
+        order = [f"slurmd:{n}" for n in self.nodes] + ["slurmctld", "munged"]
+        for name in order:
+            pid = self._pid(name)
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + timeout / 2
+                while _pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if _pid_alive(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        self.started = False
+        if self._own_dir and not self.keep_workdir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _pid(self, name: str) -> int | None:
+        """The pid from a pid file, if that process is alive and really is ours."""
+        f = self.pid_files()[name]
+        try:
+            pid = int(f.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if not _pid_alive(pid):
+            return None
+        cmd = _cmdline(pid)
+        daemon = name.split(":")[0]
+        marker = str(self.munge_dir) if daemon == "munged" else str(self.conf)
+        if daemon not in cmd or marker not in cmd:
+            return None  # pid reused by something else
+        return pid
+
+    def __enter__(self) -> "LocalSlurmCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ---- diagnostics -----------------------------------------------------
+    def logs(self, lines: int = 40) -> str:
+        parts = []
+        files = [self.log_dir / "slurmctld.log", *(self.log_dir / f"slurmd.{n}.log" for n in self.nodes),
+                 self.munge_dir / "munged.log"]
+        for f in files:
+            if f.exists():
+                parts.append(f"----- {f.name} (last {lines} lines) -----\n{_tail(f, lines)}")
+        return "\n".join(parts) or f"<no logs under {self.dir}>"
+
+    def diagnose(self, job: JobResult | int | None = None, lines: int = 40) -> str:
+        """Everything useful for a failure message: job info + output, sinfo, daemon logs."""
+        parts = []
+        if job is not None:
+            jid = job.job_id if isinstance(job, JobResult) else int(job)
+            parts.append(f"----- scontrol show job {jid} -----\n"
+                         + self._cmd(["scontrol", "show", "job", str(jid)], check=False, timeout=10).stdout)
+            if isinstance(job, JobResult):
+                parts.append(f"----- sbatch rc={job.returncode} stdout/stderr -----\n{job.stdout}{job.stderr}")
+                if job.output_path:
+                    parts.append(f"----- job output {job.output_path} -----\n{_tail(job.output_path, 200)}")
+        parts.append("----- sinfo -----\n" + self._cmd(["sinfo", "-N", "-l"], check=False, timeout=10).stdout)
+        parts.append(self.logs(lines))
+        return "\n".join(parts)
+
+    # ---- client commands -------------------------------------------------
+    def _cmd(self, argv: Sequence[str], check: bool = True, timeout: float = 60,
+             env: Mapping[str, str | None] | None = None,
+             cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+        """Run a command with this cluster's SLURM_CONF; ``env`` values of None unset a variable."""
+        full_env = self.env
+        for k, v in (env or {}).items():
+            if v is None:
+                full_env.pop(k, None)
+            else:
+                full_env[k] = str(v)
+        try:
+            out = subprocess.run(list(argv), env=full_env, capture_output=True, text=True, timeout=timeout,
+                                 cwd=cwd, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise ClusterError(f"{' '.join(argv)} timed out after {timeout}s\n{self.logs()}") from e
+        if check and out.returncode != 0:
+            raise ClusterError(f"{' '.join(argv)} failed rc={out.returncode}\n{out.stdout}{out.stderr}\n{self.logs()}")
+        return out
+
+    def run(self, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
+        """Run a slurm client command (scontrol, squeue, srun, ...) against this cluster."""
+        return self._cmd(argv, **kw)
+
+    def job_info(self, job_id: int) -> dict[str, str]:
+        out = self._cmd(["scontrol", "show", "job", "-o", str(job_id)], check=False, timeout=15)
+        return parse_scontrol_oneliner(out.stdout) if out.returncode == 0 else {}
+
+    def sbatch(self, script: str | os.PathLike, args: Iterable[str] = (), *, nodes: int | None = None,
+               job_name: str | None = None, output: str | os.PathLike | None = None,
+               env: Mapping[str, str | None] | None = None, cwd: str | os.PathLike | None = None,
+               sbatch_args: Iterable[str] = (), wait: bool = False, sbatch_wait: bool = False,
+               timeout: float = 300) -> JobResult:
+        """Submit ``script args`` with ``sbatch --parsable``.
+
+        wait=True: poll ``scontrol show job`` (every 0.5 s) until the job has ended for
+        good (requeues included); ``returncode`` is then the job's exit code as
+        ``sbatch --wait`` reports it.  sbatch_wait=True: use the real ``sbatch --wait``
+        and its exit status instead (slower: it polls after 2, 8, 32, 32... s).
+        """
+        if output is None:
+            output = self.jobs_dir / "%x-%j.out"
+        argv = ["sbatch", "--parsable", f"--output={output}"]
+        if nodes is not None:
+            argv.append(f"--nodes={nodes}")
+        if job_name:
+            argv.append(f"--job-name={job_name}")
+        argv += list(sbatch_args)
+        if sbatch_wait:
+            argv.append("--wait")
+        argv += [str(script), *args]
+        t0 = time.monotonic()
+        out = self._cmd(argv, check=False, timeout=timeout, env=env, cwd=cwd or self.jobs_dir)
+        m = re.search(r"^(\d+)", out.stdout.strip())
+        if not m:
+            raise ClusterError(f"sbatch failed rc={out.returncode}: {out.stdout}{out.stderr}\n{self.logs()}")
+        jid = int(m.group(1))
+        res = JobResult(jid, out.returncode if sbatch_wait else None, stdout=out.stdout, stderr=out.stderr)
+        res.info = self.job_info(jid)
+        res.output_path = Path(res.info["StdOut"]) if res.info.get("StdOut") else None
+        if wait and not sbatch_wait:
+            self.wait_job(res, timeout=max(1.0, timeout - (time.monotonic() - t0)))
+            res.returncode = res.exit_code
+        return res
+
+    def wait_job(self, job: JobResult | int, timeout: float = 300,
+                 until: Callable[[dict[str, str]], bool] | None = None, interval: float = 0.5) -> dict[str, str]:
+        """Poll ``scontrol show job`` until ``until(info)`` (default: the job has ended for good:
+        COMPLETED/FAILED/CANCELLED/TIMEOUT/... and not about to be requeued)."""
+        jid = job.job_id if isinstance(job, JobResult) else int(job)
+        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                 "DEADLINE", "PREEMPTED"}
+        if until is None:
+            def until(info):  # noqa: E306
+                return info.get("JobState") in final and "REQUEUE" not in info.get("Reason", "")
+        deadline = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = self.job_info(jid)
+            if info and until(info):
+                if isinstance(job, JobResult):
+                    job.info = info
+                return info
+            time.sleep(interval)
+        raise ClusterError(f"timed out after {timeout:.0f}s waiting for job {jid}; last info: {info}\n"
+                           + self.diagnose(job))
+
+    def scancel(self, job: JobResult | int, signal_name: str | None = None, batch: bool = False,
+                full: bool = False) -> subprocess.CompletedProcess:
+        jid = job.job_id if isinstance(job, JobResult) else int(job)
+        argv = ["scancel"]
+        if signal_name:
+            argv.append(f"--signal={signal_name}")
+        if batch:
+            argv.append("--batch")
+        if full:
+            argv.append("--full")
+        return self._cmd([*argv, str(jid)], timeout=30)
+
+    def launch(self, overrides: Iterable[str] = (), *, nodes: int = 2, nproc_per_node: int = 1,
+               entry: str | os.PathLike | None = None, job_name: str = "mmtest",
+               env: Mapping[str, str | None] | None = None, sbatch_args: Iterable[str] = (),
+               submit_dir: str | os.PathLike | None = None, wait: bool = False,
+               sbatch_wait: bool = False, timeout: float = 300) -> JobResult:
+        """Submit launch/slurm.sbatch the way a user would.
+
+        ``entry``: MINIMAX_ENTRY (None = the real trainer, ``-m minimax_train.train``;
+        tests pass ``PROBE_SCRIPT``). The job is submitted from ``submit_dir``
+        (default: a fresh directory under jobs/), so its default run directory is
+        ``<submit_dir>/runs/<job_name>`` (``JobResult.run_dir``) and its log
+        ``<submit_dir>/<job_name>-<id>.out``.  NPROC_PER_NODE=nproc_per_node.
+        """
+        if submit_dir is None:
+            submit_dir = Path(tempfile.mkdtemp(prefix=f"{job_name}-", dir=self.jobs_dir))
+        submit_dir = Path(submit_dir)
+        submit_dir.mkdir(parents=True, exist_ok=True)
+        job_env: dict[str, str | None] = {k: None for k in LAUNCH_ENV_VARS}
+        job_env["NPROC_PER_NODE"] = str(nproc_per_node)
+        if entry is not None:
+            job_env["MINIMAX_ENTRY"] = str(entry)
+        job_env.update(env or {})
+        res = self.sbatch(SBATCH_SCRIPT, list(overrides), nodes=nodes, job_name=job_name,
+                          output=submit_dir / "%x-%j.out", env=job_env, cwd=submit_dir,
+                          sbatch_args=sbatch_args, wait=wait, sbatch_wait=sbatch_wait, timeout=timeout)
+        res.run_dir = Path(job_env["MINIMAX_RUN_DIR"]) if job_env.get("MINIMAX_RUN_DIR") \
+            else submit_dir / "runs" / job_name
+        return res
+
+    def preempt(self, job: JobResult | int) -> None:
+        """What Slurm does before a time limit with ``--signal=B:USR1@T``: SIGUSR1 to the batch
+        shell only (``scancel --signal=USR1 --batch``); launch/slurm.sbatch forwards it to the
+        step and requeues the job once the step has exited."""
+        self.scancel(job, "USR1", batch=True)
+
+    def shell_env(self) -> str:
+        """``export`` lines to use this cluster from a shell."""
+        env = self.env
+        return "\n".join(f"export {k}={shlex.quote(env[k])}" for k in ("SLURM_CONF", "PATH"))
+
+
+# --------------------------------------------------------------------------
+# helpers for tests
+# --------------------------------------------------------------------------
+
+def wait_for_files(paths: Iterable[Path], timeout: float, cluster: LocalSlurmCluster | None = None,
+                   job: JobResult | int | None = None) -> None:
+    paths = [Path(p) for p in paths]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(p.exists() for p in paths):
+            return
+        time.sleep(0.25)
+    missing = [str(p) for p in paths if not p.exists()]
+    msg = f"timed out after {timeout:.0f}s waiting for {missing}"
+    if cluster is not None:
+        msg += "\n" + cluster.diagnose(job)
+    raise ClusterError(msg)
+
+
+try:  # pytest fixture: `from tests.slurm.cluster import slurm_cluster` in a test module
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def slurm_cluster():
+        """A started LocalSlurmCluster (n1, n2; 1 CPU each), stopped after the module.
+        Skips the test when Slurm cannot be installed or run here."""
+        try:
+            require_slurm()
+        except SlurmUnavailable as e:
+            pytest.skip(f"local Slurm cluster unavailable: {e}")
+        cluster = LocalSlurmCluster()
+        cluster.start()
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+except ImportError:  # pragma: no cover - CLI use without pytest
+    pass
+
+
+# --------------------------------------------------------------------------
+# CLI (tools/slurm_local.sh wraps this)
+# --------------------------------------------------------------------------
+
+def _main(argv: Sequence[str]) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="tests/slurm/cluster.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["start", "stop", "status", "env", "logs"])
+    p.add_argument("--dir", default=os.environ.get("MINIMAX_SLURM_DIR", "/tmp/mmslurm-local"),
+                   help="cluster directory (default $MINIMAX_SLURM_DIR or /tmp/mmslurm-local)")
+    p.add_argument("--nodes", default="n1,n2")
+    p.add_argument("--cpus-per-node", type=int, default=1)
+    a = p.parse_args(argv)
+    nodes = a.nodes.split(",")
+    if a.action != "start" and (Path(a.dir) / "cluster.json").exists():
+        nodes = json.loads((Path(a.dir) / "cluster.json").read_text())["nodes"]
+    c = LocalSlurmCluster(a.dir, nodes=nodes, cpus_per_node=a.cpus_per_node, keep_workdir=True)
+    if a.action == "start":
+        if c._pid("slurmctld"):
+            print(f"already running in {c.dir}", file=sys.stderr)
+            return 1
+        try:
+            c.start()
+        except (SlurmUnavailable, ClusterError) as e:
+            print(e, file=sys.stderr)
+            return 1
+        print(f"# cluster up in {c.start_seconds:.1f}s; dir {c.dir}\n{c.shell_env()}")
+    elif a.action == "stop":
+        c.stop()
+        print(f"stopped (files kept in {c.dir})", file=sys.stderr)
+    elif a.action == "status":
+        pids = {k: c._pid(k) for k in c.pid_files()}
+        print(json.dumps(pids))
+        if pids.get("slurmctld"):
+            print(c.run(["sinfo", "-N"], check=False).stdout, end="")
+            print(c.run(["squeue"], check=False).stdout, end="")
+        return 0 if all(pids.values()) else 1
+    elif a.action == "env":
+        print(c.shell_env())
+    elif a.action == "logs":
+        print(c.logs(200))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
