@@ -115,7 +115,7 @@ def run(a) -> None:
 
     from minimax_train.model.config import ModelConfig
     from minimax_train.model.moe import MoE
-    from minimax_train.ops.experts import grouped_swiglu
+    from minimax_train.parallel.moe_experts import swiglu_backward_input, swiglu_forward, weight_grad
     from minimax_train.parallel.expert_parallel import apply_expert_parallel, expert_groups
     from minimax_train.parallel.moe_dispatch import _a2a
 
@@ -189,12 +189,16 @@ def run(a) -> None:
 
     a2a_ms = _timed(a2a4, dev, a.iters, a.warmup) if grp is not None else 0.0
     gu, dn = moe.experts.local_weights()
-    xr = torch.randn(plan.recv_rows[0], h, device=dev, dtype=dtype, requires_grad=True)
+    xr = torch.randn(plan.recv_rows[0], h, device=dev, dtype=dtype)
     gr = torch.randn(plan.recv_rows[0], h, device=dev, dtype=dtype)
+    offs, counts, act = plan.offs[0], plan.expert_counts[0], moe.experts.act
 
-    def expert():
-        y = grouped_swiglu(xr, plan.expert_counts_dev[0], gu, dn, moe.experts.act, plan.expert_counts[0])
-        y.backward(gr)
+    def expert():  # the exchange's own expert math: forward, activation gradient, weight gradients
+        with torch.no_grad():
+            _, hid = swiglu_forward(xr, gu.detach(), dn.detach(), act, offs, counts)
+            _, dh, a_ = swiglu_backward_input(gr, hid, gu.detach(), dn.detach(), act, offs, counts)
+            weight_grad(dh, xr, offs, counts)
+            weight_grad(gr, a_, offs, counts)
 
     expert_ms = _timed(expert, dev, a.iters, a.warmup)
     recv_max = _max_over_ranks(plan.recv_rows[0], dev)

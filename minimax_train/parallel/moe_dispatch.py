@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.moe import capacity_keep, expert_capacity
-from ..ops.experts import grouped_swiglu
+from .moe_experts import swiglu_backward_input, swiglu_forward, weight_grad
 
 
 class _Done:
@@ -58,7 +58,8 @@ class DispatchPlan:
     A plain class (not a dataclass) so FSDP's input casting leaves it alone."""
 
     __slots__ = ("chunks", "group", "etp_reduce_group", "send_rows", "recv_rows", "send_splits", "recv_splits",
-                 "expert_counts", "expert_counts_dev", "perm", "inv_perm", "act", "needs_grad")
+                 "expert_counts", "offs", "perm", "inv_perm", "act", "needs_grad",
+                 "wg_perm", "wg_counts", "wg_offs")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -91,27 +92,20 @@ def _expert_major(keys: torch.Tensor, sizes: torch.Tensor, total: int) -> tuple[
     return perm, inv
 
 
-def _expert_forward(plan: DispatchPlan, c: int, x_recv: torch.Tensor, gate_up, down) -> torch.Tensor:
-    """Local experts on chunk c's received rows (source-major in, source-major out)."""
-    perm, inv = plan.perm[c], plan.inv_perm[c]
-    xs = x_recv if perm is None else x_recv.index_select(0, perm)
-    y = grouped_swiglu(xs, plan.expert_counts_dev[c], gate_up, down, plan.act, plan.expert_counts[c])
-    return y if inv is None else y.index_select(0, inv)
-
-
 class _ExpertExchange(torch.autograd.Function):
     """send rows (all chunks, chunk-major) -> dispatch a2a -> local experts -> combine a2a -> rows back
-    in the send order. Pipelined over chunks in forward and backward (see the module docstring)."""
+    in the send order. Pipelined over chunks in forward and backward (see the module docstring); the
+    weight gradients are computed once for all chunks at the end of backward (moe_experts.py)."""
 
     @staticmethod
     def forward(ctx, plan: DispatchPlan, send_x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor):
         k_chunks, group, h = plan.chunks, plan.group, send_x.shape[1]
+        cdt = send_x.dtype
+        gu, dn = gate_up.detach().to(cdt), down.detach().to(cdt)
         ins = send_x.split(plan.send_rows)
-        build = plan.needs_grad
-        gu = gate_up.detach().requires_grad_(gate_up.requires_grad) if build else gate_up
-        dn = down.detach().requires_grad_(down.requires_grad) if build else down
-        recv, dw, cw, graphs = [None] * k_chunks, [None] * k_chunks, [None] * k_chunks, [None] * k_chunks
-        out, out_chunks = None, None
+        recv, dw, cw, saved = [None] * k_chunks, [None] * k_chunks, [None] * k_chunks, [None] * k_chunks
+        out = send_x.new_empty(sum(plan.send_rows), h)
+        out_chunks = out.split(plan.send_rows)
 
         def start_dispatch(c):
             recv[c] = send_x.new_empty(plan.recv_rows[c], h)
@@ -122,38 +116,36 @@ class _ExpertExchange(torch.autograd.Function):
             if c + 1 < k_chunks:
                 start_dispatch(c + 1)  # in flight while chunk c computes
             dw[c].wait()
-            if build:
-                with torch.enable_grad():
-                    xin = recv[c].detach().requires_grad_()
-                    y = _expert_forward(plan, c, xin, gu, dn)
-                graphs[c] = (xin, y)
-                y = y.detach()
-            else:
-                y = _expert_forward(plan, c, recv[c], gu, dn)
+            perm, inv = plan.perm[c], plan.inv_perm[c]
+            xs = recv[c] if perm is None else recv[c].index_select(0, perm)  # source-major -> expert-major
             recv[c] = None
+            y, hid = swiglu_forward(xs, gu, dn, plan.act, plan.offs[c], plan.expert_counts[c])
+            if plan.needs_grad:
+                saved[c] = (xs, hid)
             if plan.etp_reduce_group is not None:  # sum the I-slices' partial outputs
                 dist.all_reduce(y, group=plan.etp_reduce_group)
-            if out is None:
-                out = y.new_empty(sum(plan.send_rows), h)
-                out_chunks = out.split(plan.send_rows)
+            y = y if inv is None else y.index_select(0, inv)
             cw[c] = _a2a(out_chunks[c], y, plan.send_splits[c], plan.recv_splits[c], group)
         for w in cw:
             w.wait()
-        ctx.plan, ctx.graphs, ctx.leaves = plan, graphs, (gu, dn)
-        ctx.x_dtype = send_x.dtype
+        if plan.needs_grad:  # through save_for_backward, so activation checkpointing can drop them
+            ctx.save_for_backward(gu, dn, *[t for pair in saved for t in pair])
+        ctx.plan, ctx.w_dtypes = plan, (gate_up.dtype, down.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        plan, graphs = ctx.plan, ctx.graphs
-        gu, dn = ctx.leaves
+        plan = ctx.plan
+        gu, dn, *flat = ctx.saved_tensors
+        saved = [(flat[2 * c], flat[2 * c + 1]) for c in range(plan.chunks)]
+        del flat
         k_chunks, group, h = plan.chunks, plan.group, grad_out.shape[1]
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.contiguous().to(gu.dtype)
         gins = grad_out.split(plan.send_rows)
-        grad_x = grad_out.new_empty(sum(plan.send_rows), h, dtype=ctx.x_dtype)
+        grad_x = grad_out.new_empty(sum(plan.send_rows), h)
         gx_chunks = grad_x.split(plan.send_rows)
-        want_w = [t for t in (gu, dn) if t.requires_grad]
-        acc = [None] * len(want_w)
+        want_w = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        keep = [None] * k_chunks  # (xs, dh, a, dy) per chunk for the weight gradients
         grecv, w1, w2 = [None] * k_chunks, [None] * k_chunks, [None] * k_chunks
 
         def start(c):  # reverse of the combine: output gradients to the expert ranks
@@ -165,26 +157,33 @@ class _ExpertExchange(torch.autograd.Function):
             if c + 1 < k_chunks:
                 start(c + 1)
             w1[c].wait()
-            xin, y = graphs[c]
-            graphs[c] = None
-            grads = torch.autograd.grad(y, [xin] + want_w, grecv[c], allow_unused=True)
+            perm, inv = plan.perm[c], plan.inv_perm[c]
+            dy = grecv[c] if perm is None else grecv[c].index_select(0, perm)
             grecv[c] = None
-            gx = grads[0] if grads[0] is not None else torch.zeros_like(xin)
-            for i, g in enumerate(grads[1:]):
-                if g is not None:
-                    acc[i] = g if acc[i] is None else acc[i] + g
+            xs, hid = saved[c]
+            saved[c] = None
+            dxs, dh, a = swiglu_backward_input(dy, hid, gu, dn, plan.act, plan.offs[c], plan.expert_counts[c])
+            if want_w:
+                keep[c] = (xs, dh, a, dy)
+            dx = dxs if inv is None else dxs.index_select(0, inv)
             if plan.etp_reduce_group is not None:  # each etp rank holds only its I-slice's share
-                dist.all_reduce(gx, group=plan.etp_reduce_group)
-            w2[c] = _a2a(gx_chunks[c], gx.to(ctx.x_dtype), plan.send_splits[c], plan.recv_splits[c], group)
+                dist.all_reduce(dx, group=plan.etp_reduce_group)
+            w2[c] = _a2a(gx_chunks[c], dx, plan.send_splits[c], plan.recv_splits[c], group)
+        g_gu = g_dn = None
+        if want_w:  # while the last chunks' gradients travel: one grouped GEMM per weight, all chunks
+            if k_chunks == 1:
+                xs, dh, a, dy = keep[0]
+            else:
+                xs, dh, a, dy = (torch.cat(parts) for parts in zip(*keep))
+                if plan.wg_perm is not None:  # chunk-major -> expert-major over all chunks
+                    xs, dh, a, dy = (t.index_select(0, plan.wg_perm) for t in (xs, dh, a, dy))
+            keep = None
+            if ctx.needs_input_grad[2]:
+                g_gu = weight_grad(dh, xs, plan.wg_offs, plan.wg_counts).to(ctx.w_dtypes[0])
+            if ctx.needs_input_grad[3]:
+                g_dn = weight_grad(dy, a, plan.wg_offs, plan.wg_counts).to(ctx.w_dtypes[1])
         for w in w2:
             w.wait()
-        it = iter(acc)
-        g_gu = (next(it) if gu.requires_grad else None)
-        g_dn = (next(it) if dn.requires_grad else None)
-        if g_gu is None and gu.requires_grad:
-            g_gu = torch.zeros_like(gu)
-        if g_dn is None and dn.requires_grad:
-            g_dn = torch.zeros_like(dn)
         return None, grad_x, g_gu, g_dn
 
 
@@ -254,9 +253,16 @@ class AllToAllDispatcher:
         for c in range(k_chunks):
             if keys[c] is not None:
                 up += keys[c] + mine[:, c].reshape(-1).tolist()
+        wg_counts = [sum(col) for col in zip(*expert_counts)]
+        wg_keys = None
+        if k_chunks > 1 and el > 1:  # weight gradients regroup all chunks' rows expert-major
+            wg_keys = (torch.arange(el)[None, :] * k_chunks + torch.arange(k_chunks)[:, None]).reshape(-1).tolist()
+            up += wg_keys + [n for row in expert_counts for n in row]
         dev_vals = _upload(up, dev)
         pos = k_chunks * el
-        ec_dev = dev_vals[:pos].view(k_chunks, el).unbind(0)
+        ec_dev = dev_vals[:pos].view(k_chunks, el)
+        offs = torch.cumsum(ec_dev, 1, dtype=torch.int32).unbind(0)
+        wg_offs = torch.cumsum(ec_dev.sum(0), 0, dtype=torch.int32)
         if self.routing == "capacity":
             offsets, pos = dev_vals[pos:pos + e_all], pos + e_all
         perm, inv_perm = [None] * k_chunks, [None] * k_chunks
@@ -266,12 +272,17 @@ class AllToAllDispatcher:
                 perm[c], inv_perm[c] = _expert_major(dev_vals[pos:pos + nb], dev_vals[pos + nb:pos + 2 * nb],
                                                      sum(recv_splits[c]))
                 pos += 2 * nb
+        wg_perm = None
+        if wg_keys is not None and sum(wg_counts):
+            nb = len(wg_keys)
+            wg_perm, _ = _expert_major(dev_vals[pos:pos + nb], dev_vals[pos + nb:pos + 2 * nb], sum(wg_counts))
         plan = DispatchPlan(
             chunks=k_chunks, group=g.dispatch_group,
             etp_reduce_group=g.etp_group if (g.etp_size > 1 and not g.sequence_parallel) else None,
             send_rows=[sum(s) for s in send_splits], recv_rows=[sum(r) for r in recv_splits],
             send_splits=send_splits, recv_splits=recv_splits, expert_counts=expert_counts,
-            expert_counts_dev=ec_dev, perm=perm, inv_perm=inv_perm, act=experts.act, needs_grad=False)
+            offs=offs, perm=perm, inv_perm=inv_perm, act=experts.act, needs_grad=False,
+            wg_perm=wg_perm, wg_counts=wg_counts, wg_offs=wg_offs)
 
         # chunk of each assignment: token i is in chunk ceil((i+1)K/T) - 1 (bounds[c] = c*T//K)
         tok = torch.arange(t * k, device=dev) // k
@@ -294,7 +305,11 @@ class AllToAllDispatcher:
             p.requires_grad for p in (experts.gate_up_proj, experts.down_proj)))
         y = experts(send_x, plan)
         y = y * flat_w.index_select(0, sel)[:, None].to(y.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+        if rep > 1 and x.dtype in (torch.bfloat16, torch.float16):
+            # k slots x etp partial sums per token: add them in fp32 (CUDA index_add order is not fixed)
+            out = torch.zeros(x.shape, dtype=torch.float32, device=dev).index_add_(0, token_of, y.float()).to(x.dtype)
+        else:
+            out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
         dropped = int(routed[me].sum()) - n_kept
         return out, {"tokens_per_expert": counts_k.sum(0),
                      "dropped": torch.tensor(dropped, dtype=torch.long, device=dev)}
