@@ -1,0 +1,235 @@
+"""Autograd collectives over the tensor-parallel group (Megatron's mappings, for packed [T, ...] tokens).
+
+Convention (Megatron's): inside a tp group, a *replicated* tensor carries its full gradient on every rank,
+a *sharded* tensor the gradient of its shard. Each op below states its forward and its backward:
+
+    copy_to_tp            identity          | all-reduce      enter a TP region from replicated tokens
+    reduce_from_tp        all-reduce        | identity        leave a TP region to replicated tokens
+    gather_seq            all-gather dim 0  | reduce-scatter  enter a TP region from sequence shards (SP)
+    scatter_seq           reduce-scatter 0  | all-gather      leave a TP region to sequence shards (SP)
+    gather_seq_two_ways   all-gather dim 0  | reduce-scatter (1st output) + own chunk (2nd output)
+    all_reduce_sum        all-reduce        | all-reduce      a sum of per-rank partial terms used by all ranks
+    gather_last_dim       all-gather dim -1 | own slice       full logits from vocabulary shards
+    pair_gate_up          all-to-all        | all-to-all      expert TP: [gate;up] column shards -> (gate_r, up_r)
+
+Every op is the identity when the group has one rank. The group is a torch.distributed ProcessGroup
+(DeviceMesh.get_group())."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+# torch >= 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn)
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_gather0(x: torch.Tensor, group) -> torch.Tensor:
+    p = _size(group)
+    x = x.contiguous()
+    out = x.new_empty((p * x.shape[0],) + tuple(x.shape[1:]))
+    _all_gather_single(out, x, group=group)
+    return out
+
+
+def _reduce_scatter0(x: torch.Tensor, group) -> torch.Tensor:
+    p = _size(group)
+    if x.shape[0] % p:
+        raise ValueError(f"reduce-scatter over {p} tp ranks needs a multiple of {p} tokens, got {x.shape[0]}")
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0] // p,) + tuple(x.shape[1:]))
+    _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_reduce(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_reduce(g, ctx.group), None
+
+
+class _GatherSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather0(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter0(g, ctx.group), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter0(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather0(g, ctx.group), None
+
+
+class _GatherSeqTwoWays(torch.autograd.Function):
+    """One all-gather, two outputs: the first feeds per-rank partial computations (its gradients are
+    summed over ranks), the second feeds computations replicated on every rank (its gradient is already
+    the full one: each rank keeps its own chunk)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.n = group, x.shape[0]
+        y = _all_gather0(x, group)
+        return y, y.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g_partial, g_replicated):
+        grad = None
+        if g_partial is not None:
+            grad = _reduce_scatter0(g_partial, ctx.group)
+        if g_replicated is not None:
+            r = _rank(ctx.group)
+            own = g_replicated[r * ctx.n:(r + 1) * ctx.n]
+            grad = own.clone() if grad is None else grad + own
+        return grad, None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.n = group, x.shape[-1]
+        p = _size(group)
+        parts = _all_gather0(x.movedim(-1, 0), group).view((p, ctx.n) + tuple(x.shape[:-1]))
+        return parts.movedim(1, -1).movedim(0, -2).reshape(tuple(x.shape[:-1]) + (p * ctx.n,))
+
+    @staticmethod
+    def backward(ctx, g):
+        r = _rank(ctx.group)
+        return g[..., r * ctx.n:(r + 1) * ctx.n].contiguous(), None
+
+
+def copy_to_tp(x, group):
+    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def all_reduce_sum(x, group):
+    return x if _size(group) == 1 else _AllReduceSum.apply(x, group)
+
+
+def gather_seq(x, group):
+    return x if _size(group) == 1 else _GatherSeq.apply(x, group)
+
+
+def scatter_seq(x, group):
+    return x if _size(group) == 1 else _ScatterSeq.apply(x, group)
+
+
+def gather_seq_two_ways(x, group):
+    return (x, x) if _size(group) == 1 else _GatherSeqTwoWays.apply(x, group)
+
+
+def gather_last_dim(x, group):
+    return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
+
+
+# ---- expert tensor parallelism: pair the gate and up halves -------------------------------------------------
+#
+# gate_up_proj [E, 2I, H] is stored as a standard Shard(1) DTensor (rows 0..I-1 gate, I..2I-1 up), so that
+# checkpoints, FSDP2 and the optimiser state need nothing special. Rank s then holds global rows
+# [s*2I/P, (s+1)*2I/P): two sub-chunks of c = I/P rows, global chunk indices m = 2s and 2s+1 of the 2P
+# chunks of [gate; up]. Chunk m < P is gate chunk m, chunk m >= P is up chunk m-P; rank q needs gate chunk q
+# and up chunk q (its down_proj Shard(2) columns are chunk q of I). So after h = x @ W_local^T, sub-chunk j
+# of rank s's columns goes to rank (2s+j) mod P; rank q receives gate chunk q from rank q//2 and up chunk q
+# from rank (P+q)//2 > q//2, i.e. [gate_q | up_q] in source-rank order. One all-to-all of N x I/P x 2 per
+# rank each way (Megatron stores [gate_r; up_r] per rank instead, which a Shard placement cannot describe).
+
+def _pair_plan(p: int, r: int):
+    dests = [(2 * r) % p, (2 * r + 1) % p]  # where my sub-chunks 0 and 1 go
+    srcs = [r // 2, (p + r) // 2]  # who sends me gate_r and up_r (srcs[0] < srcs[1])
+    return dests, srcs
+
+
+def _a2a_columns(blocks_by_peer: dict[int, torch.Tensor], recv_from: list[int], n: int, c: int, group,
+                 like: torch.Tensor) -> list[torch.Tensor]:
+    """Send each [n, c] block to its peer; receive one [n, c] block from each rank in recv_from (sorted)."""
+    p = _size(group)
+    send_sizes = [n * c if q in blocks_by_peer else 0 for q in range(p)]
+    recv_sizes = [n * c if q in recv_from else 0 for q in range(p)]
+    send = torch.cat([blocks_by_peer[q].contiguous().view(-1) for q in sorted(blocks_by_peer)]) if n * c else \
+        like.new_empty(0)
+    recv = like.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=group)
+    return [t.view(n, c) for t in recv.split(n * c)] if n * c else [like.new_empty(n, c)] * len(recv_from)
+
+
+class _PairGateUp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, group):
+        p, r = _size(group), _rank(group)
+        n, c2 = h.shape
+        c = c2 // 2
+        dests, srcs = _pair_plan(p, r)
+        ctx.group, ctx.shape = group, (n, c, dests, srcs)
+        g, u = _a2a_columns({dests[0]: h[:, :c], dests[1]: h[:, c:]}, srcs, n, c, group, h)
+        return torch.cat([g, u], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        n, c, dests, srcs = ctx.shape
+        back = _a2a_columns({srcs[0]: grad[:, :c], srcs[1]: grad[:, c:]}, sorted(dests), n, c, ctx.group, grad)
+        got = dict(zip(sorted(dests), back))
+        return torch.cat([got[dests[0]], got[dests[1]]], dim=-1), None
+
+
+def pair_gate_up(h: torch.Tensor, group) -> torch.Tensor:
+    """h [N, 2I/P]: this rank's columns of x @ [gate; up]^T (a Shard(1) of the 2I rows) -> [N, 2I/P] holding
+    [gate chunk r | up chunk r] for this rank r (the columns matching its down_proj shard)."""
+    return h if _size(group) == 1 else _PairGateUp.apply(h, group)
+
+
+__all__ = ["copy_to_tp", "reduce_from_tp", "all_reduce_sum", "gather_seq", "scatter_seq", "gather_seq_two_ways",
+           "gather_last_dim", "pair_gate_up"]
