@@ -14,7 +14,8 @@ Per MoE layer and micro-batch:
    all-to-all while c+1's is already in flight, regroups the received rows from source-major to
    expert-major, runs the local experts' grouped SwiGLU (torch._grouped_mm on CUDA bf16, a loop on CPU),
    regroups back and starts c's combine all-to-all. Backward mirrors it: the gradient all-to-all of chunk
-   c+1 is in flight while chunk c's expert backward runs. Collectives are issued with async_op=True: on
+   c+1 is in flight while chunk c's activation gradient runs; the expert weight gradients are one grouped
+   GEMM per weight over all chunks at the end, while the last chunks' gradients travel. Collectives are issued with async_op=True: on
    NCCL they run on the process group's own CUDA stream and the compute stream waits (work.wait()) only
    where a chunk's data is needed; on gloo they run on gloo's worker threads. The issue order is the same
    on every device, so CPU results equal CUDA's up to floating point, and K > 1 equals K = 1 (each token
