@@ -1,0 +1,114 @@
+"""CPU smoke tests of the benchmark scripts (tools/bench_kernels.py, tools/bench_train.py): they run end to end in
+their --device cpu modes, print their tables, report the GPU-only paths as skipped, and write strict JSON with
+finite numbers. Speed itself is never asserted (design.md, "Testing conventions")."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOLS = REPO / "tools"
+
+
+def _run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "WANDB_MODE"):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"exit {p.returncode}\n--- stdout\n{p.stdout[-6000:]}\n--- stderr\n{p.stderr[-6000:]}"
+    return p
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _load_tool(name: str):
+    sys.path.insert(0, str(TOOLS))
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_flops_match_the_model_counter():
+    """The kernel benchmark's attention FLOPs are the attention terms of model/flops.py: adding heads to a
+    one-layer model adds exactly the projections plus the kernel's FLOPs."""
+    from minimax_train.model.config import FULL, LINEAR, ModelConfig
+    from minimax_train.model.flops import forward_flops_per_token
+    bk = _load_tool("bench_kernels")
+    h, d, T = 256, 32, 4096
+    for kind in (LINEAR, FULL):
+        def f(n):
+            cfg = ModelConfig(hidden_size=h, num_attention_heads=n, num_key_value_heads=2, head_dim=d,
+                              num_hidden_layers=1, layer_types=[kind])
+            return forward_flops_per_token(cfg, T)
+        n = 4
+        if kind == LINEAR:
+            proj, core = 2.0 * h * 5 * n * d, bk.lightning_flops(T, n, d) / T
+        else:
+            proj, core = 2.0 * h * 2 * n * d, bk.softmax_flops([T], n, d) / T
+        assert f(2 * n) - f(n) == pytest.approx(proj + core, rel=1e-12)
+
+
+@pytest.mark.slow
+def test_bench_kernels_cpu_tiny(tmp_path):
+    out = tmp_path / "kernels.json"
+    p = _run([str(TOOLS / "bench_kernels.py"), "--device", "cpu", "--tiny", "--budget", "0.05", "--out", str(out)])
+    for title in ("### Lightning attention", "### Softmax attention", "### Experts"):
+        assert title in p.stdout, p.stdout
+    data = json.loads(out.read_text())
+    meta, rows = data["meta"], data["rows"]
+    assert _finite(meta["copy_tb_per_s"]) and meta["copy_tb_per_s"] > 0
+    assert _finite(meta["matmul_tflops"]) and meta["matmul_tflops"] > 0
+    ok = {(r["section"], r["impl"]) for r in rows if r["status"] == "ok"}
+    assert {("lightning", "torch"), ("softmax", "torch-docs"), ("softmax", "sdpa-math"), ("experts", "ours"),
+            ("experts", "loop"), ("experts", "dense")} <= ok, ok
+    for r in rows:
+        if r["status"] == "ok":
+            for k in ("ms", "min_ms", "tflops", "floor_flops_ms", "x_floor"):
+                assert _finite(r[k]) and r[k] > 0, (k, r)
+            if r["section"] != "experts":
+                assert _finite(r["tb_per_s"]) and _finite(r["floor_bytes_ms"]), r
+    # the CUDA-only paths are reported, not crashed on
+    skipped = {(r["section"], r["impl"]) for r in rows if r["status"] == "skipped"}
+    assert {("lightning", "ours"), ("lightning", "fla"), ("softmax", "flex-docs"), ("softmax", "flex-1doc")} <= skipped
+    assert all(r["note"] for r in rows if r["status"] != "ok")
+    assert not [r for r in rows if r["status"] == "failed"], [r for r in rows if r["status"] == "failed"]
+
+
+@pytest.mark.slow
+def test_bench_train_cpu_tiny(tmp_path):
+    out = tmp_path / "train.json"
+    have_megatron = importlib.util.find_spec("megatron") is not None
+    impls = "ours,hf,megatron" if have_megatron else "ours,hf"
+    p = _run([str(TOOLS / "bench_train.py"), "--device", "cpu", "--preset", "tiny", "--seq-len", "128",
+              "--steps", "3", "--warmup", "1", "--peak-tflops", "1", "--impls", impls,
+              "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    assert "| impl | tokens/s | TFLOP/s/GPU | MFU | peak mem GB | ratio ours/impl | status |" in p.stdout, p.stdout
+    assert "reproduce: python" in p.stdout
+    data = json.loads(out.read_text())
+    res = {r["impl"]: r for r in data["results"]}
+    assert set(res) == set(impls.split(","))
+    for impl, r in res.items():
+        assert r["status"] == "ok", (impl, r.get("reason"))
+        for k in ("tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb", "flops_per_token", "loss_last"):
+            assert _finite(r[k]) and r[k] > 0, (impl, k, r[k])
+        assert r["timed_steps"] == 2
+    # one FLOP counter: ours and transformers train the same hybrid model, megatron the all-softmax one
+    from minimax_train.model.config import FULL, ModelConfig
+    from minimax_train.model.flops import train_flops_per_token
+    cfg = ModelConfig(**data["meta"]["model"])
+    assert res["ours"]["flops_per_token"] == pytest.approx(train_flops_per_token(cfg, 128))
+    assert res["hf"]["flops_per_token"] == res["ours"]["flops_per_token"]
+    if "megatron" in res:
+        soft = ModelConfig(**{**data["meta"]["model"], "layer_types": [FULL] * cfg.num_hidden_layers})
+        assert res["megatron"]["flops_per_token"] == pytest.approx(train_flops_per_token(soft, 128))

@@ -1,0 +1,335 @@
+"""Shared helpers of the benchmark scripts (tools/bench_kernels.py, tools/bench_train.py): timing with CUDA
+events (wall clock on CPU), device calibration (copy bandwidth, bf16 matmul peak), guarded runs that turn a
+failure into a one-line reason, markdown tables and JSON output with finite numbers only.
+
+Nothing here asserts a speed: the scripts print tables and ratios (design.md, "Testing conventions")."""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Dense bf16 tensor-core peaks (TFLOP/s per device) for MFU; the trainer's table (train/metrics.py) is the
+# source, so benchmark and trainer MFU use the same denominator.
+try:
+    from minimax_train.train.metrics import peak_tflops as _trainer_peak_tflops
+except Exception:  # pragma: no cover - the benchmarks must still start if the trainer does not import
+    _trainer_peak_tflops = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# device
+# ---------------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu for the smoke mode)")
+    return torch.device("cuda", torch.cuda.current_device()) if name == "cuda" else torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def detect_peak_tflops(device: torch.device, override: Optional[float] = None) -> Optional[float]:
+    """bf16 dense peak per device: --peak-tflops, else the trainer's table (H100 SXM / H200: 989.4), else None."""
+    if override is not None:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    if _trainer_peak_tflops is not None:
+        return _trainer_peak_tflops(device, None)
+    name = torch.cuda.get_device_name(device)
+    if "H100 PCIe" in name:
+        return 756.0
+    if "H100" in name or "H200" in name:
+        return 989.4
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """torch.cuda.max_memory_allocated on GPU (the trainer's metric); peak RSS of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+def free_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free / 1e9
+    try:
+        import psutil  # noqa: F401
+        return psutil.virtual_memory().available / 1e9
+    except Exception:
+        return float("inf")
+
+
+def cleanup(device: Optional[torch.device] = None) -> None:
+    gc.collect()
+    if torch.cuda.is_available() and (device is None or device.type == "cuda"):
+        torch.cuda.empty_cache()
+
+
+def versions() -> dict[str, Any]:
+    """Versions of everything a number depends on (None where a package is absent); read from the installed
+    distributions' metadata, so nothing heavy (megatron) is imported just to print a version."""
+    from importlib import metadata
+    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                           "cuda": torch.version.cuda}
+    for dist in ("triton", "fla-core", "transformers", "megatron-core", "nv-grouped-gemm"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# guarded execution
+# ---------------------------------------------------------------------------------------------------
+
+def one_line(e: BaseException, limit: int = 220) -> str:
+    """A failure as one line: the exception type and the first line of its message."""
+    msg = str(e).strip().splitlines()
+    first = msg[0] if msg else ""
+    # a few libraries put the useful line last ("... when instantiating X")
+    if len(msg) > 1 and len(first) < 20:
+        first = " ".join(m.strip() for m in msg[:2])
+    name = type(e).__name__
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in first.lower():
+        name = "OOM"
+        first = first.split(". Of the allocated")[0].split(" Including non-PyTorch")[0]
+    s = f"{name}: {first}" if first else name
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def guarded(fn: Callable[[], Any], device: Optional[torch.device] = None, verbose: bool = False):
+    """(result, None) or (None, one-line reason). Frees cached GPU memory after a failure."""
+    try:
+        return fn(), None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every failure becomes a table note
+        if isinstance(e, SystemExit) and e.code in (0, None):
+            raise
+        if verbose or os.environ.get("BENCH_TRACEBACK"):
+            traceback.print_exc()
+        reason = one_line(e)
+        del e
+        cleanup(device)
+        return None, reason
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------
+
+class _L2Flush:
+    """Writes a 256 MB buffer before each timed call so that small inputs are not served from L2 (50 MB on H100)."""
+
+    def __init__(self, device: torch.device, nbytes: int = 256 << 20):
+        self.buf = torch.empty(nbytes // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
+
+    def __call__(self):
+        if self.buf is not None:
+            self.buf.zero_()
+
+
+def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, min_iters: int = 3,
+            max_iters: int = 30, budget_s: float = 1.0, flush_l2: bool = True) -> dict[str, float]:
+    """Median / min milliseconds of fn() over N timed calls after `warmup` untimed ones.
+
+    CUDA: one pair of events around each call (the L2 flush happens before the start event); CPU:
+    perf_counter around each call. N = budget_s / (time of the last warm-up call), clamped to
+    [min_iters, max_iters], so a 1M-token case and an 8K-token case both take about budget_s."""
+    flush = _L2Flush(device) if flush_l2 else (lambda: None)
+    est = None
+    for i in range(max(1, warmup)):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        est = time.perf_counter() - t0
+        if i >= 1 and est > budget_s:  # long calls: the first one compiled / autotuned, the second estimates
+            break
+    # calls longer than the budget get 2 timed repeats (a 2 s attention call varies little)
+    lo = min_iters if est <= budget_s else min(2, min_iters)
+    n = int(min(max_iters, max(lo, budget_s / max(est, 1e-6))))
+    times = []
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+        for i in range(n):
+            flush()
+            starts[i].record()
+            fn()
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "min_ms": min(times), "iters": n}
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration
+# ---------------------------------------------------------------------------------------------------
+
+def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None) -> dict[str, float]:
+    """Device-to-device copy of nbytes (default 2 GiB on GPU, 64 MiB on CPU); counts read + write."""
+    if nbytes is None:
+        nbytes = (2 << 30) if device.type == "cuda" else (64 << 20)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    src = torch.randn(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    moved = 2 * src.numel() * src.element_size()
+    t = time_fn(lambda: dst.copy_(src), device, warmup=2, min_iters=5, max_iters=20, budget_s=0.5,
+                flush_l2=False)
+    del src, dst
+    cleanup(device)
+    return {"bytes": moved, "ms": t["ms"], "tb_per_s": moved / (t["ms"] * 1e-3) / 1e12}
+
+
+def measure_matmul_peak(device: torch.device, n: Optional[int] = None,
+                        dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+    """n x n x n matmul (default 8192 bf16 on GPU, 512 fp32 on CPU): achieved TFLOP/s."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else 512
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    c = torch.empty(n, n, dtype=dtype, device=device)
+    t = time_fn(lambda: torch.matmul(a, b, out=c), device, warmup=3, min_iters=5, max_iters=30, budget_s=0.5,
+                flush_l2=False)
+    del a, b, c
+    cleanup(device)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": t["ms"],
+            "tflops": 2.0 * n ** 3 / (t["ms"] * 1e-3) / 1e12}
+
+
+# ---------------------------------------------------------------------------------------------------
+# output
+# ---------------------------------------------------------------------------------------------------
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """Compact number formatting for tables: 3 significant digits, '-' for None."""
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}" if abs(x) >= 10000 else str(x)
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        if x == 0:
+            return "0"
+        if abs(x) >= 10 ** digits:
+            return f"{x:,.0f}"
+        return f"{x:.{digits}g}" if abs(x) >= 1e-3 else f"{x:.2e}"
+    return str(x)
+
+
+def fmt_pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def fmt_tokens(t: int) -> str:
+    if t >= 1 << 20 and t % (1 << 20) == 0:
+        return f"{t >> 20}M"
+    if t >= 1024 and t % 1024 == 0:
+        return f"{t >> 10}K"
+    return str(t)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    rows = [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(str(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """Recursively replace NaN/inf floats by None, so the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if isinstance(obj, torch.dtype):
+        return str(obj).replace("torch.", "")
+    if isinstance(obj, torch.device):
+        return str(obj)
+    return obj
+
+
+def write_json(path: Optional[str], obj: Any) -> None:
+    if not path:
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(finite_or_none(obj), indent=2, allow_nan=False) + "\n")
+    print(f"\nwrote {p}")
+
+
+def reproduce_command(argv: Optional[Sequence[str]] = None) -> str:
+    import shlex
+    argv = sys.argv if argv is None else argv
+    script = os.path.relpath(os.path.abspath(argv[0]), os.getcwd()) if argv else "?"
+    return " ".join(["python", shlex.quote(script), *(shlex.quote(a) for a in argv[1:])])
+
+
+def median(xs: Sequence[float]) -> Optional[float]:
+    xs = [x for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
+    return statistics.median(xs) if xs else None
+
+
+def parse_int_list(s: str) -> list[int]:
+    """'8192,32K,1M' -> [8192, 32768, 1048576]."""
+    out = []
+    for part in str(s).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        mult = 1
+        if part[-1] in "kK":
+            mult, part = 1024, part[:-1]
+        elif part[-1] in "mM":
+            mult, part = 1 << 20, part[:-1]
+        out.append(int(float(part) * mult))
+    return out
