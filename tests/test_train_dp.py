@@ -75,6 +75,11 @@ def _grads_rank(overrides, rows_per_rank_layout):
     accum = job.train.global_batch_size // (job.train.micro_batch_size * mesh.dp_size)
     fb = forward_backward(model, [next(loader) for _ in range(accum)], mesh=mesh,
                           coef=job.model.router_aux_loss_coef)
+    from minimax_train.parallel.data_parallel import is_sharded
+    if is_sharded(model):
+        # the root (embedding, norm, lm_head) must stay unsharded between forward and backward: the
+        # model output is a dataclass FSDP cannot hook a pre-backward unshard on (it broke on CUDA)
+        assert model._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is None
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
@@ -98,3 +103,15 @@ def test_dp2_gradients_match_single_process(mbs_dp1, mbs_dp2, coef):
             d = got[rank][0][name]
             err = float((d - g).norm() / g.norm().clamp(min=1e-30))
             assert err <= 1e-5, f"{name} rank {rank}: relative gradient error {err:.2e}"
+
+
+def test_resume_single_process_checkpoint_on_two_ranks(reference_run, tmp_path):
+    """DCP reshards the dp=1 checkpoint of step 6 onto 2 FSDP ranks and the data position carries over:
+    steps 7 and 8 match the uninterrupted single-process run."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copytree(reference_run / "checkpoints" / "step_00000006", ckpt / "step_00000006")
+    run_dir = tmp_path / "dp2"
+    run_distributed(_train_rank, 2, [*TINY, f"checkpoint.dir={ckpt}"], str(run_dir), timeout=240)
+    ref = by_step(read_metrics(reference_run))
+    _compare({s: ref[s] for s in (7, 8)}, by_step(read_metrics(run_dir)))

@@ -42,7 +42,10 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: Optional[to
         # the last layer's parameters are needed right away by backward: keep them gathered
         fully_shard(layer, mesh=mesh.dp_cp_mesh, mp_policy=mp,
                     reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
-    fully_shard(model, mesh=mesh.dp_cp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root keeps FSDP's automatic choice (no reshard after forward): its parameters (embedding, final
+    # norm, lm_head) are needed right away by backward, and the model's output is a dataclass that FSDP
+    # cannot search for tensors to hang a pre-backward unshard on.
+    fully_shard(model, mesh=mesh.dp_cp_mesh, mp_policy=mp)
     return model
 
 

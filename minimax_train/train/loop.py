@@ -171,8 +171,13 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
     from minimax_train.data import DataError, build_loader, load_tokenizer
 
     faults = Faults(rank=int(os.environ.get("RANK", "0")))
-    mesh = ParallelMesh.from_env(job.parallel, device=job.train.device, model_cfg=job.model)
     stop = StopFlag()
+    stop.install()  # first: a preemption signal during start-up must not kill the process
+    try:
+        mesh = ParallelMesh.from_env(job.parallel, device=job.train.device, model_cfg=job.model)
+    except BaseException:
+        stop.restore()
+        raise
     wandb_logger = None
     metrics = None
     failed = True
@@ -278,7 +283,6 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             log.info("saved checkpoint %s (%.2fs)", path, time.perf_counter() - t0)
             return path
 
-        stop.install()
         grad_group = mesh.dp_cp_group
         last_saved = step if resume_from else None
         last_ckpt = resume_from
