@@ -37,6 +37,9 @@ CASES = {
     "ep2_k1": (2, dict(ep=2), 1, "dropless", "none"),
     "ep2_k4": (2, dict(ep=2), 4, "dropless", "none"),
     "ep2_capacity_k2": (2, dict(ep=2), 2, "capacity", "none"),
+    # tp=2 without sequence parallelism: both ranks hold the same tokens, the ep group folds over tp
+    "tp2_ep2_etp1_replicated_k2": (2, dict(tp=2, ep=2, etp=1), 2, "dropless", "none"),
+    "tp2_ep2_etp1_capacity_rejected": (2, dict(tp=2, ep=2, etp=1), 1, "reject", "none"),
     "ep4_k1": (4, dict(ep=4), 1, "dropless", "none"),
     "ep4_k4": (4, dict(ep=4), 4, "dropless", "none"),
     "ep2xetp2_k1": (4, dict(tp=2, ep=2, etp=2), 1, "dropless", "none"),
@@ -70,10 +73,16 @@ def _run_case(name, spec, rank, world):
     from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
 
     _, pkw, chunks, routing, ckpt = spec
-    cfg = _cfg(routing)
+    cfg = _cfg("capacity" if routing == "reject" else routing)
     pm = ParallelMesh(ParallelConfig(**pkw), world_size=world, rank=rank, local_rank=0, device=torch.device("cpu"),
                       model_cfg=cfg)
     sp = pm.cfg.sequence_parallel
+    if routing == "reject":
+        try:
+            apply_expert_parallel(MiniMaxForCausalLM(cfg), pm)
+        except ValueError as e:
+            return {"rejected": "sequence_parallel" in str(e)}
+        return {"rejected": False}
     torch.manual_seed(0)
     ref = MiniMaxForCausalLM(cfg)
     model = copy.deepcopy(ref)
@@ -205,6 +214,9 @@ def test_expert_parallel_equals_single_process(results, name):
         assert name in r, f"rank {rank} did not run {name} (an earlier case failed: {list(r)})"
         r = r[name]
         assert "error" not in r, f"rank {rank}: {r.get('error')}"
+        if routing == "reject":
+            assert r["rejected"], f"rank {rank}: layout was not refused"
+            continue
         assert r["loss"] < TOL, f"rank {rank}: loss rel err {r['loss']:.2e}"
         assert r["grad"] < TOL, f"rank {rank}: grad rel err {r['grad']:.2e} on {r['grad_name']}"
         assert r["load"], f"rank {rank}: expert load differs from the reference"

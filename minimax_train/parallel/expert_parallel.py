@@ -18,7 +18,10 @@ Compute always uses the local tensors.
 Token layout the dispatcher assumes: every rank of a dispatch group holds its own tokens (EP folds over
 the data-parallel and context-parallel ranks). Over etp the MoE input is either replicated (tensor
 parallel without sequence parallel: partial outputs are all-reduced over etp) or sharded (sequence
-parallel: dispatch over ep x etp); `sequence_parallel` says which.
+parallel: dispatch over ep x etp); `sequence_parallel` says which. tp > 1 without sequence parallelism
+and etp < tp makes an EP group fold over tp ranks that hold the same tokens: supported for dropless
+routing (each token is dispatched once per replica, expert weight gradients are divided by that count)
+but wasteful; use etp = tp or sequence parallelism.
 
 Gradient semantics: an expert parameter's gradient on a rank is the sum, over every token routed to
 it from the whole dispatch group, of that token's loss gradient; dense gradients stay per rank. To get
@@ -57,6 +60,9 @@ class ExpertGroups:
     dispatch_size: int = 1
     dispatch_rank: int = 0
     mesh: Any = None  # DeviceMesh ("ep", "etp") for the DTensor parameters, or None (plain tensors)
+    # ranks of the dispatch group holding the same tokens (tp > 1 without sequence parallel and etp < tp):
+    # each token then reaches its expert `replicas` times; expert weight gradients are divided by it
+    replicas: int = 1
 
     def __post_init__(self):
         if self.dispatch_group is None and not self.sequence_parallel:  # default: dispatch over ep
@@ -71,10 +77,11 @@ def expert_groups(mesh_or_groups, sequence_parallel: Optional[bool] = None) -> E
     from torch.distributed.device_mesh import DeviceMesh
     if isinstance(mesh_or_groups, DeviceMesh):
         dm = mesh_or_groups
-        sp = bool(sequence_parallel)
+        sp, replicas = bool(sequence_parallel), 1
     else:  # ParallelMesh
         pm = mesh_or_groups
         sp = pm.cfg.sequence_parallel if sequence_parallel is None else bool(sequence_parallel)
+        replicas = _token_replicas(pm, sp)
         dm = pm.expert_mesh
         if dm is None:  # single process
             return ExpertGroups(sequence_parallel=sp and pm.etp_size > 1)
@@ -86,11 +93,37 @@ def expert_groups(mesh_or_groups, sequence_parallel: Optional[bool] = None) -> E
     etp_size, etp_rank = (dm.size(names.index("etp")), dm.get_local_rank("etp")) if "etp" in names else (1, 0)
     g = ExpertGroups(ep_size=ep_size, ep_rank=ep_rank, etp_size=etp_size, etp_rank=etp_rank,
                      ep_group=dm.get_group("ep"), etp_group=dm.get_group("etp") if "etp" in names else None,
-                     sequence_parallel=sp and etp_size > 1, mesh=sub)
+                     sequence_parallel=sp and etp_size > 1, mesh=sub, replicas=replicas)
     if g.sequence_parallel:
         flat = dm["ep", "etp"]._flatten("ep_etp")
         g.dispatch_group, g.dispatch_size, g.dispatch_rank = flat.get_group(), flat.size(), flat.get_local_rank()
     return g
+
+
+def _token_replicas(pm, sp: bool) -> int:
+    """How many ranks of each EP group hold the same tokens. Without sequence parallelism the MoE input is
+    replicated over tp; an EP group that folds over tp ranks (etp < tp) then dispatches each token from
+    every replica. Correct (outputs are right, weight gradients are divided by the count) but it wastes
+    that factor of expert compute and all-to-all bytes: prefer etp = tp or parallel.sequence_parallel."""
+    if sp or pm.tp_size == 1 or pm.etp_size == pm.tp_size:
+        return 1
+    from .mesh import rank_groups
+    group = next(g for g in rank_groups(pm.layout)["ep"] if pm.rank in g)
+    per_block: dict[int, int] = {}
+    for r in group:
+        per_block[r // pm.tp_size] = per_block.get(r // pm.tp_size, 0) + 1  # a tp block holds one token set
+    counts = set(per_block.values())
+    if len(counts) != 1:
+        raise ValueError(f"parallel.ep={pm.ep_size} over tp={pm.tp_size} with etp={pm.etp_size} and no sequence "
+                         f"parallelism replicates tokens unevenly in the EP group; use etp={pm.tp_size} or "
+                         f"parallel.sequence_parallel=true")
+    n = counts.pop()
+    if n > 1:
+        import warnings
+        warnings.warn(f"expert parallelism: tp={pm.tp_size} without sequence parallelism and etp={pm.etp_size} < tp: "
+                      f"every token is dispatched {n} times (redundant expert compute and all-to-all); use "
+                      f"etp={pm.tp_size} or parallel.sequence_parallel=true", stacklevel=3)
+    return n
 
 
 class ExpertParallelExperts(Experts):
@@ -174,6 +207,10 @@ def apply_expert_parallel(model: nn.Module, expert_mesh_or_groups, *, overlap_ch
         if not isinstance(local, LocalDispatcher):
             raise ValueError(f"apply_expert_parallel: MoE block already has a {type(local).__name__}")
         moe.experts = _shard_experts(moe.experts, g)
+        if g.replicas > 1 and routing == "capacity":
+            raise ValueError("moe_routing=capacity with tokens replicated inside the EP group (tp > 1 without "
+                             "sequence parallelism and etp < tp) would count each token several times against "
+                             "the capacity; use etp = tp or parallel.sequence_parallel=true")
         moe.dispatcher = AllToAllDispatcher(g, moe.experts.num_experts, moe.gate.top_k, routing, cf, overlap_chunks)
     if not found:
         raise ValueError(f"apply_expert_parallel: no MoE block in {type(model).__name__}")

@@ -60,7 +60,7 @@ class DispatchPlan:
 
     __slots__ = ("chunks", "group", "etp_reduce_group", "send_rows", "recv_rows", "send_splits", "recv_splits",
                  "expert_counts", "offs", "perm", "inv_perm", "act", "needs_grad",
-                 "wg_perm", "wg_counts", "wg_offs")
+                 "wg_perm", "wg_counts", "wg_offs", "wg_scale")
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -180,9 +180,13 @@ class _ExpertExchange(torch.autograd.Function):
                     xs, dh, a, dy = (t.index_select(0, plan.wg_perm) for t in (xs, dh, a, dy))
             keep = None
             if ctx.needs_input_grad[2]:
-                g_gu = weight_grad(dh, xs, plan.wg_offs, plan.wg_counts).to(ctx.w_dtypes[0])
+                g_gu = weight_grad(dh, xs, plan.wg_offs, plan.wg_counts)
             if ctx.needs_input_grad[3]:
-                g_dn = weight_grad(dy, a, plan.wg_offs, plan.wg_counts).to(ctx.w_dtypes[1])
+                g_dn = weight_grad(dy, a, plan.wg_offs, plan.wg_counts)
+            if plan.wg_scale != 1.0:  # every token arrived once per replica of it (ExpertGroups.replicas)
+                g_gu, g_dn = (None if t is None else t.mul_(plan.wg_scale) for t in (g_gu, g_dn))
+            g_gu = None if g_gu is None else g_gu.to(ctx.w_dtypes[0])
+            g_dn = None if g_dn is None else g_dn.to(ctx.w_dtypes[1])
         for w in w2:
             w.wait()
         return None, grad_x, g_gu, g_dn
@@ -283,7 +287,7 @@ class AllToAllDispatcher:
             send_rows=[sum(s) for s in send_splits], recv_rows=[sum(r) for r in recv_splits],
             send_splits=send_splits, recv_splits=recv_splits, expert_counts=expert_counts,
             offs=offs, perm=perm, inv_perm=inv_perm, act=experts.act, needs_grad=False,
-            wg_perm=wg_perm, wg_counts=wg_counts, wg_offs=wg_offs)
+            wg_perm=wg_perm, wg_counts=wg_counts, wg_offs=wg_offs, wg_scale=1.0 / g.replicas)
 
         # chunk of each assignment: token i is in chunk ceil((i+1)K/T) - 1 (bounds[c] = c*T//K)
         tok = torch.arange(t * k, device=dev) // k
