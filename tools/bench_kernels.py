@@ -547,15 +547,19 @@ def main(argv=None):
             "peak_tflops": detect_peak_tflops(a.device, a.peak_tflops), "tiny": a.tiny,
             "command": reproduce_command()}
     sections = {"lightning": bench_lightning, "softmax": bench_softmax, "experts": bench_experts}
-    for s in a.section_list:
-        if s not in sections:
-            print(f"unknown section {s!r}; use {', '.join(sections)}")
-            continue
-        print(f"{s} ...", flush=True)
-        _, err = guarded(lambda: sections[s](b), a.device, a.verbose)
-        if err:  # a whole section failed to start (an import, say): one row says why
-            b.rows.append({"section": s, "impl": "-", "pass": "-", "status": "failed", "note": err, "ms": None})
-            print(f"  {s}: failed: {err}")
+    try:
+        for s in a.section_list:
+            if s not in sections:
+                print(f"unknown section {s!r}; use {', '.join(sections)}")
+                continue
+            print(f"{s} ...", flush=True)
+            _, err = guarded(lambda: sections[s](b), a.device, a.verbose)
+            if err:  # a whole section failed to start (an import, say): one row says why
+                b.rows.append({"section": s, "impl": "-", "pass": "-", "status": "failed", "note": err, "ms": None})
+                print(f"  {s}: failed: {err}")
+    except KeyboardInterrupt:  # e.g. `timeout -s INT`: keep and report what was measured
+        meta["interrupted"] = True
+        print("\ninterrupted: reporting the cases measured so far", flush=True)
     print_tables(b, meta)
     print(f"\nreproduce: {meta['command']}")
     write_json(a.out, {"meta": meta, "rows": b.rows})

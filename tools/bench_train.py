@@ -716,10 +716,16 @@ def main(argv=None) -> int:
     results = []
     for impl in a.impl_list:
         print(f"[{impl}] running ...", flush=True)
-        if impl == "ours":
-            r, err = guarded(lambda: run_ours(a, base, hydra_model, cfg, work))
-        else:
-            r, err = guarded(lambda: run_worker(a, impl, cfg, work))
+        try:
+            if impl == "ours":
+                r, err = guarded(lambda: run_ours(a, base, hydra_model, cfg, work))
+            else:
+                r, err = guarded(lambda: run_worker(a, impl, cfg, work))
+        except KeyboardInterrupt:  # e.g. `timeout -s INT`: the child's group is ended; report what finished
+            results.append({"impl": impl, "status": "failed", "reason": "interrupted"})
+            meta["interrupted"] = True
+            print(f"[{impl}] interrupted", flush=True)
+            break
         if r is None:
             r = {"impl": impl, "status": "failed", "reason": err}
         results.append(r)
