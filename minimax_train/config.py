@@ -7,7 +7,6 @@ logging. Batch keys follow Megatron: train.seq_len tokens per packed row, train.
 train.micro_batch_size in rows; gradient accumulation = global / (micro * dp)."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional

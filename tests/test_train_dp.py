@@ -58,10 +58,8 @@ def test_torchrun_cli_dp2_matches_single_process(reference_run, tmp_path):
     assert not (tmp_path / ".hydra").exists() and not (tmp_path / "outputs").exists()  # rank 1 wrote nothing
 
 
-def _grads_rank(overrides, rows_per_rank_layout):
+def _grads_rank(overrides):
     """Gradient of the first step's global batch under this process's layout, as full fp64 tensors."""
-    import torch
-
     from minimax_train.data import build_loader, load_tokenizer
     from minimax_train.parallel.mesh import ParallelMesh
     from minimax_train.train.loop import build_model, forward_backward
@@ -95,8 +93,8 @@ def test_dp2_gradients_match_single_process(mbs_dp1, mbs_dp2, coef):
     and 2 FSDP2 ranks. With the aux loss on, micro-batches must hold the same rows (mbs 1); without it any
     micro-batch size gives the same gradient."""
     base = [o for o in TINY if "micro_batch_size" not in o] + [f"model.router_aux_loss_coef={coef}"]
-    ref, ntok = _grads_rank(base + [f"train.micro_batch_size={mbs_dp1}"], None)
-    got = run_distributed(_grads_rank, 2, base + [f"train.micro_batch_size={mbs_dp2}"], None, timeout=240)
+    ref, ntok = _grads_rank(base + [f"train.micro_batch_size={mbs_dp1}"])
+    got = run_distributed(_grads_rank, 2, base + [f"train.micro_batch_size={mbs_dp2}"], timeout=240)
     assert got[0][1] == ntok
     for name, g in ref.items():
         for rank in range(2):

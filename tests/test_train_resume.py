@@ -2,14 +2,11 @@
 (exactly, on CPU)."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 from conftest import REPO, TINY, by_step, cli_env, read_metrics, run_train
 
@@ -64,32 +61,27 @@ def test_crash_during_save_resumes_from_last_complete(reference_run, tmp_path):
     assert complete_steps(ckpt) == [3, 6, 8]
 
 
-@pytest.mark.parametrize("sig", ["SIGUSR1"])
-def test_preemption_signal_saves_and_exits_cleanly(reference_run, tmp_path, sig):
-    """An external SIGUSR1 (slurm's preemption warning) mid-run: checkpoint at the current step, exit 0;
-    the same command then finishes the run with the uninterrupted losses."""
-    ref = by_step(read_metrics(reference_run))
+def test_preemption_signal_saves_and_exits_cleanly(tmp_path):
+    """An external SIGUSR1 (slurm's warning before preemption / time limit) mid-run: checkpoint at the current
+    step, exit 0; the same command then continues from there."""
     ckpt = tmp_path / "ckpt"
-    overrides = [o for o in TINY if not o.startswith("train.steps")] + ["train.steps=400"]
+    overrides = [o for o in TINY if not o.startswith("train.steps")] + [f"checkpoint.dir={ckpt}",
+                                                                         "checkpoint.interval=0"]
     cmd = [sys.executable, "-m", "minimax_train.train", f"hydra.run.dir={tmp_path / 'a'}", *overrides,
-           f"checkpoint.dir={ckpt}", "checkpoint.interval=0"]
+           "train.steps=400"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while len(read_metrics(tmp_path / "a")) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "run ended before it could be signalled"
         time.sleep(0.1)
-    proc.send_signal(getattr(signal, sig))
+    proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
-    assert f"received {sig}" in out and "stopping after step" in out
+    assert "received SIGUSR1" in out and "stopping after step" in out
     done = max(r["step"] for r in read_metrics(tmp_path / "a"))
     assert done < 400 and complete_steps(ckpt) == [done]
-    # ... and it resumes (the schedule is for 400 steps, so compare against a fresh 400-step run's prefix
-    # only where it overlaps the shared reference: step 1 lr differs, so just check continuity)
-    p = run_train(tmp_path / "b", *overrides, f"checkpoint.dir={ckpt}", "checkpoint.interval=0",
-                  f"train.steps={done + 2}")
+    run_train(tmp_path / "b", *overrides, f"train.steps={done + 2}")
     assert sorted(by_step(read_metrics(tmp_path / "b"))) == [done + 1, done + 2]
-    del ref
 
 
 def test_sigterm_fault_hook_saves_checkpoint(tmp_path):

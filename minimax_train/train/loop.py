@@ -25,7 +25,7 @@ import torch
 from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
 from minimax_train.parallel.data_parallel import apply_fsdp, is_sharded, set_gradient_sync
 from minimax_train.parallel.mesh import ParallelMesh
-from minimax_train.train.checkpoint import CheckpointManager, read_meta, rng_state, set_rng_state
+from minimax_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from minimax_train.train.faults import Faults
 from minimax_train.train.metrics import (MetricsWriter, WandbLogger, format_duration, format_progress, max_memory_gb,
                                          peak_tflops)
@@ -308,9 +308,10 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             stats = torch.cat([lm_sum.view(1), aux_sum.view(1), flags, load.flatten()])
             mesh.all_reduce(stats, group=grad_group)
             gn = float(grad_norm.item())
-            lm_loss = float(stats[0].item()) / global_tokens
-            aux_loss = float(stats[1].item()) / (accum * mesh.grad_reduce_size)
-            stop_requested = stats[2].item() > 0
+            stats = stats.cpu()  # one device-to-host copy for everything below
+            lm_loss = float(stats[0]) / global_tokens
+            aux_loss = float(stats[1]) / (accum * mesh.grad_reduce_size)
+            stop_requested = bool(stats[2] > 0)
             loss = lm_loss + coef * aux_loss
             finite = math.isfinite(loss) and math.isfinite(gn)
             if finite:
@@ -333,7 +334,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             else:
                 last_loss = loss
 
-            load2 = stats[3:].view_as(load)
+            load2 = stats[3:].view(load.shape)
             mean = load2.mean(dim=1).clamp(min=1e-9)
             imbalance = float((load2.max(dim=1).values / mean).max().item())
             tps = G * T / dt
