@@ -48,6 +48,7 @@ def test_every_preset_composes(group, option):
     ("data.sources=[{kind:nope}]", "data.sources[0].kind"),
     ("checkpoint.init_from_hf=/no/such/dir", "checkpoint.init_from_hf"),
     ("train.seq_len=100000", "train.seq_len"),
+    ("data=jsonl", "data.sources[0].path is required"),
 ])
 def test_bad_values_fail_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
