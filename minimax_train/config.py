@@ -220,9 +220,12 @@ def validate_job(job: JobConfig) -> None:
     if job.parallel.engine != "fsdp2":
         raise ConfigError(f"parallel.engine={job.parallel.engine} is not available yet (issue 4); use fsdp2")
     p = job.parallel
-    if (p.tp, p.cp, p.ep, p.etp) != (1, 1, 1, 1):
-        raise ConfigError(f"parallel.tp/cp/ep/etp = {p.tp}/{p.cp}/{p.ep}/{p.etp}: model parallelism is not wired "
-                          f"into the trainer yet (issue 4); use 1/1/1/1 (pure data parallelism)")
+    if p.cp > 1 and t.seq_len % (2 * p.cp):
+        raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by 2 * parallel.cp = {2 * p.cp} (context "
+                          f"parallelism splits each row into 2*cp zigzag chunks)")
+    if p.sequence_parallel and (t.micro_batch_size * t.seq_len) % p.tp:
+        raise ConfigError(f"parallel.sequence_parallel: micro_batch_size * seq_len = {t.micro_batch_size * t.seq_len} "
+                          f"must be divisible by parallel.tp={p.tp}")
     if job.checkpoint.init_from_hf is not None and not Path(job.checkpoint.init_from_hf).is_dir():
         raise ConfigError(f"checkpoint.init_from_hf={job.checkpoint.init_from_hf!r}: no such directory")
 

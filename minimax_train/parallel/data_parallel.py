@@ -30,8 +30,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: Optional[torch.dtype] = None,
-               reduce_dtype: Optional[torch.dtype] = torch.float32, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard `model` in place over mesh.dp_cp_mesh. A no-op when that dimension has size 1."""
+               reduce_dtype: Optional[torch.dtype] = torch.float32, reshard_after_forward: bool = True,
+               ignored_params: Optional[set] = None) -> nn.Module:
+    """Shard `model` in place over mesh.dp_cp_mesh. A no-op when that dimension has size 1.
+    `ignored_params` stay as they are (expert parameters whose gradients another mechanism reduces)."""
     if mesh.grad_reduce_size == 1 or mesh.dp_cp_mesh is None:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -40,12 +42,12 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: Optional[to
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed right away by backward: keep them gathered
-        fully_shard(layer, mesh=mesh.dp_cp_mesh, mp_policy=mp,
+        fully_shard(layer, mesh=mesh.dp_cp_mesh, mp_policy=mp, ignored_params=ignored_params,
                     reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
     # The root keeps FSDP's automatic choice (no reshard after forward): its parameters (embedding, final
     # norm, lm_head) are needed right away by backward, and the model's output is a dataclass that FSDP
     # cannot search for tensors to hang a pre-backward unshard on.
-    fully_shard(model, mesh=mesh.dp_cp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh.dp_cp_mesh, mp_policy=mp, ignored_params=ignored_params)
     return model
 
 

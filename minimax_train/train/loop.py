@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
-from minimax_train.parallel.data_parallel import apply_fsdp, is_sharded, set_gradient_sync
+from minimax_train.parallel.data_parallel import is_sharded, set_gradient_sync
 from minimax_train.parallel.mesh import ParallelMesh
+from minimax_train.parallel.parallelize import parallelize
 from minimax_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from minimax_train.train.faults import Faults
 from minimax_train.train.metrics import (MetricsWriter, WandbLogger, format_duration, format_progress, max_memory_gb,
@@ -99,8 +100,8 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
         model = MiniMaxForCausalLM(job.model)
     model = model.to(mesh.device)
     model.set_activation_checkpointing(job.train.activation_checkpointing)
-    apply_fsdp(model, mesh, param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None,
-               reduce_dtype=torch.float32)
+    parallelize(model, mesh, job.parallel, param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda")
+                else None, reduce_dtype=torch.float32)
     return model
 
 
@@ -116,11 +117,31 @@ def _local_eval(model, loader, iters: int, device, autocast) -> torch.Tensor:
             except StopIteration:
                 break
             with autocast():
-                out = model(b.input_ids, labels=b.labels, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens)
+                out = model(**model_inputs(b, mesh))
             acc[0] += out.lm_loss_sum.double()
             acc[1] += out.num_loss_tokens.double()
     model.train()
     return acc
+
+
+def model_inputs(b, mesh: ParallelMesh) -> dict:
+    """Keyword arguments of the model for one micro-batch on this rank: with context parallelism, this
+    cp rank's zigzag share of every row (lm_loss_sum / num_loss_tokens then cover that share only)."""
+    if mesh.cp_size > 1:
+        from minimax_train.parallel.context_parallel import shard_batch
+        ids, labels, seq = shard_batch(b, mesh.cp_rank, mesh.cp_size)
+        return {"input_ids": ids, "labels": labels, "seq": seq}
+    return {"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids, "cu_seqlens": b.cu_seqlens}
+
+
+def local_loss_tokens(b, mesh: ParallelMesh) -> int:
+    """Loss tokens this rank computes for micro-batch b (its cp share under context parallelism), so that
+    the sum over the dp x cp group is the global count."""
+    if mesh.cp_size > 1:
+        from minimax_train.parallel.cp_shard import zigzag_token_index
+        idx = zigzag_token_index(b.labels.shape[0], b.labels.shape[1], mesh.cp_rank, mesh.cp_size)
+        return int((b.labels.reshape(-1)[idx] != -100).sum())
+    return b.num_loss_tokens()
 
 
 @dataclass
@@ -140,7 +161,7 @@ def forward_backward(model, batches, *, mesh: ParallelMesh, autocast=contextlib.
     so any split of the same global rows over ranks and micro-batches gives the same update."""
     device = mesh.device
     accum = len(batches)
-    ntok = torch.tensor([sum(b.num_loss_tokens() for b in batches)], dtype=torch.float64, device=device)
+    ntok = torch.tensor([sum(local_loss_tokens(b, mesh) for b in batches)], dtype=torch.float64, device=device)
     mesh.all_reduce(ntok, group=mesh.dp_cp_group)
     global_tokens = max(float(ntok.item()), 1.0)
     scale = float(mesh.grad_reduce_size)  # FSDP averages gradients over this many ranks
@@ -151,7 +172,7 @@ def forward_backward(model, batches, *, mesh: ParallelMesh, autocast=contextlib.
         b = b.to(device, non_blocking=True)
         set_gradient_sync(model, i == accum - 1)
         with autocast():
-            out = model(b.input_ids, labels=b.labels, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens)
+            out = model(**model_inputs(b, mesh))
         loss_mb = out.lm_loss_sum.float() * (scale / global_tokens) + (coef / accum) * out.aux_loss.float()
         if inject_nan:
             loss_mb = loss_mb * float("nan")

@@ -124,7 +124,8 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     for g in grads:
         sq = torch.linalg.vector_norm(_local(g), 2, dtype=torch.float64).square()
         if hasattr(g, "device_mesh"):
-            dims = tuple(i for i, pl in enumerate(g.placements) if pl.is_shard())
+            # any shard kind counts (FSDP over TP uses _StridedShard, whose is_shard() is False)
+            dims = tuple(i for i, pl in enumerate(g.placements) if not (pl.is_replicate() or pl.is_partial()))
             if dims:
                 key = (id(g.device_mesh), dims)
                 if key not in buckets:
