@@ -114,39 +114,48 @@ class _TorchVarlenAttention(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dlse):
         q, k, v, o, lse, q_doc, q_pos, k_doc, k_pos = ctx.saved_tensors
-        scale = ctx.scale
         cd = lse.dtype
-        Tq, Hq, D = q.shape
-        Tk, Hkv, Dv = v.shape
-        G = Hq // Hkv
-        kc = k.to(cd).permute(1, 0, 2).unsqueeze(1)
-        vc = v.to(cd).permute(1, 0, 2).unsqueeze(1)
-        dq = torch.zeros(Tq, Hq, D, dtype=cd, device=q.device)
-        dk = torch.zeros(Hkv, Tk, D, dtype=cd, device=q.device)
-        dv = torch.zeros(Hkv, Tk, Dv, dtype=cd, device=q.device)
-        for s, e, vis, lo, hi in _chunk_plan(q_doc, q_pos, k_doc, k_pos, ctx.sliding_window, ctx.chunk):
-            if vis is None:
-                continue  # no key seen: nothing flows (whatever dlse is for these rows)
-            n = e - s
-            qc = q[s:e].to(cd).view(n, Hkv, G, D).permute(1, 2, 0, 3)
-            scores = torch.matmul(qc, kc[:, :, lo:hi].transpose(-1, -2)) * scale
-            scores = scores.masked_fill(~vis, float("-inf"))
-            lse_c = lse[:, s:e].reshape(Hkv, G, n, 1)
-            lse_c = torch.where(torch.isneginf(lse_c), torch.zeros_like(lse_c), lse_c)
-            p = torch.exp(scores - lse_c)  # masked entries and rows that see nothing: exactly 0
-            doc_ = torch.zeros(Hkv, G, n, Dv, dtype=cd, device=q.device) if do is None else (
-                do[s:e].to(cd).view(n, Hkv, G, Dv).permute(1, 2, 0, 3))
-            oc = o[s:e].to(cd).view(n, Hkv, G, Dv).permute(1, 2, 0, 3)
-            # dL/dscore_j = p_j * (dO . v_j - dO . o + dlse)
-            row = -(doc_ * oc).sum(-1, keepdim=True)
-            if dlse is not None:
-                row = row + dlse[:, s:e].to(cd).reshape(Hkv, G, n, 1).nan_to_num(0.0, 0.0, 0.0)
-            dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc_).sum(1)
-            ds = p * (torch.matmul(doc_, vc[:, :, lo:hi].transpose(-1, -2)) + row)
-            dq[s:e] = (torch.matmul(ds, kc[:, :, lo:hi]) * scale).permute(2, 0, 1, 3).reshape(n, Hq, D)
-            dk[:, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).sum(1) * scale
-        return (dq.to(q.dtype), dk.permute(1, 0, 2).to(k.dtype), dv.permute(1, 0, 2).to(v.dtype),
-                None, None, None, None, None, None, None)
+        # dL/dscore_j = p_j * (dO . v_j + row), row = dlse - dO . o  (per query row and head)
+        row = torch.zeros_like(lse) if do is None else -(do.to(cd) * o.to(cd)).sum(-1).transpose(0, 1)
+        if dlse is not None:
+            row = row + dlse.to(cd).nan_to_num(0.0, 0.0, 0.0)
+        dq, dk, dv = attention_backward(q, k, v, lse, do, row, q_doc, q_pos, k_doc, k_pos, ctx.scale,
+                                        ctx.sliding_window, ctx.chunk)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+
+
+def attention_backward(q, k, v, lse, do, row, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, chunk):
+    """Flash-attention-style gradients without recomputing the forward: p = exp(s - lse) from the FINAL
+    log-sum-exp, dS = p * (dO . v + row). lse, row [Hq, Tq]; do [Tq, Hq, Dv] or None. Shared by the
+    op's backward (row = dlse - dO . o) and ring attention's per-block backward (row = -dO . O_final,
+    lse of the merged result). Returns dq [Tq, Hq, D], dk [Tk, Hkv, D], dv [Tk, Hkv, Dv] in lse's dtype."""
+    cd = lse.dtype
+    Tq, Hq, D = q.shape
+    Tk, Hkv, Dv = v.shape
+    G = Hq // Hkv
+    kc = k.to(cd).permute(1, 0, 2).unsqueeze(1)
+    vc = v.to(cd).permute(1, 0, 2).unsqueeze(1)
+    dq = torch.zeros(Tq, Hq, D, dtype=cd, device=q.device)
+    dk = torch.zeros(Hkv, Tk, D, dtype=cd, device=q.device)
+    dv = torch.zeros(Hkv, Tk, Dv, dtype=cd, device=q.device)
+    for s, e, vis, lo, hi in _chunk_plan(q_doc, q_pos, k_doc, k_pos, sliding_window, chunk):
+        if vis is None:
+            continue  # no key seen: nothing flows (whatever dlse is for these rows)
+        n = e - s
+        qc = q[s:e].to(cd).view(n, Hkv, G, D).permute(1, 2, 0, 3)
+        scores = torch.matmul(qc, kc[:, :, lo:hi].transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~vis, float("-inf"))
+        lse_c = lse[:, s:e].reshape(Hkv, G, n, 1)
+        lse_c = torch.where(torch.isneginf(lse_c), torch.zeros_like(lse_c), lse_c)
+        p = torch.exp(scores - lse_c)  # masked entries and rows that see nothing: exactly 0
+        doc_ = torch.zeros(Hkv, G, n, Dv, dtype=cd, device=q.device) if do is None else (
+            do[s:e].to(cd).view(n, Hkv, G, Dv).permute(1, 2, 0, 3))
+        row_c = row[:, s:e].reshape(Hkv, G, n, 1)
+        dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc_).sum(1)
+        ds = p * (torch.matmul(doc_, vc[:, :, lo:hi].transpose(-1, -2)) + row_c)
+        dq[s:e] = (torch.matmul(ds, kc[:, :, lo:hi]) * scale).permute(2, 0, 1, 3).reshape(n, Hq, D)
+        dk[:, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).sum(1) * scale
+    return dq, dk.permute(1, 0, 2), dv.permute(1, 0, 2)
 
 
 def _torch_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, chunk=None):

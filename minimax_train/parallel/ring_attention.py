@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..ops.attention import _TORCH_CHUNK_ELEMS, _chunk_plan, merge_partial_attention, varlen_attention
+from ..ops.attention import _TORCH_CHUNK_ELEMS, attention_backward, merge_partial_attention, varlen_attention
 from .cp_shard import CPShardInfo, zigzag_chunks
 
 Ranges = list  # [(start, end), ...] over local rows, in order
@@ -153,37 +153,10 @@ def _compute_dtype(q):
 
 
 def _block_backward_fused(q, k, v, o, lse, do, delta, q_doc, q_pos, k_doc, k_pos, scale, sliding_window):
-    """Gradients of one (query rows, key rows) block given the FINAL output/lse of the query rows.
-
-    q [Tq, Hq, D], k/v [Tk, Hkv, D], o/do [Tq, Hq, Dv], lse/delta [Hq, Tq] -> (dq, dk, dv) in the compute
-    dtype. The math of ops.attention's torch backward, with the merged lse instead of the block's own."""
-    cd = lse.dtype
-    Tq, Hq, D = q.shape
-    Tk, Hkv, Dv = v.shape
-    G = Hq // Hkv
-    kc = k.to(cd).permute(1, 0, 2).unsqueeze(1)
-    vc = v.to(cd).permute(1, 0, 2).unsqueeze(1)
-    dq = torch.zeros(Tq, Hq, D, dtype=cd, device=q.device)
-    dk = torch.zeros(Hkv, Tk, D, dtype=cd, device=q.device)
-    dv = torch.zeros(Hkv, Tk, Dv, dtype=cd, device=q.device)
-    chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, Hq * Tk))
-    for s, e, vis, lo, hi in _chunk_plan(q_doc, q_pos, k_doc, k_pos, sliding_window, chunk):
-        if vis is None:
-            continue
-        n = e - s
-        qc = q[s:e].to(cd).view(n, Hkv, G, D).permute(1, 2, 0, 3)
-        scores = torch.matmul(qc, kc[:, :, lo:hi].transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~vis, float("-inf"))
-        lse_c = lse[:, s:e].reshape(Hkv, G, n, 1)
-        lse_c = torch.where(torch.isneginf(lse_c), torch.zeros_like(lse_c), lse_c)
-        p = torch.exp(scores - lse_c)
-        doc_ = do[s:e].to(cd).view(n, Hkv, G, Dv).permute(1, 2, 0, 3)
-        row = -delta[:, s:e].reshape(Hkv, G, n, 1)
-        dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc_).sum(1)
-        ds = p * (torch.matmul(doc_, vc[:, :, lo:hi].transpose(-1, -2)) + row)
-        dq[s:e] = (torch.matmul(ds, kc[:, :, lo:hi]) * scale).permute(2, 0, 1, 3).reshape(n, Hq, D)
-        dk[:, lo:hi] += torch.matmul(ds.transpose(-1, -2), qc).sum(1) * scale
-    return dq, dk.permute(1, 0, 2), dv.permute(1, 0, 2)
+    """Gradients of one (query rows, key rows) block given the FINAL output/lse of the query rows:
+    ops.attention's backward math with the merged lse and row = -delta (delta = rowsum(dO * O_final))."""
+    chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, q.shape[1] * k.shape[0]))
+    return attention_backward(q, k, v, lse, do, -delta, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, chunk)
 
 
 def _block_backward_recompute(q, k, v, o, lse, do, call, scale, sliding_window, backend):
