@@ -301,10 +301,9 @@ def test_tp_parameters_are_dtensors(two_ranks):
     assert two_ranks[0]["all_dtensor"]
 
 
-@pytest.mark.parametrize("name", ["etp2", pytest.param("ep2", marks=pytest.mark.xfail(
-    reason="expert parallelism folded over tp ranks WITHOUT sequence parallelism dispatches every token from both "
-           "tp ranks (they hold the same tokens): outputs are right, expert gradients are tp times too large")),
-    "ep2_sp"])
+# ep2 without sequence parallelism: the EP group folds over tp ranks holding the same tokens; the
+# dispatcher divides expert weight gradients by that replica count (expert_parallel._token_replicas)
+@pytest.mark.parametrize("name", ["etp2", "ep2", "ep2_sp"])
 def test_tp2_composes_with_expert_parallelism(two_ranks, ref_base, name):
     for rank, res in enumerate(two_ranks):
         got = res[f"with_{name}"]
