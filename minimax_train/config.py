@@ -217,9 +217,13 @@ def validate_job(job: JobConfig) -> None:
     if job.model.max_position_embeddings < t.seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
                           f"{job.model.max_position_embeddings}")
-    if job.parallel.engine != "fsdp2":
-        raise ConfigError(f"parallel.engine={job.parallel.engine} is not available yet (issue 4); use fsdp2")
     p = job.parallel
+    if p.engine == "deepspeed":
+        from minimax_train.parallel.deepspeed_engine import check_deepspeed_layout
+        try:
+            check_deepspeed_layout(p)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if p.cp > 1 and t.seq_len % (2 * p.cp):
         raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by 2 * parallel.cp = {2 * p.cp} (context "
                           f"parallelism splits each row into 2*cp zigzag chunks)")

@@ -42,7 +42,7 @@ def test_every_preset_composes(group, option):
     ("model.hidden_act=foo", "model.hidden_act"),
     ("model.num_key_value_heads=3", "model.num_key_value_heads"),
     ("parallel.engine=megatron", "parallel.engine"),
-    ("parallel.engine=deepspeed", "parallel.engine=deepspeed"),
+    ("parallel.zero_stage=4", "parallel.zero_stage"),
     ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
     ("data.valid_fraction=2", "data.valid_fraction"),
     ("data.sources=[{kind:nope}]", "data.sources[0].kind"),

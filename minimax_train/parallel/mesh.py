@@ -37,7 +37,8 @@ class ParallelConfig:
     etp: int = 1  # expert tensor parallel (must divide tp)
     sequence_parallel: bool = False  # shard activations over tp between the TP regions (needs tp > 1)
     engine: str = "fsdp2"  # data-parallel engine
-    zero_stage: int = 1  # deepspeed engine only
+    zero_stage: int = 1  # deepspeed engine only: ZeRO stage 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed engine only: optimiser state and step on the CPU
     moe_overlap_chunks: int = 1  # token groups per micro-batch for dispatch/compute overlap
     backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
     timeout_min: int = 30  # collective timeout

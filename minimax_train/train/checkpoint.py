@@ -184,7 +184,8 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.mesh.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        # an engine adapter (DeepSpeed) gives full-tensor state dicts in the same layout itself
+        model_sd, optim_sd = model.get_state_dict() if optimizer is None else get_state_dict(model, optimizer)
         with _quiet_single_process():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
                      no_dist=self.mesh.world_size == 1)
@@ -243,6 +244,13 @@ def load_model_and_optim(path: Path, model, optimizer=None, *, no_dist: bool | N
 
     if no_dist is None:
         no_dist = not (dist.is_available() and dist.is_initialized())
+    if optimizer is None and hasattr(model, "set_state_dict"):  # an engine adapter (DeepSpeed)
+        model_sd, optim_sd = model.get_state_dict()
+        state = {"model": model_sd, "optim": optim_sd}
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
+        model.set_state_dict(state["model"], state["optim"])
+        return
     if optimizer is None:
         model_sd = get_model_state_dict(model)
         with _quiet_single_process():

@@ -100,12 +100,66 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
         model = MiniMaxForCausalLM(job.model)
     model = model.to(mesh.device)
     model.set_activation_checkpointing(job.train.activation_checkpointing)
+    if job.parallel.engine == "deepspeed":
+        return model  # DeepSpeed wraps it with its optimiser (build_engine)
     parallelize(model, mesh, job.parallel, param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda")
                 else None, reduce_dtype=torch.float32)
     return model
 
 
-def _local_eval(model, loader, iters: int, device, autocast) -> torch.Tensor:
+class TorchEngine:
+    """The default engine (FSDP2 or one process): plain autograd, our global-norm clip, the torch optimiser.
+    parallel.engine=deepspeed uses minimax_train.parallel.deepspeed_engine.DeepSpeedEngine, which has the
+    same methods."""
+
+    name = "fsdp2"
+
+    def __init__(self, model, optimizer):
+        self.model = self.module = model
+        self.optimizer = optimizer
+        self._params = [p for p in model.parameters() if p.requires_grad]
+
+    def micro_batch(self, index: int, last: bool) -> None:
+        set_gradient_sync(self.model, last)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self._params, max_norm)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def train(self):
+        self.model.train()
+
+    def close(self) -> None:
+        pass
+
+
+def build_engine(job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool = False,
+                 init_from_hf: Optional[str] = None):
+    """(engine adapter, optimiser implementation name) for parallel.engine."""
+    model = build_model(job, mesh, bf16=bf16, init_from_hf=init_from_hf)
+    if job.parallel.engine == "deepspeed":
+        from minimax_train.parallel.deepspeed_engine import DeepSpeedEngine
+        # offloaded optimiser state lives on the host: step it with the CPU (foreach) AdamW
+        opt_device = torch.device("cpu") if job.parallel.offload_optimizer else mesh.device
+        optimizer, opt_impl = build_optimizer(model, job.optim, device=opt_device, sharded=True)
+        engine = DeepSpeedEngine(model, optimizer, job, mesh, accum=accum, bf16=bf16)
+        return engine, f"{opt_impl} in DeepSpeed ZeRO-{job.parallel.zero_stage}"
+    optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=is_sharded(model))
+    return TorchEngine(model, optimizer), opt_impl
+
+
+def _local_eval(model, loader, iters: int, device, autocast, mesh: ParallelMesh) -> torch.Tensor:
     """[lm_loss_sum, loss tokens] over up to `iters` held-out micro-batches of this rank."""
     acc = torch.zeros(2, dtype=torch.float64, device=device)
     it = iter(loader)
@@ -153,30 +207,33 @@ class ForwardBackward:
 
 
 def forward_backward(model, batches, *, mesh: ParallelMesh, autocast=contextlib.nullcontext, coef: float,
-                     inject_nan: bool = False) -> ForwardBackward:
+                     inject_nan: bool = False, engine=None) -> ForwardBackward:
     """Accumulate the gradient of one optimiser step's share of this rank: `batches` are its micro-batches.
 
     The gradient (after FSDP's average over the dp group) is that of
         sum(token CE over the global batch) / global loss tokens + coef * mean(aux loss over all micro-batches)
-    so any split of the same global rows over ranks and micro-batches gives the same update."""
+    so any split of the same global rows over ranks and micro-batches gives the same update. `engine`
+    (TorchEngine by default) owns the gradient-sync switch and backward (DeepSpeed: engine.backward)."""
+    if engine is None:
+        engine = TorchEngine(model, None)
     device = mesh.device
     accum = len(batches)
     ntok = torch.tensor([sum(local_loss_tokens(b, mesh) for b in batches)], dtype=torch.float64, device=device)
     mesh.all_reduce(ntok, group=mesh.dp_cp_group)
     global_tokens = max(float(ntok.item()), 1.0)
-    scale = float(mesh.grad_reduce_size)  # FSDP averages gradients over this many ranks
+    scale = float(mesh.grad_reduce_size)  # FSDP / DeepSpeed average gradients over this many ranks
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)
     aux_sum = torch.zeros((), dtype=torch.float64, device=device)
     load = None
     for i, b in enumerate(batches):
         b = b.to(device, non_blocking=True)
-        set_gradient_sync(model, i == accum - 1)
+        engine.micro_batch(i, i == accum - 1)
         with autocast():
             out = model(**model_inputs(b, mesh))
         loss_mb = out.lm_loss_sum.float() * (scale / global_tokens) + (coef / accum) * out.aux_loss.float()
         if inject_nan:
             loss_mb = loss_mb * float("nan")
-        loss_mb.backward()
+        engine.backward(loss_mb)
         lm_sum += out.lm_loss_sum.detach().double()
         aux_sum += out.aux_loss.detach().double()
         el = out.expert_load.detach().double()
@@ -201,6 +258,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         raise
     wandb_logger = None
     metrics = None
+    engine = None
     failed = True
     try:
         run_dir = Path(mesh.broadcast_object(str(Path(run_dir).absolute())))
@@ -253,9 +311,10 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                                 f"train.eval_interval=0 to train without a held-out split)") from None
 
         # ---- model and optimiser -----------------------------------------------------------------------------
-        model = build_model(job, mesh, bf16=bf16, init_from_hf=init_hf)
-        optimizer, opt_impl = build_optimizer(model, job.optim, device=device, sharded=is_sharded(model))
-        params = [p for p in model.parameters() if p.requires_grad]
+        engine, opt_impl = build_engine(job, mesh, accum=accum, bf16=bf16, init_from_hf=init_hf)
+        model = engine.model  # what forward runs on
+        # what checkpoints read and write: the model and torch optimiser, or the DeepSpeed adapter itself
+        ckpt_model, ckpt_optim = (engine, None) if engine.name == "deepspeed" else (engine.model, engine.optimizer)
         coef = float(job.model.router_aux_loss_coef)
         from minimax_train.model.flops import count_params, train_flops_per_token
         flops_per_token = train_flops_per_token(job.model, T)
@@ -266,7 +325,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         step, tokens, skipped, consecutive, wandb_id = 0, 0, 0, 0, None
         if resume_from:
             t0 = time.perf_counter()
-            meta, mine, blob = manager.load(Path(resume_from), model, optimizer)
+            meta, mine, blob = manager.load(Path(resume_from), ckpt_model, ckpt_optim)
             step, tokens = int(meta["step"]), int(meta["tokens"])
             skipped, consecutive = int(meta["skipped_steps"]), int(meta["consecutive_nonfinite"])
             wandb_id = meta.get("wandb_run_id")
@@ -300,7 +359,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             meta = {"step": at_step, "tokens": tokens, "skipped_steps": skipped,
                     "consecutive_nonfinite": consecutive, "wandb_run_id": wandb_id,
                     "data": train_loader.state_dict(), "dp_size": dp}
-            path = manager.save(at_step, model, optimizer, meta, {"rng": rng_state()}, config_yaml)
+            path = manager.save(at_step, ckpt_model, ckpt_optim, meta, {"rng": rng_state()}, config_yaml)
             log.info("saved checkpoint %s (%.2fs)", path, time.perf_counter() - t0)
             return path
 
@@ -311,19 +370,20 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         step_times: list[float] = []
         start_step = step
         it = iter(train_loader)
-        model.train()
+        engine.train()
 
         while step < job.train.steps:
             t_start = time.perf_counter()
             lr = lr_at(step, job.optim, job.train.steps)
-            set_lr(optimizer, lr)
+            engine.set_lr(lr)
             batches = [next(it) for _ in range(accum)]
             fb = forward_backward(model, batches, mesh=mesh, autocast=autocast, coef=coef,
-                                  inject_nan=faults.hit("nan", step + 1))
+                                  inject_nan=faults.hit("nan", step + 1), engine=engine)
             global_tokens, lm_sum, aux_sum, load = fb.global_tokens, fb.lm_sum, fb.aux_sum, fb.expert_load
 
             max_norm = job.optim.clip_grad if job.optim.clip_grad > 0 else float("inf")
-            grad_norm = clip_grad_norm(params, max_norm)
+            # DeepSpeed: reduces, clips, steps (skipping a non-finite global norm) here; step() is then a no-op
+            grad_norm = engine.clip_grad_norm(max_norm)
             # one all-reduce for the statistics and the stop flag
             flags = torch.tensor([0.0 if stop.name is None else 1.0], dtype=torch.float64, device=device)
             stats = torch.cat([lm_sum.view(1), aux_sum.view(1), flags, load.flatten()])
@@ -336,12 +396,12 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             loss = lm_loss + coef * aux_loss
             finite = math.isfinite(loss) and math.isfinite(gn)
             if finite:
-                optimizer.step()
+                engine.step()
                 consecutive = 0
             else:
                 skipped += 1
                 consecutive += 1
-            optimizer.zero_grad(set_to_none=True)
+            engine.zero_grad()
             step += 1
             tokens += G * T
             if device.type == "cuda":
@@ -368,7 +428,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 "skipped": not finite, "skipped_steps": skipped,
             }
             if valid_loader is not None and (step % job.train.eval_interval == 0 or step == job.train.steps):
-                acc = _local_eval(model, valid_loader, job.train.eval_iters, device, autocast)
+                acc = _local_eval(model, valid_loader, job.train.eval_iters, device, autocast, mesh)
                 mesh.all_reduce(acc, group=grad_group)
                 rec["val_loss"] = float(acc[0] / acc[1].clamp(min=1)) if acc[1] > 0 else None
 
@@ -411,6 +471,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         return TrainResult(step, tokens, last_loss, skipped, False, last_ckpt, str(run_dir))
     finally:
         stop.restore()
+        if engine is not None:
+            engine.close()
         if metrics is not None:
             metrics.close()
         if wandb_logger is not None:
