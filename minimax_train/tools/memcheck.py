@@ -1,0 +1,381 @@
+"""Measure the peak memory of real training steps on CPU, to check the layout planner's estimate.
+
+Each rank of a small gloo job (spawned here, or this process for world 1) builds the model exactly as the
+trainer does (seeded MiniMaxForCausalLM, activation checkpointing, tensor + sequence parallelism when
+tp > 1, FSDP2 over dp via minimax_train.parallel.data_parallel.apply_fsdp, the trainer's AdamW from
+minimax_train.train.optim.build_optimizer) and runs a few optimiser steps with the trainer's own
+`forward_backward` (gradient accumulation, FSDP no-sync on all but the last micro-batch), gradient clipping
+and `optimizer.step()`, on random packed rows of several documents.
+
+What is measured, per rank:
+- peak_tensor_bytes: the peak of live tensor bytes allocated by PyTorch's CPU allocator, from the
+  profiler's memory events (torch.profiler with profile_memory=True, started before the model is built,
+  so every parameter, gradient, optimiser state, activation and communication buffer is counted). This
+  is the CPU analogue of torch.cuda.max_memory_allocated, and what the planner's total is compared with.
+- peak_rss_delta_bytes: peak resident set size minus the RSS just before the model was built (includes
+  allocator slack, gloo's own buffers and the profiler's bookkeeping): a sanity check only.
+The largest of the ranks is reported (ranks of one layout are symmetric up to the routing)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import resource
+import socket
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+
+@dataclass
+class MeasureSpec:
+    name: str
+    world: int = 1
+    tp: int = 1
+    seq_len: int = 256
+    micro_batch_size: int = 2  # rows per micro-batch (per dp rank)
+    accum: int = 2  # micro-batches per optimiser step
+    steps: int = 2  # optimiser steps (>= 2: the Adam state exists from step 1 on)
+    activation_checkpointing: str = "none"
+    docs_per_row: int = 2
+    seed: int = 1234
+    profile: bool = False  # also count tensor bytes with the profiler (exact in one process only)
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.tp
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux >= 4.0: `5` > /proc/self/clear_refs). ru_maxrss cannot be used
+    after a spawn: exec keeps the parent's high-water mark from the fork."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _max_rss_bytes() -> int:
+    """Peak RSS since the last reset (VmHWM), else the process's ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb * (1 if sys.platform == "darwin" else 1024)
+
+
+def _batch(spec: MeasureSpec, vocab: int, step: int, dp_rank: int, mb: int):
+    """A PackedBatch of micro_batch_size rows, each with docs_per_row documents (random lengths)."""
+    import torch
+
+    from minimax_train.data.batch import PackedBatch
+    g = torch.Generator().manual_seed(spec.seed + 1000 * step + 100 * dp_rank + mb)
+    b, t = spec.micro_batch_size, spec.seq_len
+    ids = torch.randint(0, vocab, (b, t), generator=g)
+    labels = torch.randint(0, vocab, (b, t), generator=g)
+    bounds, pos = [0], torch.empty(b, t, dtype=torch.long)
+    for r in range(b):
+        cuts = sorted(torch.randperm(t - 1, generator=g)[: spec.docs_per_row - 1].add(1).tolist())
+        starts = [0] + cuts
+        ends = cuts + [t]
+        for s, e in zip(starts, ends):
+            pos[r, s:e] = torch.arange(e - s)
+            labels[r, e - 1] = -100
+            bounds.append(r * t + e)
+    return PackedBatch(input_ids=ids, labels=labels, position_ids=pos,
+                       cu_seqlens=torch.tensor(bounds, dtype=torch.int32))
+
+
+_MARK = 7919 * 8  # bytes of a marker allocation that separates phases in the memory events
+
+
+def _mark():
+    import gc
+    import torch
+    if os.environ.get("MEMCHECK_GC"):
+        gc.collect()
+    torch.empty(_MARK // 8, dtype=torch.float64)
+
+
+def _peak_from_profile(prof):
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    phases, ppeak = [], 0
+    for e in events:
+        n = e.nbytes()
+        if n == _MARK:
+            phases.append((round(ppeak / 1e6, 2), round(cur / 1e6, 2)))
+            ppeak = 0
+        cur += n
+        peak = max(peak, cur)
+        ppeak = max(ppeak, cur)
+    phases.append((round(ppeak / 1e6, 2), round(cur / 1e6, 2)))
+    return peak, cur, phases
+
+
+def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -> list[float]:
+    """Build the model as the trainer does for this layout and run `steps` optimiser steps."""
+    import torch
+
+    from minimax_train.config import OptimConfig
+    from minimax_train.model.transformer import MiniMaxForCausalLM
+    from minimax_train.parallel.data_parallel import apply_fsdp, is_sharded
+    from minimax_train.train.loop import forward_backward
+    from minimax_train.train.optim import build_optimizer, clip_grad_norm
+
+    def marker():
+        if mark:
+            _mark()
+
+    torch.manual_seed(spec.seed)
+    model = MiniMaxForCausalLM(cfg)
+    model.set_activation_checkpointing(spec.activation_checkpointing)
+    if spec.tp > 1:
+        from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
+        apply_tensor_parallel(model, mesh.device_mesh["tp"], sequence_parallel=True)
+    apply_fsdp(model, mesh, param_dtype=None, reduce_dtype=torch.float32)
+    optimizer, _ = build_optimizer(model, OptimConfig(), device=mesh.device, sharded=is_sharded(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    marker()
+    losses = []
+    model.train()
+    for step in range(steps):
+        batches = [_batch(spec, cfg.vocab_size, step, mesh.dp_rank, i) for i in range(spec.accum)]
+        fb = forward_backward(model, batches, mesh=mesh, coef=float(cfg.router_aux_loss_coef))
+        marker()
+        clip_grad_norm(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        marker()
+        losses.append(float(fb.lm_sum) / fb.global_tokens)
+    return losses
+
+
+def _warm_up(cfg, spec: MeasureSpec, mesh) -> None:
+    """The same layout and steps on a small copy of the model, so that lazily imported modules, caches
+    (DTensor sharding propagation, FSDP), thread pools and allocator arenas exist before the baseline RSS."""
+    import dataclasses
+    import gc
+
+    small = dataclasses.replace(cfg, hidden_size=64, intermediate_size=64, head_dim=8, vocab_size=512,
+                                num_hidden_layers=2, softmax_every=2, layer_types=None, block_size=16)
+    _train_steps(small, dataclasses.replace(spec, seq_len=64, micro_batch_size=1), mesh, steps=2)
+    gc.collect()
+    mesh.barrier()
+
+
+def measure_rank(model_cfg: dict, spec: MeasureSpec) -> dict[str, Any]:
+    """Run the spec on this rank (the process group, if any, already initialised). Returns the numbers."""
+    import torch
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    from minimax_train.model.config import ModelConfig
+    from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
+
+    cfg = ModelConfig(**model_cfg)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    pc = ParallelConfig(tp=spec.tp, sequence_parallel=spec.tp > 1, etp=spec.tp)
+    mesh = ParallelMesh(pc, world_size=world, rank=rank, local_rank=rank, device=torch.device("cpu"), model_cfg=cfg)
+    _warm_up(cfg, spec, mesh)
+    _reset_peak_rss()
+    rss0 = _rss_bytes()
+    t0 = time.perf_counter()
+    ctx = profile(activities=[ProfilerActivity.CPU], profile_memory=True) if spec.profile else contextlib.nullcontext()
+    with ctx as prof:
+        losses = _train_steps(cfg, spec, mesh, spec.steps, mark=spec.profile)
+    peak, end, phases = _peak_from_profile(prof) if spec.profile else (0, 0, [])
+    return {"rank": rank, "peak_tensor_bytes": peak, "end_tensor_bytes": end, "phases": phases,
+            "peak_rss_delta_bytes": max(0, _max_rss_bytes() - rss0), "seconds": time.perf_counter() - t0,
+            "losses": losses}
+
+
+# glibc malloc: serve every allocation above 64 KiB with mmap and unmap it on free, so the resident set
+# follows the live tensors (otherwise freed blocks stay in the heap and the RSS only grows).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0",
+              "MALLOC_ARENA_MAX": "2"}
+
+
+def saved_tensor_bytes(model, batch) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one forward pass of `model` on `batch`
+    (parameters excluded): the planner's 'saved activations' measured directly."""
+    import torch
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
+    params = set()
+    for p in model.parameters():
+        p = p.to_local() if hasattr(p, "to_local") else p
+        params.add(p.untyped_storage().data_ptr())
+    del out
+    return sum(n for k, n in seen.items() if k not in params)
+
+
+# ---- a minimal spawn launcher (gloo) ----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank: int, world: int, port: int, queue, model_cfg: dict, spec: MeasureSpec) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+    try:
+        import torch
+        import torch.distributed as dist
+        torch.set_num_threads(1)
+        if world > 1:
+            dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            out = measure_rank(model_cfg, spec)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        queue.put((rank, True, pickle.dumps(out)))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def measure(model_cfg, spec: MeasureSpec, timeout: float = 600.0, spawn: bool = True) -> dict[str, Any]:
+    """Peak memory of `spec` (world processes) for a ModelConfig or its dict. Returns the largest rank's
+    numbers plus every rank's, and the spec."""
+    import dataclasses
+    if dataclasses.is_dataclass(model_cfg):
+        model_cfg = dataclasses.asdict(model_cfg)
+    if spec.world == 1 and not spawn:
+        ranks = [measure_rank(model_cfg, spec)]
+    else:
+        import torch.multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_child, args=(r, spec.world, port, queue, model_cfg, spec))
+                 for r in range(spec.world)]
+        saved = {k: os.environ.get(k) for k in MALLOC_ENV}
+        os.environ.update(MALLOC_ENV)  # inherited by the children: freed tensors go back to the OS
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        got: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(got) < spec.world:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"memory measurement {spec.name!r} did not finish in {timeout:.0f}s")
+                try:
+                    rank, ok, value = queue.get(timeout=1.0)
+                except Exception:  # queue.Empty
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
+                    if dead:
+                        raise RuntimeError(f"memory measurement {spec.name!r}: rank {dead[0]} exited with code "
+                                           f"{procs[dead[0]].exitcode}")
+                    continue
+                if not ok:
+                    raise RuntimeError(f"memory measurement {spec.name!r}: rank {rank} failed:\n{value}")
+                got[rank] = pickle.loads(value)
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        ranks = [got[r] for r in range(spec.world)]
+    top = max(ranks, key=lambda r: r["peak_tensor_bytes"])
+    return {"spec": asdict(spec), "peak_tensor_bytes": top["peak_tensor_bytes"],
+            "peak_rss_delta_bytes": max(r["peak_rss_delta_bytes"] for r in ranks),
+            "seconds": max(r["seconds"] for r in ranks), "ranks": ranks}
+
+
+# ---- the planner check -----------------------------------------------------------------------------------------------
+# A model large enough that parameters, optimiser state and activations dominate the process's own noise,
+# small enough for a few CPU steps in seconds: both attention kinds, GQA, 4 experts top-2, 9.4M parameters.
+VALIDATION_MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                        num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_local_experts=4,
+                        softmax_every=2, block_size=64, rope_theta=10000.0, max_position_embeddings=8192)
+VALIDATION_SPECS = (
+    MeasureSpec("1 process", world=1, seq_len=256),
+    MeasureSpec("dp=2 FSDP2, full AC", world=2, seq_len=256, activation_checkpointing="full"),
+    MeasureSpec("tp=2 + SP", world=2, tp=2, seq_len=256),
+)
+
+
+def planner_estimate(model_cfg, spec: MeasureSpec):
+    """The planner's Memory for a measured spec (CPU: fp32, reference kernels, foreach AdamW, FSDP2 over dp,
+    experts with etp = tp, gradient sync once per step as the trainer)."""
+    from minimax_train.model.config import ModelConfig
+    from minimax_train.tools.planner import Layout, Workload, estimate_memory, gpu_spec
+    cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
+    cpu = gpu_spec("custom", memory_gib=1e3, peak_tflops=1.0, intra_gbps=1.0, inter_gbps=1.0)
+    dp = spec.dp
+    w = Workload(cfg, seq_len=spec.seq_len, global_batch_tokens=spec.seq_len * spec.micro_batch_size * spec.accum * dp,
+                 num_gpus=spec.world, gpu=cpu, precision="fp32", kernels="reference", optimizer="foreach")
+    lay = Layout(tp=spec.tp, cp=1, dp=dp, ep=1, etp=spec.tp, edp=dp, engine="fsdp2", zero_stage=3, grad_sync="step",
+                 ac=spec.activation_checkpointing, micro_batch_rows=spec.micro_batch_size, accum=spec.accum)
+    return estimate_memory(w, lay)
+
+
+def validate_cpu(specs=VALIDATION_SPECS, model_cfg=None) -> list[dict]:
+    """Measure each spec (peak RSS growth of the busiest rank) and compare with the planner's total
+    (parameters + gradients + optimiser state + activations + communication buffers, or the optimiser
+    step's temporary when larger). error = estimate / measured - 1."""
+    model_cfg = model_cfg or VALIDATION_MODEL
+    rows = []
+    for spec in specs:
+        m = measure(model_cfg, spec)
+        est = planner_estimate(model_cfg, spec)
+        measured = m["peak_rss_delta_bytes"]
+        rows.append({"name": spec.name, "spec": asdict(spec), "measured_bytes": measured,
+                     "measured_per_rank": [r["peak_rss_delta_bytes"] for r in m["ranks"]],
+                     "estimate_bytes": est.total, "error": est.total / measured - 1,
+                     "estimate": {"parameters": est.parameters, "gradients": est.gradients,
+                                  "optimizer": est.optimizer, "activations": est.activations,
+                                  "comm_buffers": est.comm_buffers, "optimizer_step_temp": est.optimizer_step_temp},
+                     "seconds": m["seconds"]})
+    return rows
+
+
+def format_validation(rows: list[dict]) -> str:
+    mb = 1e6
+    out = ["planner estimate vs measured peak memory of CPU training steps (fp32, the trainer's model build, "
+           "forward_backward, AdamW; 2 optimizer steps x 2 micro-batches of 2 rows; busiest rank's peak RSS growth)",
+           f"{'layout':24s} {'seq':>5s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'activ':>7s} {'comm':>6s} "
+           f"{'estimate':>9s} {'measured':>9s} {'error':>7s}"]
+    for r in rows:
+        e = r["estimate"]
+        out.append(f"{r['name']:24s} {r['spec']['seq_len']:5d} {e['parameters'] / mb:7.1f} {e['gradients'] / mb:7.1f} "
+                   f"{e['optimizer'] / mb:7.1f} {e['activations'] / mb:7.1f} {e['comm_buffers'] / mb:6.1f} "
+                   f"{r['estimate_bytes'] / mb:9.1f} {r['measured_bytes'] / mb:9.1f} {r['error']:+7.1%}")
+    out.append("(MB = 1e6 bytes; model: hidden 256, 4 layers (2 lightning, 2 softmax), 4 experts of 512 top-2, "
+               "vocab 4096, 9.4M parameters)")
+    return "\n".join(out)
