@@ -31,7 +31,7 @@ def _run(overrides, run_dir):
 
 
 # ZeRO-2 (with CPU optimiser offload) is compared over all 8 steps by the resume test below
-@pytest.mark.parametrize("stage", [1, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero_matches_single_process(stage, reference_run, tmp_path):
     run_dir = tmp_path / f"zero{stage}"
     assert _run(_ds(stage), run_dir) == [8, 8]
