@@ -64,6 +64,21 @@ def test_enumerated_layouts_are_valid_for_the_trainer():
     assert seen > 100
 
 
+def test_deepspeed_layouts_are_data_parallel_only_and_offload_moves_the_optimizer_to_the_host():
+    w = _workload("minimax_1b", seq=8192, batch=16 * 8192, gpus=8)
+    ds = [lay for lay in P.enumerate_layouts(w) if lay.engine == "deepspeed"]
+    assert ds and all((lay.tp, lay.cp, lay.ep, lay.etp) == (1, 1, 1, 1) for lay in ds)
+    assert {lay.zero_stage for lay in ds} == {1, 2, 3} and {lay.offload for lay in ds} == {False, True}
+    on = next(lay for lay in ds if lay.offload and lay.zero_stage == 2)
+    off = P.Layout(**{**on.__dict__, "offload": False})
+    m_on, m_off = P.estimate_memory(w, on), P.estimate_memory(w, off)
+    assert m_on.optimizer == 0 and m_on.detail["host_optimizer_bytes"] == pytest.approx(m_off.optimizer)
+    assert P.estimate_time(w, on).step > P.estimate_time(w, off).step
+    assert "parallel.offload_optimizer=true" in on.overrides()
+    with pytest.raises(P.PlanError, match="supports data parallelism only"):
+        P.plan(w, c=P.Constraints(tp=2, engines=("deepspeed",)))
+
+
 def test_activation_model_equals_saved_tensors():
     """One process, fp32, CPU kernels: the planner's saved activations (+ the loss's saved log-probs) against the
     tensors autograd actually saves for backward, for two sequence lengths."""

@@ -1,19 +1,23 @@
 """Measure the peak memory of real training steps on CPU, to check the layout planner's estimate.
 
-Each rank of a small gloo job (spawned here, or this process for world 1) builds the model exactly as the
-trainer does (seeded MiniMaxForCausalLM, activation checkpointing, tensor + sequence parallelism when
-tp > 1, FSDP2 over dp via minimax_train.parallel.data_parallel.apply_fsdp, the trainer's AdamW from
-minimax_train.train.optim.build_optimizer) and runs a few optimiser steps with the trainer's own
-`forward_backward` (gradient accumulation, FSDP no-sync on all but the last micro-batch), gradient clipping
-and `optimizer.step()`, on random packed rows of several documents.
+Each rank of a small gloo job (spawned here, one process per rank) builds the model exactly as the
+trainer's build_model does (seeded MiniMaxForCausalLM, activation checkpointing, then
+minimax_train.parallel.parallelize: tensor + sequence parallelism when tp > 1, FSDP2 over dp), the
+trainer's AdamW (minimax_train.train.optim.build_optimizer), and runs a few optimiser steps with the
+trainer's own `forward_backward` (gradient accumulation, FSDP no-sync on all but the last micro-batch),
+gradient clipping and `optimizer.step()`, on random packed rows of several documents.
 
 What is measured, per rank:
-- peak_tensor_bytes: the peak of live tensor bytes allocated by PyTorch's CPU allocator, from the
-  profiler's memory events (torch.profiler with profile_memory=True, started before the model is built,
-  so every parameter, gradient, optimiser state, activation and communication buffer is counted). This
-  is the CPU analogue of torch.cuda.max_memory_allocated, and what the planner's total is compared with.
-- peak_rss_delta_bytes: peak resident set size minus the RSS just before the model was built (includes
-  allocator slack, gloo's own buffers and the profiler's bookkeeping): a sanity check only.
+- peak_rss_delta_bytes: the growth of the resident set from just before the model is built to its peak
+  (VmHWM after a reset), with glibc malloc told to return freed blocks above 64 KiB to the OS, after a
+  warm-up run of the same layout on a small model (so lazily loaded code, caches and thread pools are not
+  counted). It includes gloo's own buffers and allocator slack, like a GPU's reserved memory would.
+  This is what the planner is compared with (validate_cpu), for every layout.
+- peak_tensor_bytes (spec.profile=True): the peak of live tensor bytes from the profiler's memory events
+  (torch.profiler, profile_memory=True), the CPU analogue of torch.cuda.max_memory_allocated. Exact in one
+  process (it agrees with the RSS growth within 2.5% there); under gloo it drifted upwards by several MB
+  per step in our runs (frees on gloo's own threads are apparently not all recorded), so it is not used
+  for multi-process layouts.
 The largest of the ranks is reported (ranks of one layout are symmetric up to the routing)."""
 from __future__ import annotations
 
@@ -136,7 +140,8 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
 
     from minimax_train.config import OptimConfig
     from minimax_train.model.transformer import MiniMaxForCausalLM
-    from minimax_train.parallel.data_parallel import apply_fsdp, is_sharded
+    from minimax_train.parallel.data_parallel import is_sharded
+    from minimax_train.parallel.parallelize import parallelize
     from minimax_train.train.loop import forward_backward
     from minimax_train.train.optim import build_optimizer, clip_grad_norm
 
@@ -147,10 +152,7 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
     torch.manual_seed(spec.seed)
     model = MiniMaxForCausalLM(cfg)
     model.set_activation_checkpointing(spec.activation_checkpointing)
-    if spec.tp > 1:
-        from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
-        apply_tensor_parallel(model, mesh.device_mesh["tp"], sequence_parallel=True)
-    apply_fsdp(model, mesh, param_dtype=None, reduce_dtype=torch.float32)
+    parallelize(model, mesh, mesh.cfg, param_dtype=None, reduce_dtype=torch.float32)  # as train.loop.build_model
     optimizer, _ = build_optimizer(model, OptimConfig(), device=mesh.device, sharded=is_sharded(model))
     params = [p for p in model.parameters() if p.requires_grad]
     marker()

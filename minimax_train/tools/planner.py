@@ -111,7 +111,9 @@ compares the estimate with measured peak tensor memory of CPU training steps.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,6 +281,8 @@ class Assumptions:
     moe_imbalance: float = 1.0  # routed rows on the busiest rank / the balanced share
     ep_overlap: float = 0.5  # fraction of expert all-to-all time hidden behind expert compute
     dp_overlap: bool = True  # data-parallel traffic runs behind compute (FSDP prefetch, bucketed reduces)
+    host_gbps: float = 25.0  # GPU <-> host copies per GPU (PCIe 5 x16 in practice), for optimiser offload
+    host_adam_elems_per_s: float = 1.0e9  # CPU AdamW throughput per GPU's share of host cores (offload)
 
 
 @dataclass(frozen=True)
@@ -295,25 +299,28 @@ class Layout:
     ac: str  # none | selective | full
     micro_batch_rows: int
     accum: int
+    offload: bool = False  # deepspeed only: optimiser state and step on the host (parallel.offload_optimizer)
 
     @property
     def sequence_parallel(self) -> bool:
         return self.tp > 1
 
     def engine_label(self) -> str:
-        return "fsdp2" if self.engine == "fsdp2" else f"ds-z{self.zero_stage}"
+        return "fsdp2" if self.engine == "fsdp2" else f"ds-z{self.zero_stage}" + ("-offload" if self.offload else "")
 
     def short(self) -> str:
         return (f"tp{self.tp} cp{self.cp} dp{self.dp} ep{self.ep} etp{self.etp} {self.engine_label()} "
                 f"sync-{self.grad_sync} ac-{self.ac} mb{self.micro_batch_rows}x{self.accum}")
 
     def overrides(self) -> str:
-        """The trainer's Hydra overrides for this layout (engine deepspeed and grad_sync micro are plans only)."""
+        """The trainer's Hydra overrides for this layout (grad_sync micro is a plan only: the trainer syncs per step)."""
         parts = [f"parallel.tp={self.tp}", f"parallel.cp={self.cp}", f"parallel.ep={self.ep}",
                  f"parallel.etp={self.etp}", f"parallel.sequence_parallel={str(self.tp > 1).lower()}",
                  f"parallel.engine={self.engine}"]
         if self.engine == "deepspeed":
             parts.append(f"parallel.zero_stage={self.zero_stage}")
+            if self.offload:
+                parts.append("parallel.offload_optimizer=true")
         parts.append(f"train.activation_checkpointing={self.ac}")
         return " ".join(parts)
 
@@ -510,6 +517,9 @@ def estimate_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -
     if lay.accum > 1 and p_sh and lay.grad_sync == "step":
         grads = 4.0 * (dense + experts)  # unsharded fp32 accumulation between micro-batches
     optim = ob * shard(dense, experts, o_sh)
+    host = 0.0
+    if lay.offload:  # fp32 master + Adam moments (and the step) live on the host
+        host, optim = optim, 0.0
     act = activation_memory(w, lay, a)
     comp = w.act_bytes
     layer_local = ps["layer_dense_local"] + ps["layer_experts_local"]
@@ -525,10 +535,10 @@ def estimate_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -
         comm += 2 * 2 * kv_l * s.d * t * comp  # two visiting K/V chunks
     if lay.ep > 1:
         comm += 2 * s.k * t / lay.tp * s.h * comp * a.moe_imbalance  # a2a send + receive of one layer
-    temp = 4.0 * shard(dense, experts, o_sh) if w.optimizer == "foreach" else 0.0
+    temp = 4.0 * shard(dense, experts, o_sh) if (w.optimizer == "foreach" and not lay.offload) else 0.0
     return Memory(params, grads, optim, act["peak"], comm, temp,
                   detail={"activations_saved": act["saved"], "activations_working": act["working"],
-                          "params_local_unsharded": dense + experts})
+                          "params_local_unsharded": dense + experts, "host_optimizer_bytes": host})
 
 
 # ---- time ---------------------------------------------------------------------------------------------------------
@@ -629,7 +639,12 @@ def estimate_time(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> 
     attn_compute = 0.0
     if cp > 1:
         attn_compute = (attn_fwd * 3 * G / N) / (peak * a.compute_efficiency)
+    offload_t = 0.0
+    if lay.offload:  # fp32 gradients to the host, bf16 parameters back, and the CPU AdamW step: exposed
+        shard_elems = dense / (dpc if st >= 1 else 1) + experts / (edp if st >= 1 else 1)
+        offload_t = shard_elems * (4.0 + 2.0) / (a.host_gbps * 1e9) + shard_elems / a.host_adam_elems_per_s
     exposed = {
+        "offload": offload_t,
         "tp": tp_t,
         "cp": max(0.0, cp_ring - attn_compute) + cp_lasp,
         "ep": ep_t * (1 - a.ep_overlap),
@@ -662,7 +677,8 @@ class Constraints:
     engines: tuple = ("fsdp2", "deepspeed")
     zero_stages: Optional[tuple] = None
     ac: Optional[tuple] = None
-    grad_sync: Optional[tuple] = None
+    grad_sync: tuple = ("step",)  # add "micro" to plan per-micro-batch gradient reduction (not in the trainer)
+    offload: tuple = (False, True)  # deepspeed optimiser offload off / on
     micro_batch_rows: Optional[int] = None
     max_tp: Optional[int] = None  # default: gpus_per_node
 
@@ -720,14 +736,18 @@ def enumerate_layouts(w: Workload, c: Optional[Constraints] = None) -> Iterable[
                             continue
                         accum = rows_per_dp // mb
                         for engine, stage in ENGINE_STAGES:
-                            if engine not in c.engines or (c.zero_stages and stage not in c.zero_stages):
+                            if engine not in c.engines or (engine == "deepspeed" and c.zero_stages
+                                                           and stage not in c.zero_stages):
                                 continue
+                            if engine == "deepspeed" and (tp, cp, ep, etp) != (1, 1, 1, 1):
+                                continue  # the DeepSpeed engine is data parallel only
                             syncs = ("step", "micro") if (accum > 1 and stage == 3) else ("step",)
-                            for sync in syncs:
-                                if c.grad_sync and sync not in c.grad_sync:
+                            offloads = c.offload if engine == "deepspeed" else (False,)
+                            for sync, off in itertools.product(syncs, offloads):
+                                if sync not in c.grad_sync:
                                     continue
                                 for ac in (c.ac or AC_MODES):
-                                    yield Layout(tp, cp, dp, ep, etp, edp, engine, stage, sync, ac, mb, accum)
+                                    yield Layout(tp, cp, dp, ep, etp, edp, engine, stage, sync, ac, mb, accum, off)
 
 
 @dataclass
@@ -752,7 +772,9 @@ def plan(w: Workload, a: Optional[Assumptions] = None, c: Optional[Constraints] 
         (fits if p.fits else others).append(p)
     if n == 0:
         raise PlanError(_no_layout_message(w, c))
-    fits.sort(key=lambda p: (p.time.step, p.memory.total))
+    # fastest first; step times within 0.5% count as equal, and then fewer micro-batches (bigger GEMMs, less
+    # per-micro-batch overhead, which the model does not price) and less memory win
+    fits.sort(key=lambda p: (round(math.log(p.time.step) / math.log(1.005)), p.layout.accum, p.memory.total))
     closest = sorted(others, key=lambda p: p.memory.total)[:top] if not fits else []
     return PlanResult(w, a, fits[:top], closest, n, len(fits))
 
@@ -770,6 +792,14 @@ def _check_fixed(w: Workload, c: Constraints) -> None:
         err = layout_error(w, c.tp, c.cp, c.ep, c.etp)
         if err:
             raise PlanError(err)
+    if c.engines == ("deepspeed",):
+        from minimax_train.parallel.deepspeed_engine import check_deepspeed_layout
+        from minimax_train.parallel.mesh import ParallelConfig, ParallelConfigError
+        try:
+            check_deepspeed_layout(ParallelConfig(tp=c.tp or 1, cp=c.cp or 1, ep=c.ep or 1, etp=c.etp or 1,
+                                                  engine="deepspeed", zero_stage=3))
+        except ParallelConfigError as e:
+            raise PlanError(str(e)) from None
     if c.tp and c.etp and c.tp % c.etp:
         raise PlanError(f"parallel.etp={c.etp} must divide parallel.tp={c.tp}; valid: "
                         f"{', '.join(map(str, _divisors(c.tp)))}")
@@ -817,8 +847,10 @@ def format_header(w: Workload, a: Assumptions) -> str:
 
 def format_plan(i: int, p: Plan) -> str:
     L, m, t = p.layout, p.memory, p.time
-    sync = f", grad sync per {'step' if L.grad_sync == 'step' else 'micro-batch'}" if L.accum > 1 else ""
-    engine = "fsdp2 (ZeRO-3 style)" if L.engine == "fsdp2" else f"deepspeed ZeRO-{L.zero_stage}"
+    sync = (f", grad sync per {'step' if L.grad_sync == 'step' else 'micro-batch'}"
+            if L.accum > 1 and L.zero_stage == 3 else "")
+    engine = ("fsdp2 (ZeRO-3 style)" if L.engine == "fsdp2" else
+              f"deepspeed ZeRO-{L.zero_stage}" + (" + optimizer offload" if L.offload else ""))
     x = t.exposed
     lines = [
         f"#{i} tp {L.tp} (SP {'on' if L.tp > 1 else 'off'}) x cp {L.cp} x dp {L.dp} | experts: ep {L.ep} x etp {L.etp} "
@@ -830,7 +862,8 @@ def format_plan(i: int, p: Plan) -> str:
         + (f" [step temp {_g(m.optimizer_step_temp)}]" if m.optimizer_step_temp else "")
         + f" = {_g(m.total)} of {_g(p.capacity)}" + ("" if p.fits else "  DOES NOT FIT"),
         f"   step {t.step:.2f} s = compute {t.compute:.2f} + exposed comm: tp {x['tp']:.2f}, cp {x['cp']:.2f}, "
-        f"ep {x['ep']:.2f}, dp {x['dp']:.2f} (totals tp {t.tp:.2f}, cp {t.cp:.2f}, ep {t.ep:.2f}, dp {t.dp:.2f}); "
+        f"ep {x['ep']:.2f}, dp {x['dp']:.2f}" + (f", offload {x['offload']:.2f}" if L.offload else "")
+        + f" (totals tp {t.tp:.2f}, cp {t.cp:.2f}, ep {t.ep:.2f}, dp {t.dp:.2f}); "
         f"MFU {t.mfu:.1%}, {t.tokens_per_s:,.0f} tokens/s, {t.model_tflops_per_gpu:.0f} model TFLOP/s per GPU",
         f"   overrides: {L.overrides()}",
     ]
@@ -848,8 +881,10 @@ def format_result(r: PlanResult) -> str:
         out += [format_plan(i + 1, p) for i, p in enumerate(r.closest)]
     notes = []
     shown = r.plans or r.closest
-    if any(p.layout.engine == "deepspeed" for p in shown):
-        notes.append("engine deepspeed is planned, not yet wired into the trainer (parallel.engine=fsdp2 runs)")
+    if any(p.layout.offload for p in shown):
+        notes.append("optimizer offload keeps fp32 master weights and Adam moments in host memory: "
+                     + ", ".join(f"#{i + 1} {p.memory.detail['host_optimizer_bytes'] / GiB:.1f} GiB per GPU"
+                                 for i, p in enumerate(shown) if p.layout.offload))
     if any(p.layout.grad_sync == "micro" and p.layout.accum > 1 for p in shown):
         notes.append("grad sync per micro-batch (reduce-scatter every micro-batch) is planned, the trainer syncs "
                      "once per step (unsharded fp32 gradient accumulation)")
@@ -942,7 +977,10 @@ def build_parser():
     c.add_argument("--engine", default="all", help="fsdp2, deepspeed or all (default %(default)s)")
     c.add_argument("--zero-stage", help="deepspeed stages to consider, e.g. 1,2,3")
     c.add_argument("--ac", help="activation checkpointing modes, e.g. full or none,selective")
-    c.add_argument("--grad-sync", help="step (the trainer's FSDP no-sync accumulation), micro, or both")
+    c.add_argument("--grad-sync", default="step",
+                   help="step (the trainer: FSDP2 no-sync accumulation of unsharded fp32 gradients), or step,micro to "
+                        "also plan a reduce-scatter after every micro-batch (not a trainer option yet)")
+    c.add_argument("--no-offload", action="store_true", help="skip deepspeed optimizer-offload layouts")
     c.add_argument("--micro-batch", type=int, help="rows per micro-batch")
     c.add_argument("--max-tp", type=int, help="largest tp to enumerate (default: GPUs per node)")
     s = ap.add_argument_group("assumptions")
@@ -992,7 +1030,8 @@ def main(argv=None) -> int:
             stages = tuple(int(x) for x in _csv(args.zero_stage, ("1", "2", "3"), "--zero-stage"))
         c = Constraints(tp=args.tp, cp=args.cp, ep=args.ep, etp=args.etp, engines=engines, zero_stages=stages,
                         ac=_csv(args.ac, AC_MODES, "--ac"), grad_sync=_csv(args.grad_sync, GRAD_SYNCS, "--grad-sync"),
-                        micro_batch_rows=args.micro_batch, max_tp=args.max_tp)
+                        micro_batch_rows=args.micro_batch, max_tp=args.max_tp,
+                        offload=(False,) if args.no_offload else (False, True))
         r = plan(w, a, c, top=args.top)
     except PlanError as e:
         print(f"plan_layout: error: {e}", file=sys.stderr)
