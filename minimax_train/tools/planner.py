@@ -31,6 +31,11 @@ are then sharded over the dp * cp ranks, the expert ones over edp, as far as the
                                  layer is all-gathered: counted as communication buffers)
     deepspeed zero_stage 0/1/2/3 2 B bf16 (s3: shrd) 2 B bf16 (s>=2: shrd) 12 B (fp32 master + m + v, s>=1: shrd)
     precision fp32 (CPU runs)    4 B                 4 B                  8 B (no separate master copy)
+    deepspeed + offload          as deepspeed        as deepspeed         0 on the GPU (12 B in host memory)
+
+The deepspeed engine is data parallel only (tp = cp = ep = etp = 1, the trainer's check_deepspeed_layout);
+optimiser offload (parallel.offload_optimizer) adds, exposed, the fp32 gradient copy to the host, the bf16
+parameter copy back (host_gbps) and the CPU AdamW step (host_adam_elems_per_s) of the local shard.
 
 Gradient accumulation (accum > 1) with fsdp2 / ZeRO-3: grad_sync "step" (what the trainer does today:
 FSDP2 set_requires_gradient_sync(False) on all but the last micro-batch) keeps the UNSHARDED fp32

@@ -242,6 +242,18 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.workers < 1 or cfg.batch_docs < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise PrepareError("--workers, --batch-docs and --limit must be positive integers")
     targets = _check_out(cfg)
+    import datasets
+    restore_bars = not cfg.progress and datasets.is_progress_bar_enabled()
+    if restore_bars:  # --quiet: no bars from datasets either (e.g. "Generating train split")
+        datasets.disable_progress_bars()
+    try:
+        return _prepare(cfg, targets)
+    finally:
+        if restore_bars:
+            datasets.enable_progress_bars()
+
+
+def _prepare(cfg: PrepareConfig, targets: list[Path]) -> dict:
     tokenizer = _load_tokenizer(cfg.tokenizer, cfg.add_eos)
     source, _ = open_input(cfg)
     if source.num_docs == 0:
@@ -249,11 +261,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     summary = Summary()
     total = source.num_docs if cfg.limit is None or source.num_docs is None else min(cfg.limit, source.num_docs)
     bar = None
-    restore_bars = False
-    if not cfg.progress:
-        import datasets
-        restore_bars = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
     if cfg.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, unit="doc", desc="tokenising", file=sys.stderr, dynamic_ncols=True)
@@ -267,9 +274,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     finally:
         if bar is not None:
             bar.close()
-        if restore_bars:
-            import datasets
-            datasets.enable_progress_bars()
     summary.seconds = time.perf_counter() - t0
     summary.skipped_malformed = max(summary.skipped_malformed, int(getattr(source, "bad_records", 0) or 0))
     if summary.documents == 0:
