@@ -1,33 +1,35 @@
 """Expert FFN over tokens already grouped by expert: one call for all local experts.
 
-CUDA + bf16 uses torch's grouped GEMM; elsewhere a loop over experts (torch's CPU grouped_mm
-fails in float32, see design.md)."""
+CUDA + bf16 uses torch's grouped GEMM (no host sync); elsewhere a loop over experts (torch's CPU
+grouped_mm fails in float32, see design.md). Shared by the local MoE, tensor-parallel experts and
+(its `use_grouped_mm` check) the expert-parallel explicit backward."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+def use_grouped_mm(*tensors: torch.Tensor) -> bool:
+    return hasattr(torch, "_grouped_mm") and all(t.is_cuda and t.dtype == torch.bfloat16 for t in tensors)
+
+
+def grouped_linear(x: torch.Tensor, counts: torch.Tensor, w: torch.Tensor,
+                   sizes: list[int] | None = None) -> torch.Tensor:
+    """x [N, in] rows grouped by expert (counts [E] per expert), w [E, out, in] -> [N, out], differentiable.
+    `sizes` (counts on the host) spares the loop path a device sync when the caller has them."""
+    if x.shape[0] == 0:
+        return x.new_zeros(0, w.shape[1]) + 0 * w.sum()  # keeps the weight's gradient defined
+    if use_grouped_mm(x, w):
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=torch.cumsum(counts, 0).to(torch.int32))
+    sizes = counts.tolist() if sizes is None else sizes
+    return torch.cat([F.linear(part, w[e]) for e, part in enumerate(x.split(sizes)) if part.shape[0]])
 
 
 def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
                    act=F.silu, counts_cpu: list[int] | None = None) -> torch.Tensor:
     """x [N, H] rows sorted by expert, counts [E] rows per expert (sum N); gate_up [E, 2I, H] (rows
     0..I-1 gate, I..2I-1 up), down [E, H, I]. Returns down_e(act(gate_e x) * up_e x) per row, [N, H]."""
-    if x.shape[0] == 0:
-        return x.new_zeros(0, down.shape[1]) + 0 * (gate_up.sum() + down.sum())  # keep grads defined
-    if _grouped_mm_ok(x):
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)
-        g, u = h.chunk(2, dim=-1)
-        return torch._grouped_mm(act(g) * u, down.transpose(-2, -1), offs=offs)
-    sizes = counts_cpu if counts_cpu is not None else counts.tolist()
-    outs = []
-    for e, part in enumerate(x.split(sizes)):
-        if part.shape[0] == 0:
-            continue
-        g, u = F.linear(part, gate_up[e]).chunk(2, dim=-1)
-        outs.append(F.linear(act(g) * u, down[e]))
-    return torch.cat(outs) if outs else x.new_zeros(0, down.shape[1])
+    if counts_cpu is None and not use_grouped_mm(x, gate_up):
+        counts_cpu = counts.tolist()  # one host sync for both GEMMs
+    g, u = grouped_linear(x, counts, gate_up, counts_cpu).chunk(2, dim=-1)
+    return grouped_linear(act(g) * u, counts, down, counts_cpu)

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import torch
 
-
-def _gmm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.is_cuda and a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16
-            and hasattr(torch, "_grouped_mm"))
+from ..ops.experts import use_grouped_mm
 
 
 def rows_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """x [N, K] grouped by expert, w [E, K, M] (any strides): rows of group e times w[e] -> [N, M]."""
     if x.shape[0] == 0:
         return x.new_zeros(0, w.shape[-1])
-    if _gmm_ok(x, w):
+    if use_grouped_mm(x, w):
         return torch._grouped_mm(x, w, offs=offs)
     out = x.new_empty(x.shape[0], w.shape[-1])
     start = 0
@@ -34,7 +31,7 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sizes: list[in
 
 def weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """a [N, P], b [N, Q] grouped by expert -> [E, P, Q] with out[e] = a_e^T b_e (zeros for empty groups)."""
-    if a.shape[0] > 0 and _gmm_ok(a, b):
+    if a.shape[0] > 0 and use_grouped_mm(a, b):
         return torch._grouped_mm(a.t(), b, offs=offs)
     out = a.new_zeros(len(sizes), a.shape[1], b.shape[1])
     start = 0

@@ -64,6 +64,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 
 from ..model.attention import LightningAttention, SoftmaxAttention
 from ..model.moe import MoE, RouterOutput
+from ..ops.experts import grouped_linear, use_grouped_mm
 from .tp_ops import (all_reduce_sum, copy_to_tp, gather_last_dim, gather_seq, gather_seq_two_ways, pair_gate_up,
                      reduce_from_tp, scatter_seq)
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding, vocab_range
@@ -200,27 +201,11 @@ class _TPExperts:
     partial sum of every expert's output over its I/P slice of the intermediate features."""
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int] | None = None):
-        grouped = _grouped_mm_ok(x_sorted)
+        grouped = use_grouped_mm(x_sorted)
         sizes = None if grouped else (counts_cpu if counts_cpu is not None else counts.tolist())
-        h = _grouped_linear(x_sorted, counts, sizes, _local(self.gate_up_proj))
+        h = grouped_linear(x_sorted, counts, _local(self.gate_up_proj), sizes)
         g, u = pair_gate_up(h, self._tp.group).chunk(2, dim=-1)
-        return _grouped_linear(self.act(g) * u, counts, sizes, _local(self.down_proj))
-
-
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-
-
-def _grouped_linear(x: torch.Tensor, counts: torch.Tensor, sizes: list[int] | None, w: torch.Tensor) -> torch.Tensor:
-    """x [N, in] sorted by expert, w [E, out, in] -> [N, out]: torch's grouped GEMM on CUDA bf16 (no host
-    sync), else a loop over the experts' row counts `sizes` (as ops/experts.py)."""
-    if x.shape[0] == 0:
-        return x.new_zeros(0, w.shape[1]) + 0 * w.sum()  # keeps the weight's gradient defined
-    if sizes is None:
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-    outs = [F.linear(part, w[e]) for e, part in enumerate(x.split(sizes)) if part.shape[0]]
-    return torch.cat(outs)
+        return grouped_linear(self.act(g) * u, counts, _local(self.down_proj), sizes)
 
 
 _ROUTE_FIELDS = ("weights", "probs", "logits", "experts")
