@@ -410,7 +410,7 @@ def uneven_counts(N: int, E: int, gen: torch.Generator) -> list[int]:
 
 def bench_experts(b: Bench):
     a, dev = b.a, b.dev
-    from minimax_train.ops.experts import _grouped_mm_ok, grouped_swiglu
+    from minimax_train.ops.experts import use_grouped_mm, grouped_swiglu
     H, I, k = a.hidden, a.ffn, a.topk
     N = a.expert_tokens * k
     esize = torch.empty((), dtype=a.dt).element_size()
@@ -460,7 +460,7 @@ def bench_experts(b: Bench):
                     return _grad_fn(f, ins, torch.randn(*out_shape, device=dev, dtype=a.dt))
                 if impl == "ours":
                     probe = torch.empty(1, device=dev, dtype=a.dt)
-                    note = "torch._grouped_mm" if _grouped_mm_ok(probe) else "loop fallback (grouped_mm needs CUDA bf16)"
+                    note = "torch._grouped_mm" if use_grouped_mm(probe) else "loop fallback (grouped_mm needs CUDA bf16)"
                 b.record("experts", impl, pas, shape, build, None, flops, note=note, skip=fit)
 
 
