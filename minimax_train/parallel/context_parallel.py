@@ -26,16 +26,9 @@ from torch import nn
 from ..model.attention import LightningAttention, SoftmaxAttention
 from .cp_shard import (CPPackedSequence, CPShardInfo, build_cp_sequence, shard_for_context_parallel,
                        unshard_from_context_parallel, zigzag_chunks, zigzag_token_index)
+from .data_parallel import decoder_layers
 from .lasp import LaspCore, lasp_attention
 from .ring_attention import RingAttentionCore, build_ring_plan, ring_attention
-
-
-def _decoder_layers(model: nn.Module):
-    inner = getattr(model, "model", model)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"apply_context_parallel: {type(model).__name__} has no decoder layers (model.model.layers)")
-    return inner, layers
 
 
 def apply_context_parallel(model: nn.Module, cp_group, *, lasp: str = "plus", attention_backend: str = "auto",
@@ -45,8 +38,7 @@ def apply_context_parallel(model: nn.Module, cp_group, *, lasp: str = "plus", at
     attribute of each attention module changes). lasp: "plus" (LASP+) or "serial" (the LASP baseline).
     The model then expects CPPackedSequence inputs (shard_for_context_parallel); a plain PackedSequence
     still runs locally (e.g. evaluation on the full row)."""
-    inner, layers = _decoder_layers(model)
-    for layer in layers:
+    for layer in decoder_layers(model):
         attn = layer.self_attn
         if isinstance(attn, LightningAttention) or hasattr(attn, "slopes"):
             attn.core = LaspCore(cp_group, mode=lasp, backend=lightning_backend)
@@ -54,7 +46,7 @@ def apply_context_parallel(model: nn.Module, cp_group, *, lasp: str = "plus", at
             attn.core = RingAttentionCore(cp_group, backend=attention_backend, backward=ring_backward)
         else:
             raise ValueError(f"apply_context_parallel: unknown attention module {type(attn).__name__}")
-    inner.aux_stats_group = cp_group
+    getattr(model, "model", model).aux_stats_group = cp_group
     return model
 
 
