@@ -91,11 +91,13 @@ class TrainConfig:
     eval_interval: int = 50  # validation loss every N steps (and at the end); 0 disables
     eval_iters: int = 2  # validation micro-batches per data-parallel rank
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with NaN/inf loss or gradients
+    loss_chunk_tokens: int = 8192  # lm_head + cross-entropy per chunk of N tokens, recomputed in backward; 0: off
 
     def __post_init__(self):
         for k in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_iters", "max_nonfinite_steps"):
             _positive(f"train.{k}", getattr(self, k))
         _positive("train.eval_interval", self.eval_interval, zero_ok=True)
+        _positive("train.loss_chunk_tokens", self.loss_chunk_tokens, zero_ok=True)
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.activation_checkpointing", self.activation_checkpointing, AC_MODES)
@@ -141,9 +143,13 @@ class LoggingConfig:
     metrics_file: str = "metrics.jsonl"  # relative to the run dir
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: known GPUs (bf16 dense), null on CPU
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile_start: int = 0  # torch.profiler over optimiser steps profile_start.. (1-based); 0 disables
+    profile_steps: int = 2  # steps profiled; trace + op table land in <run dir>/profile/
 
     def __post_init__(self):
         _positive("logging.interval", self.interval)
+        _positive("logging.profile_start", self.profile_start, zero_ok=True)
+        _positive("logging.profile_steps", self.profile_steps)
         _choice("logging.level", self.level, LOG_LEVELS)
         if self.peak_tflops is not None:
             _positive("logging.peak_tflops", self.peak_tflops)

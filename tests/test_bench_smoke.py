@@ -112,3 +112,18 @@ def test_bench_train_cpu_tiny(tmp_path):
     if "megatron" in res:
         soft = ModelConfig(**{**data["meta"]["model"], "layer_types": [FULL] * cfg.num_hidden_layers})
         assert res["megatron"]["flops_per_token"] == pytest.approx(train_flops_per_token(soft, 128))
+
+
+def test_bench_layouts_cpu_tiny(tmp_path):
+    """bench_layouts runs the trainer per layout (torchrun, gloo): the table prints, the tp=2 run's losses and
+    gradient norms equal the one-process run's (fp32), and the planner's estimate is attached to each row."""
+    out = tmp_path / "layouts.json"
+    p = _run([str(TOOLS / "bench_layouts.py"), "--device", "cpu", "--preset", "tiny", "--seq-len", "128",
+              "--rows", "4", "--steps", "3", "--warmup", "1", "--layout", "one:1:", "--layout", "tp2:2:tp=2",
+              "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    assert "| layout | GPUs | ktok/s | ktok/s/GPU | scaling eff |" in p.stdout, p.stdout
+    res = {r["name"]: r for r in json.loads(out.read_text())["results"]}
+    assert res["one"]["status"] == res["tp2"]["status"] == "ok"
+    for key in ("losses", "grad_norms"):
+        assert res["tp2"][key] == pytest.approx(res["one"][key], rel=1e-5)
+    assert res["tp2"]["layout"].startswith("tp2 cp1 dp1") and _finite(res["tp2"]["estimate_gb"])

@@ -5,6 +5,7 @@ MiniMax-Text-01 plans exist, and bad input ends with a one-line error."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -117,7 +118,9 @@ def test_worked_plan_minimax_text_01_1m_context(gpus):
     assert r.plans and r.fitting > 0
     best = r.plans[0]
     assert best.fits and best.memory.total <= best.capacity
-    assert [p.time.step for p in r.plans] == sorted(p.time.step for p in r.plans)
+    # fastest first (step times within 0.5% rank as equal, then fewer micro-batches win)
+    buckets = [round(math.log(p.time.step) / math.log(1.005)) for p in r.plans]
+    assert buckets == sorted(buckets)
     m = best.memory
     assert min(m.parameters, m.optimizer, m.activations) > 0
     assert 0.05 < best.time.mfu < 0.5

@@ -155,3 +155,14 @@ def test_cli_data_error_exit_code(tmp_path):
     p = run_train(tmp_path / "r", "data=jsonl", "data.tokenizer=embedded",
                   f"data.sources.0.path={tmp_path / 'missing.jsonl'}", check=False)
     assert p.returncode == 2 and "missing.jsonl" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_profile_window_writes_a_trace_and_an_op_table(tmp_path):
+    """logging.profile_start/profile_steps: the op table holds the model's ops, the trace is gzipped JSON."""
+    import gzip
+    _train_inproc(tmp_path, "train.steps=3", "logging.profile_start=2", "logging.profile_steps=1")
+    prof = tmp_path / "run" / "profile"
+    ops = (prof / "rank0_ops.txt").read_text()
+    assert "aten::mm" in ops or "aten::addmm" in ops
+    trace = json.loads(gzip.decompress((prof / "rank0_trace.json.gz").read_bytes()))
+    assert trace["traceEvents"]

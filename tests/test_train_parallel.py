@@ -12,6 +12,7 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "cp2": (2, ["parallel.cp=2"]),
+    "cp2_lasp_serial": (2, ["parallel.cp=2", "parallel.lasp=serial"]),
     "ep2_over_dp2": (2, ["parallel.ep=2"]),
     "ep2_overlap4": (2, ["parallel.ep=2", "parallel.moe_overlap_chunks=4"]),
 }

@@ -247,6 +247,24 @@ def single_document_corpus(tokens_needed: int) -> Path:
     return path
 
 
+def run_trainer(cmd: list[str], run_dir: Path, log: Path, timeout: float, warmup: int,
+                res: dict[str, Any]) -> tuple[list[dict], list[dict]]:
+    """Run a trainer command (writing run_dir/metrics.jsonl); returns (all step records, those after `warmup`).
+    Sets res["wall_s"], and res["status"] = "failed" with a reason when it failed or timed no step."""
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the trainer appends: never mix in an older run
+    t0 = time.time()
+    code, reason = _run(cmd, log, timeout)
+    if code == 124:  # torchrun's workers run in sessions of their own: end them too, or they hold the GPUs
+        subprocess.run(["pkill", "-9", "-f", f"hydra.run.dir={run_dir}"], check=False)
+    res["wall_s"] = time.time() - t0
+    metrics = run_dir / "metrics.jsonl"
+    recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
+    timed = [r for r in recs if r["step"] > warmup]
+    if code != 0 or not timed:
+        res.update(status="failed", reason=reason or f"no timed steps in {metrics}")
+    return recs, timed
+
+
 def run_ours(a, base: str, hydra_model: list[str], cfg, work: Path) -> dict[str, Any]:
     from minimax_train.model.flops import train_flops_per_token
     run_dir = work / "ours"
@@ -266,15 +284,8 @@ def run_ours(a, base: str, hydra_model: list[str], cfg, work: Path) -> dict[str,
     cmd += list(a.ours_arg)
     res: dict[str, Any] = {"impl": "ours", "command": " ".join(shlex.quote(c) for c in cmd),
                            "notes": [f"real trainer, data={a.ours_data}, activation_checkpointing={a.ac}"]}
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the trainer appends: never mix in an older run
-    t0 = time.time()
-    code, reason = _run(cmd, work / "logs" / "ours.log", a.timeout)
-    res["wall_s"] = time.time() - t0
-    metrics = run_dir / "metrics.jsonl"
-    recs = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
-    timed = [r for r in recs if r["step"] > a.warmup]
-    if code != 0 or not timed:
-        res.update(status="failed", reason=reason or f"no timed steps in {metrics}")
+    recs, timed = run_trainer(cmd, run_dir, work / "logs" / "ours.log", a.timeout, a.warmup, res)
+    if res.get("status") == "failed":
         return res
     fpt = train_flops_per_token(cfg, a.seq_len)
     tps = median([r["tokens_per_s"] for r in timed])
@@ -483,6 +494,8 @@ def worker_megatron(spec) -> dict[str, Any]:
     from minimax_train.model.flops import train_flops_per_token
     cfg = ModelConfig(**spec["cfg"])
     T, dev = spec["seq_len"], torch.device(spec["device"])
+    if dev.type == "cuda" and dev.index is None:  # set_device and NCCL device_id need an index
+        dev = torch.device("cuda", torch.cuda.current_device())
     gpu = dev.type == "cuda"
     notes = []
     if not gpu:

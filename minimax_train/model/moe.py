@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.experts import grouped_swiglu
+from ..ops.experts import grouped_swiglu, to_autocast
 from .config import ModelConfig
 from .layers import ACTIVATIONS
 
@@ -110,7 +110,8 @@ class LocalDispatcher:
             order = torch.argsort(flat_e, stable=True)
             run_counts = counts
         token_of = order // k
-        y = experts(x[token_of], run_counts)
+        xin, = to_autocast(x)  # gather k copies in the matmul dtype, not fp32
+        y = experts(xin[token_of], run_counts)
         y = y * route.weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
         return out, {"tokens_per_expert": counts, "dropped": dropped}

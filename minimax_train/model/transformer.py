@@ -15,6 +15,7 @@ from .attention import LightningAttention, SoftmaxAttention
 from .config import FULL, ModelConfig
 from .layers import PackedSequence, RMSNorm
 from .moe import MoE, load_balancing_loss, load_balancing_stats
+from ..ops.cross_entropy import chunked_loss_sum
 
 
 class DecoderLayer(nn.Module):
@@ -106,6 +107,9 @@ class MiniMaxForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # tokens per lm_head + cross-entropy chunk in training (ops/cross_entropy.py); 0: all at once.
+        # The trainer sets train.loss_chunk_tokens here.
+        self.loss_chunk_tokens = 0
         self.init_weights()
 
     # ---- initialisation ------------------------------------------------------------------------
@@ -159,8 +163,15 @@ class MiniMaxForCausalLM(nn.Module):
         return out
 
     def lm_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        """Sum of token cross-entropies in fp32 (-100 ignored). Tensor parallelism overrides this with a
-        vocabulary-parallel version; fused kernels can avoid materialising the logits."""
-        if logits is None:
-            logits = self.lm_head(hidden)
-        return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100, reduction="sum")
+        """Sum of token cross-entropies in fp32 (-100 ignored). Without precomputed logits, the tokens go
+        through lm_head + cross-entropy in chunks of self.loss_chunk_tokens (recomputed in backward), so the
+        full [tokens, vocab] logits never exist. Tensor parallelism overrides this with a vocabulary-parallel
+        version (chunked the same way)."""
+        if logits is not None:
+            return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100,
+                                   reduction="sum")
+        return chunked_loss_sum(hidden.reshape(labels.numel(), -1), labels, self._lm_loss_chunk,
+                                getattr(self, "loss_chunk_tokens", 0))
+
+    def _lm_loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.lm_head(hidden).float(), labels, ignore_index=-100, reduction="sum")

@@ -13,12 +13,27 @@ def use_grouped_mm(*tensors: torch.Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and all(t.is_cuda and t.dtype == torch.bfloat16 for t in tensors)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul on `x` in, or None outside autocast."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def to_autocast(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Cast as autocast casts F.linear's operands. torch._grouped_mm is not on autocast's cast list, and
+    the MoE input is fp32 under bf16 autocast (the RMSNorm's fp32 weight promotes it), so without this
+    cast the grouped GEMM would fall back to the per-expert loop."""
+    dt = autocast_dtype(x)
+    return (x, *weights) if dt is None else tuple(t.to(dt) for t in (x, *weights))
+
+
 def grouped_linear(x: torch.Tensor, counts: torch.Tensor, w: torch.Tensor,
                    sizes: list[int] | None = None) -> torch.Tensor:
     """x [N, in] rows grouped by expert (counts [E] per expert), w [E, out, in] -> [N, out], differentiable.
     `sizes` (counts on the host) spares the loop path a device sync when the caller has them."""
     if x.shape[0] == 0:
         return x.new_zeros(0, w.shape[1]) + 0 * w.sum()  # keeps the weight's gradient defined
+    x, w = to_autocast(x, w)
     if use_grouped_mm(x, w):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=torch.cumsum(counts, 0).to(torch.int32))
     sizes = counts.tolist() if sizes is None else sizes
@@ -29,6 +44,7 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
                    act=F.silu, counts_cpu: list[int] | None = None) -> torch.Tensor:
     """x [N, H] rows sorted by expert, counts [E] rows per expert (sum N); gate_up [E, 2I, H] (rows
     0..I-1 gate, I..2I-1 up), down [E, H, I]. Returns down_e(act(gate_e x) * up_e x) per row, [N, H]."""
+    x, gate_up, down = to_autocast(x, gate_up, down)  # once for both GEMMs
     if counts_cpu is None and not use_grouped_mm(x, gate_up):
         counts_cpu = counts.tolist()  # one host sync for both GEMMs
     g, u = grouped_linear(x, counts, gate_up, counts_cpu).chunk(2, dim=-1)

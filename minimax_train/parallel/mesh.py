@@ -40,6 +40,7 @@ class ParallelConfig:
     zero_stage: int = 1  # deepspeed engine only: ZeRO stage 1, 2 or 3
     offload_optimizer: bool = False  # deepspeed engine only: optimiser state and step on the CPU
     moe_overlap_chunks: int = 1  # token groups per micro-batch for dispatch/compute overlap
+    lasp: str = "plus"  # context-parallel lightning attention: plus (one all-gather) | serial (LASP's ring)
     backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
     timeout_min: int = 30  # collective timeout
 
@@ -55,6 +56,8 @@ class ParallelConfig:
             raise ParallelConfigError(f"parallel.engine: unknown '{self.engine}'; use one of {', '.join(ENGINES)}")
         if self.backend not in BACKENDS:
             raise ParallelConfigError(f"parallel.backend: unknown '{self.backend}'; use one of {', '.join(BACKENDS)}")
+        if self.lasp not in ("plus", "serial"):
+            raise ParallelConfigError(f"parallel.lasp: unknown '{self.lasp}'; use plus or serial")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ParallelConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.sequence_parallel and self.tp == 1:

@@ -30,7 +30,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, *,
                               experts=experts_follow_tp(mesh))
     if L.cp > 1:
         from .context_parallel import apply_context_parallel
-        apply_context_parallel(model, mesh.cp_group)
+        apply_context_parallel(model, mesh.cp_group, lasp=cfg.lasp)
     expert_parallel = (L.ep > 1 or L.etp > 1 or L.tp > 1) and not experts_follow_tp(mesh)
     if expert_parallel:
         from .expert_parallel import apply_expert_parallel

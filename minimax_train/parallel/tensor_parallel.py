@@ -64,7 +64,8 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distr
 
 from ..model.attention import LightningAttention, SoftmaxAttention
 from ..model.moe import MoE, RouterOutput
-from ..ops.experts import grouped_linear, use_grouped_mm
+from ..ops.cross_entropy import chunked_loss_sum
+from ..ops.experts import grouped_linear, to_autocast, use_grouped_mm
 from .tp_ops import (all_reduce_sum, copy_to_tp, gather_last_dim, gather_seq, gather_seq_two_ways, pair_gate_up,
                      reduce_from_tp, scatter_seq)
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding, vocab_range
@@ -143,8 +144,15 @@ def _tp_lm_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, logits: Op
         return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100,
                                reduction="sum")
     head = self.lm_head
-    losses = vocab_parallel_cross_entropy(head.local_logits(hidden), labels, head._vocab_start, head._tp.group)
-    return losses.sum()
+    tp: TPContext = head._tp
+    hidden = tp.enter(hidden)  # all the micro-batch's tokens (SP: all-gathered once, not per chunk)
+    weight = _local(head.weight)
+
+    def loss_fn(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(F.linear(h, weight), y, head._vocab_start, tp.group).sum()
+
+    # every tp rank holds the same labels, hence the same chunks: the collectives inside line up
+    return chunked_loss_sum(hidden, labels, loss_fn, getattr(self, "loss_chunk_tokens", 0))
 
 
 class _TPReplicatedNorm:
@@ -201,6 +209,7 @@ class _TPExperts:
     partial sum of every expert's output over its I/P slice of the intermediate features."""
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int] | None = None):
+        x_sorted, = to_autocast(x_sorted)
         grouped = use_grouped_mm(x_sorted)
         sizes = None if grouped else (counts_cpu if counts_cpu is not None else counts.tolist())
         h = grouped_linear(x_sorted, counts, _local(self.gate_up_proj), sizes)

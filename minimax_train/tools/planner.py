@@ -65,7 +65,8 @@ all t tokens (gathered):
 - LASP+ (cp > 1): the all-gathered chunk states, 4 * n*d*d * 2 cp * rows per lightning layer (fp32).
 - loss: final RMSNorm, lm_head input (a*h per token), and the cross-entropy working set at the end of the
   forward pass: 12 bytes (fp32) or 14 (bf16: bf16 logits + fp32 copy) per token and vocabulary entry
-  (logits, shifted exps / log-probs, their gradient); vocabulary-parallel under tp.
+  (logits, shifted exps / log-probs, their gradient); vocabulary-parallel under tp. Only one chunk of
+  train.loss_chunk_tokens tokens has logits at a time (Workload.loss_chunk_tokens; 0: all tokens).
 - packed-sequence metadata: 48 bytes per token of each of the step's micro-batches (ids, labels,
   positions) and per forward (doc ids, positions).
 Activation checkpointing: full keeps only each layer's input (a*h per residual token) and, during the
@@ -244,6 +245,7 @@ class Workload:
     kernels: str = "gpu"  # gpu (fla, flash/flex, grouped GEMM) | reference (the CPU torch kernels)
     optimizer: str = "fused"  # fused (no step temporary) | foreach (one temporary of the optimiser shard)
     model_name: str = ""
+    loss_chunk_tokens: int = 8192  # the trainer's train.loss_chunk_tokens (0: logits of all tokens at once)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def cached(self, key, fn):
@@ -489,7 +491,8 @@ def activation_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None)
     layer_lin, layer_full = resid + lin + moe, resid + full + moe
     layers = s.n_lin * layer_lin + s.n_full * layer_full
     final = t_res * norm + t * A * h  # final norm + lm_head input
-    loss_ws = t * V_l * (12 if A == 4 else 14)
+    loss_t = min(t, w.loss_chunk_tokens) if w.loss_chunk_tokens > 0 else t  # tokens whose logits coexist
+    loss_ws = loss_t * V_l * (12 if A == 4 else 14)
     meta = 24 * rows * w.seq_len / cp * (lay.accum + 1)
     kinds = [(layer_lin, lin, lin_bwd)] * bool(s.n_lin) + [(layer_full, full, full_bwd)] * bool(s.n_full)
     if lay.ac == "none":

@@ -31,6 +31,7 @@ from minimax_train.train.faults import Faults
 from minimax_train.train.metrics import (MetricsWriter, WandbLogger, format_duration, format_progress, max_memory_gb,
                                          peak_tflops)
 from minimax_train.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from minimax_train.train.profiler import StepProfiler
 
 log = logging.getLogger("minimax_train.train")
 
@@ -100,6 +101,7 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
         model = MiniMaxForCausalLM(job.model)
     model = model.to(mesh.device)
     model.set_activation_checkpointing(job.train.activation_checkpointing)
+    model.loss_chunk_tokens = job.train.loss_chunk_tokens  # read by lm_loss_sum (ops/cross_entropy.py)
     if job.parallel.engine == "deepspeed":
         return model  # DeepSpeed wraps it with its optimiser (build_engine)
     parallelize(model, mesh, job.parallel, param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda")
@@ -259,6 +261,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
     wandb_logger = None
     metrics = None
     engine = None
+    profiler = None
     failed = True
     try:
         run_dir = Path(mesh.broadcast_object(str(Path(run_dir).absolute())))
@@ -371,8 +374,11 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         start_step = step
         it = iter(train_loader)
         engine.train()
+        profiler = StepProfiler(job.logging.profile_start, job.logging.profile_steps, run_dir / "profile",
+                                mesh.rank, device)
 
         while step < job.train.steps:
+            profiler.before_step(step + 1)
             t_start = time.perf_counter()
             lr = lr_at(step, job.optim, job.train.steps)
             engine.set_lr(lr)
@@ -408,6 +414,10 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 torch.cuda.synchronize(device)
             dt = time.perf_counter() - t_start
             step_times.append(dt)
+            profiler.after_step(step)
+            if step == start_step + 1 and device.type == "cuda" and dt > 20 and mesh.is_main:
+                log.info("the first step took %.0f s: one-time kernel compilation (fla's autotuned Triton kernels, "
+                         "FlexAttention), cached on this machine for later runs; the ETA leaves it out", dt)
 
             if not finite:
                 log.warning("step %d: non-finite %s (loss %s, grad norm %s): update skipped (%d in a row, %d total)",
@@ -471,6 +481,11 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         return TrainResult(step, tokens, last_loss, skipped, False, last_ckpt, str(run_dir))
     finally:
         stop.restore()
+        if profiler is not None:
+            try:
+                profiler.close()
+            except Exception as e:  # never mask the run's own error
+                log.warning("could not write the profile: %s", e)
         if engine is not None:
             engine.close()
         if metrics is not None:

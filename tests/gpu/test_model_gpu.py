@@ -19,8 +19,10 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-3), (torch.bfloat16, 3e-2)])
-def test_model_cuda_matches_cpu_reference(dtype, tol):
+@pytest.mark.parametrize("dtype,autocast,tol", [(torch.float32, False, 5e-3), (torch.bfloat16, False, 3e-2),
+                                                (torch.float32, True, 3e-2)], ids=["fp32", "bf16", "autocast_bf16"])
+def test_model_cuda_matches_cpu_reference(dtype, autocast, tol):
+    """autocast_bf16 is the trainer's GPU path: fp32 weights, bf16 autocast (grouped GEMM in bf16)."""
     pytest.importorskip("fla")
     torch.manual_seed(0)
     ref = MiniMaxForCausalLM(_cfg()).double()
@@ -32,7 +34,8 @@ def test_model_cuda_matches_cpu_reference(dtype, tol):
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
     out_ref = ref(ids, labels=labels, cu_seqlens=cu, return_logits=True)
     out_ref.loss.backward()
-    out = gpu(ids.cuda(), labels=labels.cuda(), cu_seqlens=cu.cuda(), return_logits=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = gpu(ids.cuda(), labels=labels.cuda(), cu_seqlens=cu.cuda(), return_logits=True)
     out.loss.backward()
     assert _rel(out.logits.cpu(), out_ref.logits) < tol
     assert abs(out.loss.item() - out_ref.loss.item()) / out_ref.loss.item() < tol
@@ -51,3 +54,20 @@ def test_grouped_mm_experts_match_loop():
     ref = grouped_swiglu(x.double(), counts, gu.double(), dn.double())  # loop path
     got = grouped_swiglu(x.bfloat16(), counts, gu.bfloat16(), dn.bfloat16())  # torch._grouped_mm path
     assert _rel(got, ref) < 2e-2
+
+
+def test_grouped_mm_is_used_under_autocast(monkeypatch):
+    """fp32 inputs and weights under bf16 autocast (the MoE input is fp32 after the RMSNorm) still take
+    torch._grouped_mm, not the per-expert loop, and the weight gradients come back in fp32."""
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = torch.tensor([3, 0, 5, 8], device="cuda")
+    x = torch.randn(16, 64, device="cuda", requires_grad=True)
+    gu = torch.randn(4, 256, 64, device="cuda", requires_grad=True)
+    dn = torch.randn(4, 64, 128, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = grouped_swiglu(x, counts, gu, dn)
+    y.float().sum().backward()
+    assert len(calls) == 2 and y.dtype == torch.bfloat16
+    assert gu.grad.dtype == torch.float32 and dn.grad.dtype == torch.float32

@@ -1,0 +1,44 @@
+"""Chunked LM loss: the [tokens, vocab] logits never exist for all tokens at once.
+
+    total = chunked_loss_sum(hidden, labels, loss_fn, chunk_tokens)
+
+splits the N tokens into chunks of `chunk_tokens` and sums loss_fn(hidden_chunk, labels_chunk) (a scalar
+sum over the chunk, e.g. lm_head + cross-entropy). Under autograd each chunk runs inside a non-reentrant
+activation checkpoint, which keeps only the chunk's inputs: its logits are recomputed in backward, one
+chunk at a time, so the peak is one chunk's logits + their gradient instead of all tokens' (cost: one
+more lm_head forward GEMM per token). Without grad (evaluation) the chunks simply run one after another.
+
+loss_fn may contain collectives (the vocabulary-parallel cross-entropy): the chunk count depends only on
+N, so every rank that sees the same N runs the same chunks, forward and recompute, in the same order.
+Chunks whose labels are all -100 contribute 0 with a zero gradient (reduction="sum" semantics)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn, chunk_tokens: int) -> torch.Tensor:
+    """sum_c loss_fn(hidden[c], labels[c]) over chunks c of `chunk_tokens` tokens; hidden [N, H], labels [N].
+    chunk_tokens <= 0 or N <= chunk_tokens: loss_fn(hidden, labels) itself (the unchunked path)."""
+    n = labels.shape[0]
+    if hidden.shape[0] != n:
+        raise ValueError(f"chunked_loss_sum: hidden has {hidden.shape[0]} tokens, labels {n}")
+    if chunk_tokens <= 0 or n <= chunk_tokens:
+        return loss_fn(hidden, labels)
+    # split (not slicing): one SplitBackward concatenates the chunks' gradients, instead of one full-size
+    # zero-filled [N, H] gradient per chunk
+    pieces = zip(hidden.split(chunk_tokens), labels.split(chunk_tokens))
+    if not torch.is_grad_enabled():
+        return sum(loss_fn(h, y) for h, y in pieces)
+    total = None
+    for h, y in pieces:
+        part = checkpoint(loss_fn, h, y, use_reentrant=False, preserve_rng_state=False)
+        total = part if total is None else total + part
+    return total
+
+
+__all__ = ["chunked_loss_sum"]

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of docs/PERFORMANCE.md in one batch, for one host with 1, 2 or 4 GPUs.
+#
+#   bash tools/gpu_checks.sh [all|tests|bench]      # logs and JSON under $LOG_DIR
+#
+# Environment: LOG_DIR (default $OUT when set, else outputs/gpu_checks/<time>), BUDGET_S (stop starting new
+# steps after this many seconds; default 3000). Each step has its own time limit and a line in
+# $LOG_DIR/summary.txt; one failing step does not stop the others.
+#
+# Order matters: the first step warms the kernel caches (fla's autotuned Triton kernels, FlexAttention's
+# inductor graphs: ~2 minutes on a fresh machine, ~30 s afterwards) so that later steps, timed runs and
+# every rank of a multi-GPU run find them compiled.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+WHAT="${1:-all}"
+LOG_DIR="${LOG_DIR:-${OUT:-outputs/gpu_checks/$(date +%Y%m%d-%H%M%S)}}"
+BUDGET_S="${BUDGET_S:-3000}"
+mkdir -p "$LOG_DIR"
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+PY="${PYTHON:-python3}"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+T0=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOG_DIR/gpus.txt" 2>&1
+
+step() {  # step NAME SECONDS MIN_GPUS command...
+    local name=$1 limit=$2 need=$3; shift 3
+    local used=$(( $(date +%s) - T0 ))
+    if (( NGPU < need )); then echo "$name skipped (needs $need GPUs, have $NGPU)" | tee -a "$LOG_DIR/summary.txt"; return; fi
+    if (( used + 30 > BUDGET_S )); then echo "$name skipped (budget)" | tee -a "$LOG_DIR/summary.txt"; return; fi
+    (( limit > BUDGET_S - used )) && limit=$(( BUDGET_S - used ))
+    timeout -k 10 "$limit" "$@" > "$LOG_DIR/$name.log" 2>&1
+    local rc=$?
+    pkill -9 -f "$LOG_DIR/" 2>/dev/null  # leftovers of a timed-out torchrun (its workers have their own sessions)
+    echo "$name rc=$rc $(( $(date +%s) - T0 ))s" | tee -a "$LOG_DIR/summary.txt"
+}
+pytest() { "$PY" -m pytest -q -p no:cacheprovider -rA "$@"; }
+L="$LOG_DIR"
+
+# warm-up: one short trainer run of the 1B preset (compiles the training kernels once for this machine)
+step warmup 400 1 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 2048 --rows 1 --steps 2 --warmup 1 \
+    --timeout 380 --layout warm:1: --workdir "$L/warm"
+
+if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
+    step t_lightning 900 1 pytest --timeout 600 tests/gpu/test_lightning_gpu.py
+    step t_attention 600 1 pytest --timeout 300 tests/gpu/test_attention_gpu.py
+    step t_model 600 1 pytest --timeout 300 tests/gpu/test_model_gpu.py
+    step t_train 1200 2 pytest -s --timeout 400 tests/gpu/test_train_gpu.py
+    step t_context_parallel 900 2 pytest --timeout 600 tests/gpu/test_context_parallel_gpu.py
+fi
+if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
+    step kernels 900 1 "$PY" tools/bench_kernels.py --budget 0.3 --out "$L/kernels.json"
+    for t in 8192 32768; do
+        step "train_1b_$t" 1200 1 "$PY" tools/bench_train.py --preset minimax_1b --seq-len $t --steps 8 --warmup 3 \
+            --workdir "$L/bt_1b_$t" --out "$L/train_1b_$t.json"
+        step "train_slice_$t" 1200 1 "$PY" tools/bench_train.py --preset minimax_slice --seq-len $t --steps 8 --warmup 3 \
+            --workdir "$L/bt_slice_$t" --out "$L/train_slice_$t.json"
+    done
+    LAYOUTS=(--layout 1gpu:1: --layout tp2:2:tp=2 --layout dp2:2:)
+    (( NGPU >= 4 )) && LAYOUTS+=(--layout tp4:4:tp=4 --layout dp4:4: --layout tp2dp2:4:tp=2)
+    step layouts_8k 1800 2 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 8192 --rows 4 --steps 8 \
+        --warmup 3 --timeout 300 "${LAYOUTS[@]}" --workdir "$L/lay8k" --out "$L/layouts_8k.json"
+    step cp_lightning 900 2 torchrun --standalone --nproc-per-node "$NGPU" tools/bench_cp.py --mode lightning \
+        --seqlens 32768,262144,1048576 --json "$L/cp_lightning.json"
+    step cp_1m 1800 4 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 1048576 --rows 1 --steps 4 \
+        --warmup 2 --ac full --timeout 900 --layout cp4_plus:4:cp=4 --layout cp4_serial:4:cp=4,lasp=serial \
+        --workdir "$L/lay1m" --out "$L/layouts_1m.json"
+    step moe_ep 600 2 torchrun --standalone --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
+fi
+echo "done in $(( $(date +%s) - T0 ))s; logs in $LOG_DIR"
