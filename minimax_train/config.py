@@ -92,12 +92,14 @@ class TrainConfig:
     eval_iters: int = 2  # validation micro-batches per data-parallel rank
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with NaN/inf loss or gradients
     loss_chunk_tokens: int = 8192  # lm_head + cross-entropy per chunk of N tokens, recomputed in backward; 0: off
+    moe_chunk_tokens: int = 0  # norm + MoE sublayer per checkpointed chunk of N tokens (long context); 0: off
 
     def __post_init__(self):
         for k in ("steps", "seq_len", "global_batch_size", "micro_batch_size", "eval_iters", "max_nonfinite_steps"):
             _positive(f"train.{k}", getattr(self, k))
         _positive("train.eval_interval", self.eval_interval, zero_ok=True)
         _positive("train.loss_chunk_tokens", self.loss_chunk_tokens, zero_ok=True)
+        _positive("train.moe_chunk_tokens", self.moe_chunk_tokens, zero_ok=True)
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.activation_checkpointing", self.activation_checkpointing, AC_MODES)
@@ -223,6 +225,9 @@ def validate_job(job: JobConfig) -> None:
     if job.model.max_position_embeddings < t.seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
                           f"{job.model.max_position_embeddings}")
+    if t.moe_chunk_tokens > 0 and job.model.moe_routing != "dropless":
+        raise ConfigError(f"train.moe_chunk_tokens={t.moe_chunk_tokens} needs model.moe_routing=dropless (capacity "
+                          f"routing ranks all tokens of a micro-batch together); set train.moe_chunk_tokens=0")
     p = job.parallel
     if p.engine == "deepspeed":
         from minimax_train.parallel.deepspeed_engine import check_deepspeed_layout

@@ -15,6 +15,9 @@ LAYOUTS = {
     "cp2_lasp_serial": (2, ["parallel.cp=2", "parallel.lasp=serial"]),
     "ep2_over_dp2": (2, ["parallel.ep=2"]),
     "ep2_overlap4": (2, ["parallel.ep=2", "parallel.moe_overlap_chunks=4"]),
+    # the MoE sublayer over checkpointed token chunks, where tokens cross ranks (TP+SP gather, EP all-to-all)
+    "tp2_sp_moe_chunks": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.moe_chunk_tokens=16"]),
+    "ep2_moe_chunks": (2, ["parallel.ep=2", "train.moe_chunk_tokens=16", "train.activation_checkpointing=full"]),
 }
 SLOW_LAYOUTS = {
     "tp2_dp2": (4, ["parallel.tp=2"]),

@@ -67,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=4096, help="small by default: the loss materialises fp32 logits")
     p.add_argument("--checkpoint", default="full", choices=["none", "selective", "full"])
     p.add_argument("--loss-chunk", type=int, default=8192, help="train.loss_chunk_tokens (0: all logits at once)")
+    p.add_argument("--moe-chunk", type=int, default=0, help="train.moe_chunk_tokens (0: the MoE on all tokens at once)")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "flex"])
     return p.parse_args(argv)
 
@@ -199,7 +200,7 @@ def bench_model(args, T, impl, group, device, dtype):
             m.slopes = m.slopes.float()
     apply_context_parallel(model, group, lasp=impl, attention_backend=args.attention_backend,
                            lightning_backend=args.lightning_backend)
-    model.set_activation_checkpointing(args.checkpoint)
+    model.set_activation_checkpointing(args.checkpoint, args.moe_chunk)
     model.loss_chunk_tokens = args.loss_chunk
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(1)

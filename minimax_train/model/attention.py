@@ -20,12 +20,12 @@ LIGHTNING_NORM_EPS = 1e-6  # transformers hard-codes this for the lightning outp
 def local_softmax_core(q, k, v, seq: PackedSequence, *, scale: float, sliding_window):
     """q [T, Hq, D], k/v [T, Hkv, D], all tokens of the packed row on this rank -> [T, Hq, D]."""
     return varlen_attention(q, k, v, q_doc=seq.doc_ids, q_pos=seq.causal_pos, k_doc=seq.doc_ids,
-                            k_pos=seq.causal_pos, scale=scale, sliding_window=sliding_window)
+                            k_pos=seq.causal_pos, scale=scale, sliding_window=sliding_window, mask_cache=seq.cache)
 
 
 def local_lightning_core(q, k, v, slopes, seq: PackedSequence, *, block_size: int):
     """q/k/v [T, H, D] activated, all tokens of the packed row on this rank -> [T, H, D]."""
-    o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens, block_size=block_size)
+    o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long, block_size=block_size)
     return o[0]
 
 
@@ -49,10 +49,13 @@ class SoftmaxAttention(nn.Module):
         q = self.q_proj(x).view(t, -1, self.head_dim)
         k = self.k_proj(x).view(t, -1, self.head_dim)
         v = self.v_proj(x).view(t, -1, self.head_dim)
-        cos, sin = rope_cos_sin(seq.rope_pos, head_dim=self.head_dim, rotary_dim=self.rotary_dim,
-                                theta=self.rope_theta, dtype=x.dtype)
+        # RoPE in at least fp32, the result in q's dtype: under bf16 autocast q and k stay bf16 for the
+        # attention kernel (x, the fp32 norm output, must not set the dtype). One table per sequence.
+        rdt = torch.promote_types(q.dtype, torch.float32)
+        cos, sin = seq.cached(("rope", self.rotary_dim, self.rope_theta, rdt), lambda: rope_cos_sin(
+            seq.rope_pos, head_dim=self.head_dim, rotary_dim=self.rotary_dim, theta=self.rope_theta, dtype=rdt))
         # apply_rope expects [..., T, H, D] with cos/sin [..., T, rotary_dim]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin).to(q.dtype), apply_rope(k, cos, sin).to(k.dtype)
         o = self.core(q, k, v, seq, scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
         return self.o_proj(o.reshape(t, -1))
 

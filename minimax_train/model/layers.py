@@ -1,7 +1,7 @@
 """Small building blocks shared by the model: RMSNorm, activations, packed-sequence metadata."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,10 +42,23 @@ class PackedSequence:
     doc_ids: torch.Tensor
     causal_pos: torch.Tensor
     rope_pos: torch.Tensor
+    # per-sequence values every layer would otherwise rebuild (RoPE tables, int64 boundaries for fla)
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
         return self.doc_ids.numel()
+
+    def cached(self, key, make):
+        """make() once per sequence and key; shared by all layers (and their recomputation)."""
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    @property
+    def cu_seqlens_long(self) -> torch.Tensor:
+        """cu_seqlens as int64, one tensor per sequence: fla caches its chunk indices by tensor identity."""
+        return self.cached("cu_seqlens_long", lambda: self.cu_seqlens.long())
 
     @classmethod
     def build(cls, batch: int, seqlen: int, device, cu_seqlens=None, position_ids=None) -> "PackedSequence":

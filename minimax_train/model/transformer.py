@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import LightningAttention, SoftmaxAttention
 from .config import FULL, ModelConfig
 from .layers import PackedSequence, RMSNorm
-from .moe import MoE, load_balancing_loss, load_balancing_stats
+from .moe import MoE, RouterOutput, load_balancing_loss, load_balancing_stats
 from ..ops.cross_entropy import chunked_loss_sum
 
 
@@ -35,9 +35,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg)
         self.checkpoint_mode = "none"
+        self.moe_chunk_tokens = 0  # > 0: the MoE sublayer runs over token chunks, each checkpointed
 
     def _attn(self, x, seq):
         return self.self_attn(x, seq)
+
+    def _moe_sublayer(self, h):
+        b = self.post_attention_layernorm(h)
+        moe, route, stats = self.mlp(b)
+        return self.mlp_alpha * b + self.mlp_beta * moe, route, stats
 
     def forward(self, x: torch.Tensor, seq: PackedSequence):
         a = self.input_layernorm(x)
@@ -46,9 +52,27 @@ class DecoderLayer(nn.Module):
         else:
             attn = self.self_attn(a, seq)
         h = self.attn_alpha * a + self.attn_beta * attn
-        b = self.post_attention_layernorm(h)
-        moe, route, stats = self.mlp(b)
-        return self.mlp_alpha * b + self.mlp_beta * moe, route, stats
+        n = self.moe_chunk_tokens
+        if n > 0 and h.shape[0] > n and torch.is_grad_enabled():
+            return _chunked_moe_sublayer(self._moe_sublayer, h, n)
+        return self._moe_sublayer(h)
+
+
+def _chunked_moe_sublayer(fn, h: torch.Tensor, chunk: int):
+    """The norm + MoE sublayer is token-wise (dropless routing), so it can run over chunks of tokens, each
+    under a non-reentrant checkpoint: at long context only one chunk's expert activations exist at a time
+    (also inside a fully checkpointed layer's recomputation), for one more MoE forward per token. Ranks
+    that exchange tokens (tensor / expert parallel) hold equal token counts, so they run the same chunks."""
+    outs, routes, loads, dropped = [], [], 0, 0
+    for piece in h.split(chunk):
+        out, route, stats = checkpoint(fn, piece, use_reentrant=False)
+        outs.append(out)
+        routes.append(route)
+        loads = loads + stats["tokens_per_expert"]
+        dropped = dropped + stats["dropped"]
+    route = RouterOutput(**{f: torch.cat([getattr(r, f) for r in routes]) for f in ("logits", "probs", "weights",
+                                                                                     "experts")})
+    return torch.cat(outs), route, {"tokens_per_expert": loads, "dropped": dropped}
 
 
 @dataclass
@@ -124,18 +148,41 @@ class MiniMaxForCausalLM(nn.Module):
             elif cfg.init == "normal" or p.dim() < 2 or "embed_tokens" in name:
                 p.normal_(0.0, cfg.initializer_range)
             else:
-                # DeepNorm: value/output/FFN projections get gain beta, q/k/router/lm_head gain 1
-                scaled = any(s in name for s in ("v_proj", "o_proj", "out_proj", "output_gate", "experts", "qkv_proj"))
-                gain = deep_beta if scaled else 1.0
-                fan_out, fan_in = p.shape[-2], p.shape[-1]
-                std = gain * math.sqrt(2.0 / (fan_in + fan_out))
-                p.normal_(0.0, std)
+                self._deepnorm_init(name, p, deep_beta)
 
-    def set_activation_checkpointing(self, mode: str) -> None:
+    def _deepnorm_init(self, name: str, p: torch.Tensor, beta: float) -> None:
+        """Xavier normal per unfused projection: gain beta on value, output and FFN projections, 1 on q, k,
+        router and lm_head (DeepNet). Fused tensors are initialised block by block with the fan of the
+        projection each block stands for: qkv_proj's rows are head-major (q_i, k_i, v_i), gate_up_proj's
+        gate then up."""
+        def xavier(t, gain):
+            fan_out, fan_in = t.shape[-2], t.shape[-1]
+            t.normal_(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)))
+
+        if "qkv_proj" in name:  # [n*3*d, h] -> [n, 3, d, h]; q, k and v are each an [n*d, h] projection
+            d = self.config.head_dim
+            blocks = p.view(-1, 3, d, p.shape[-1])
+            std = math.sqrt(2.0 / (p.shape[-1] + p.shape[0] // 3))
+            blocks[:, :2].normal_(0.0, std)
+            blocks[:, 2].normal_(0.0, beta * std)
+        elif "gate_up_proj" in name:  # [E, 2I, H]: gate [E, I, H] and up [E, I, H], FFN input projections
+            for half in p.chunk(2, dim=-2):
+                xavier(half, beta)
+        else:
+            scaled = any(s in name for s in ("v_proj", "o_proj", "out_proj", "output_gate", "experts"))
+            xavier(p, beta if scaled else 1.0)
+
+    def set_activation_checkpointing(self, mode: str, moe_chunk_tokens: int = 0) -> None:
+        """mode none | selective (attention sublayers) | full (whole layers); moe_chunk_tokens > 0 also
+        checkpoints the norm + MoE sublayer per chunk of that many tokens (dropless routing only)."""
         if mode not in ("none", "selective", "full"):
             raise ValueError(f"activation checkpointing mode '{mode}' unknown; use none, selective or full")
+        if moe_chunk_tokens > 0 and self.config.moe_routing != "dropless":
+            raise ValueError("moe_chunk_tokens needs moe_routing=dropless: capacity routing ranks every token of "
+                             "the micro-batch together")
         for layer in self.model.layers:
             layer.checkpoint_mode = mode
+            layer.moe_chunk_tokens = moe_chunk_tokens
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,

@@ -256,10 +256,16 @@ def _flex_block_mask(q_doc, q_pos, k_doc, k_pos, sliding_window, block=_FLEX_BLO
     )
 
 
-def _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, return_lse):
+def _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, return_lse, mask_cache):
     from torch.nn.attention.flex_attention import AuxRequest
 
-    block_mask = _flex_block_mask(q_doc, q_pos, k_doc, k_pos, sliding_window)
+    key = ("flex_block_mask", sliding_window)
+    if mask_cache is not None and key in mask_cache:
+        block_mask = mask_cache[key]
+    else:
+        block_mask = _flex_block_mask(q_doc, q_pos, k_doc, k_pos, sliding_window)
+        if mask_cache is not None:
+            mask_cache[key] = block_mask
     flex = _compiled_flex_attention()
     Hq, Hkv = q.shape[1], k.shape[1]
     # [T, H, D] -> [1, H, T, D] views; flex accepts strided inputs (last dim contiguous).
@@ -278,7 +284,7 @@ def _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_w
 
 
 def varlen_attention(q, k, v, *, q_doc, q_pos, k_doc, k_pos, scale, sliding_window=None,
-                     return_lse=False, backend="auto"):
+                     return_lse=False, backend="auto", mask_cache=None):
     """Causal, document-masked softmax attention over packed tokens (no batch dim).
 
     q [Tq, Hq, D]; k, v [Tk, Hkv, D], Hq % Hkv == 0 (query head h uses kv head h // (Hq // Hkv)).
@@ -290,7 +296,8 @@ def varlen_attention(q, k, v, *, q_doc, q_pos, k_doc, k_pos, scale, sliding_wind
     lse [Hq, Tq] (fp32, fp64 for fp64 inputs on the torch backend): natural-log log-sum-exp of the
     scaled masked scores, -inf for a row that sees no key (its o is 0; no NaN, also in backward).
     Differentiable w.r.t. q, k, v and lse. backend: "torch", "flex", or "auto" (flex for CUDA
-    fp16/bf16/fp32, torch otherwise).
+    fp16/bf16/fp32, torch otherwise). mask_cache: a dict that lives as long as these q/k positions
+    (e.g. PackedSequence.cache), so the softmax layers of one sequence share one flex block mask.
     """
     _check_inputs(q, k, v, q_doc, q_pos, k_doc, k_pos, sliding_window)
     if sliding_window is not None:
@@ -301,7 +308,8 @@ def varlen_attention(q, k, v, *, q_doc, q_pos, k_doc, k_pos, scale, sliding_wind
     if backend == "torch":
         o, lse = _torch_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window)
     elif backend == "flex":
-        o, lse = _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, return_lse)
+        o, lse = _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, return_lse,
+                                        mask_cache)
     else:
         raise ValueError(f"backend must be 'auto', 'torch' or 'flex', got {backend!r}")
     return (o, lse) if return_lse else o

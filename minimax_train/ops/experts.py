@@ -10,7 +10,12 @@ import torch.nn.functional as F
 
 
 def use_grouped_mm(*tensors: torch.Tensor) -> bool:
-    return hasattr(torch, "_grouped_mm") and all(t.is_cuda and t.dtype == torch.bfloat16 for t in tensors)
+    """CUDA bf16 operands that torch._grouped_mm takes: it needs 16-byte-aligned strides, i.e. the feature
+    dims (the last of [N, K] rows, the last two of [E, K, M] weights) multiples of 8; else the loop."""
+    def aligned(t):
+        return all(n % 8 == 0 for n in (t.shape[-2:] if t.dim() == 3 else t.shape[-1:]))
+    return hasattr(torch, "_grouped_mm") and all(t.is_cuda and t.dtype == torch.bfloat16 and aligned(t)
+                                                 for t in tensors)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -250,7 +250,7 @@ def lasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: to
         raise ValueError(f"context-parallel group has {world} ranks but the sequence was sharded for cp={info.size}")
     if mode == "serial" and world > 1:
         return _serial_lasp(q, k, v, slopes, seq, group, block_size, backend)
-    o, finals = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens,
+    o, finals = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long,
                                     output_final_state=True, block_size=block_size, backend=backend)
     o = o[0]
     m_loc = finals[info.seg_last_piece.to(finals.device)]  # [2*rows, H, dk, dv] fp32 (fp64 for fp64 inputs)
@@ -275,7 +275,7 @@ class LaspCore:
 
     def __call__(self, q, k, v, slopes, seq, *, block_size: int):
         if getattr(seq, "cp", None) is None:
-            o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens,
+            o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long,
                                        block_size=block_size, backend=self.backend)
             return o[0]
         return lasp_attention(q, k, v, slopes, seq, self.group, block_size=block_size, mode=self.mode,

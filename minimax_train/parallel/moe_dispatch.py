@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.moe import capacity_keep, expert_capacity
+from ..ops.experts import to_autocast
 from .moe_experts import swiglu_backward_input, swiglu_forward, weight_grad
 
 
@@ -263,6 +264,7 @@ class AllToAllDispatcher:
         if k_chunks > 1 and el > 1:  # weight gradients regroup all chunks' rows expert-major
             wg_keys = (torch.arange(el)[None, :] * k_chunks + torch.arange(k_chunks)[:, None]).reshape(-1).tolist()
             up += wg_keys + [n for row in expert_counts for n in row]
+        up.append(int(routed[me].sum()) - n_kept)  # dropped assignments (last value)
         dev_vals = _upload(up, dev)
         pos = k_chunks * el
         ec_dev = dev_vals[:pos].view(k_chunks, el)
@@ -303,9 +305,8 @@ class AllToAllDispatcher:
             blocks = sel.split([int(n) for n in kept_owner[me].reshape(-1)])
             sel = torch.cat([b for b in blocks for _ in range(rep)])
         token_of = sel // k
-        send_x = x.index_select(0, token_of)
-        if torch.is_autocast_enabled(dev.type):  # the experts' first op casts anyway: ship the cheaper dtype
-            send_x = send_x.to(torch.get_autocast_dtype(dev.type))
+        x_in, = to_autocast(x)  # the experts' first op casts anyway: gather and ship the cheaper dtype
+        send_x = x_in.index_select(0, token_of)
         plan.needs_grad = torch.is_grad_enabled() and (send_x.requires_grad or any(
             p.requires_grad for p in (experts.gate_up_proj, experts.down_proj)))
         y = experts(send_x, plan)
@@ -315,9 +316,7 @@ class AllToAllDispatcher:
             out = torch.zeros(x.shape, dtype=torch.float32, device=dev).index_add_(0, token_of, y.float()).to(x.dtype)
         else:
             out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
-        dropped = int(routed[me].sum()) - n_kept
-        return out, {"tokens_per_expert": counts_k.sum(0),
-                     "dropped": torch.tensor(dropped, dtype=torch.long, device=dev)}
+        return out, {"tokens_per_expert": counts_k.sum(0), "dropped": dev_vals[-1]}
 
 
 __all__ = ["AllToAllDispatcher", "DispatchPlan"]

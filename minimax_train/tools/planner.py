@@ -61,7 +61,8 @@ all t tokens (gathered):
 - MoE experts: R = k * t/tp * etp routed rows on this rank (balanced routing x moe_imbalance), each keeping
   the gathered input row, gate_up output, act(gate), act(gate) * up, expert output and weighted output:
   a*(3h + 4I) + 20 bytes; with ep > 1 also the permuted send / combined receive rows (2 a*h per
-  assignment of this rank's tokens).
+  assignment of this rank's tokens). With train.moe_chunk_tokens = c < t/tp (Workload.moe_chunk_tokens)
+  none of it is saved: one chunk's share (c / (t/tp)) of these plus their backward is a working set.
 - LASP+ (cp > 1): the all-gathered chunk states, 4 * n*d*d * 2 cp * rows per lightning layer (fp32).
 - loss: final RMSNorm, lm_head input (a*h per token), and the cross-entropy working set at the end of the
   forward pass: 12 bytes (fp32) or 14 (bf16: bf16 logits + fp32 copy) per token and vocabulary entry
@@ -246,6 +247,7 @@ class Workload:
     optimizer: str = "fused"  # fused (no step temporary) | foreach (one temporary of the optimiser shard)
     model_name: str = ""
     loss_chunk_tokens: int = 8192  # the trainer's train.loss_chunk_tokens (0: logits of all tokens at once)
+    moe_chunk_tokens: int = 0  # the trainer's train.moe_chunk_tokens (0: the MoE sublayer on all tokens at once)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def cached(self, key, fn):
@@ -488,6 +490,9 @@ def activation_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None)
     moe_bwd = R * A * (2 * h + 3 * I_l)
     if not etp_path or ep > 1:
         moe += k * t_res * 2 * A * h  # permuted send rows + combined receive rows
+    if 0 < w.moe_chunk_tokens < t_res:  # checkpointed token chunks: one chunk's expert activations at a time
+        moe_bwd = (moe + moe_bwd) * w.moe_chunk_tokens / t_res
+        moe = 0.0
     layer_lin, layer_full = resid + lin + moe, resid + full + moe
     layers = s.n_lin * layer_lin + s.n_full * layer_full
     final = t_res * norm + t * A * h  # final norm + lm_head input
@@ -590,11 +595,15 @@ def estimate_time(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> 
         recompute = attn_fwd * G / N
     else:
         recompute = 0.0
-    compute = (model_flops + recompute) / (peak * a.compute_efficiency)
     passes = 3 if lay.ac == "full" else 2  # forward, backward (+ recomputed forward)
     mbs = lay.accum  # micro-batches per step on this rank
     t = lay.micro_batch_rows * T / lay.cp
     tp, cp, ep, etp = lay.tp, lay.cp, lay.ep, lay.etp
+    moe_passes = passes
+    if 0 < w.moe_chunk_tokens < t / tp:  # checkpointed MoE chunks: the experts' forward once more
+        recompute += s.L * 6.0 * s.k * s.h * s.I * G / N
+        moe_passes += 1
+    compute = (model_flops + recompute) / (peak * a.compute_efficiency)
     I_l = s.I / etp
     # TP: AG + RS of [t, h] per block; MoE blocks too when the tp=etp experts run on gathered tokens
     tp_t = 0.0
@@ -623,7 +632,7 @@ def estimate_time(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> 
     if ep > 1:
         rows_sent = s.k * t / tp * (etp if tp > 1 else 1) * a.moe_imbalance
         vol = (disp - 1) / disp * rows_sent * s.h * A
-        ep_t = _coll_time(mbs * s.L * 2 * passes * vol, disp, stride, g, kind="a2a")
+        ep_t = _coll_time(mbs * s.L * 2 * moe_passes * vol, disp, stride, g, kind="a2a")
     # DP
     ps = w.cached(("split", tp, ep, etp), lambda: parameter_split(cfg, tp, ep, etp))
     dense, experts = ps["dense_local"], ps["experts_local"]
@@ -979,6 +988,8 @@ def build_parser():
     g.add_argument("--kernels", default="gpu", choices=("gpu", "reference"),
                    help="gpu: fla/flash/grouped GEMM; reference: the CPU torch kernels")
     g.add_argument("--optimizer", default="fused", choices=("fused", "foreach"))
+    g.add_argument("--loss-chunk-tokens", type=int, default=8192, help="the trainer's train.loss_chunk_tokens")
+    g.add_argument("--moe-chunk-tokens", type=int, default=0, help="the trainer's train.moe_chunk_tokens")
     c = ap.add_argument_group("fix part of the layout (default: enumerate)")
     for k in ("tp", "cp", "ep", "etp"):
         c.add_argument(f"--{k}", type=int)
@@ -1013,6 +1024,7 @@ def _workload_from_args(args) -> Workload:
     return Workload(cfg, seq_len=parse_count(args.seq_len, "--seq-len"),
                     global_batch_tokens=parse_count(args.global_batch, "--global-batch"), num_gpus=gpus, gpu=gpu,
                     precision=args.precision, kernels=args.kernels, optimizer=args.optimizer,
+                    loss_chunk_tokens=args.loss_chunk_tokens, moe_chunk_tokens=args.moe_chunk_tokens,
                     model_name=Path(args.model).stem if args.model.endswith((".yaml", ".yml", ".json")) else args.model)
 
 

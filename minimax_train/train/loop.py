@@ -100,7 +100,7 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
     else:
         model = MiniMaxForCausalLM(job.model)
     model = model.to(mesh.device)
-    model.set_activation_checkpointing(job.train.activation_checkpointing)
+    model.set_activation_checkpointing(job.train.activation_checkpointing, job.train.moe_chunk_tokens)
     model.loss_chunk_tokens = job.train.loss_chunk_tokens  # read by lm_loss_sum (ops/cross_entropy.py)
     if job.parallel.engine == "deepspeed":
         return model  # DeepSpeed wraps it with its optimiser (build_engine)
@@ -157,7 +157,10 @@ def build_engine(job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool =
         optimizer, opt_impl = build_optimizer(model, job.optim, device=opt_device, sharded=True)
         engine = DeepSpeedEngine(model, optimizer, job, mesh, accum=accum, bf16=bf16)
         return engine, f"{opt_impl} in DeepSpeed ZeRO-{job.parallel.zero_stage}"
-    optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=is_sharded(model))
+    from torch.distributed.tensor import DTensor
+    # FSDP, or tensor / expert parallel DTensor parameters without FSDP: apex cannot step either
+    sharded = is_sharded(model) or any(isinstance(p, DTensor) for p in model.parameters())
+    optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=sharded)
     return TorchEngine(model, optimizer), opt_impl
 
 
@@ -338,7 +341,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             else:
                 log.warning("world size changed (%d -> %d): RNG streams reseeded", blob["world_size"],
                             mesh.world_size)
-                _seed_all(job.train.seed + 1000003 * step + mesh.rank)
+                _seed_all(job.train.seed + 1000003 * step)  # same on every rank, as at the start (TP ranks must agree)
             log.info("resumed from %s (step %d, %.2fs)", resume_from, step, time.perf_counter() - t0)
         if step >= job.train.steps:
             log.info("checkpoint step %d >= train.steps=%d: nothing to do", step, job.train.steps)
