@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--ac", default="none", choices=("none", "selective", "full"))
+    p.add_argument("--moe-chunk", type=int, default=0, help="train.moe_chunk_tokens (also in the planner's estimate)")
+    p.add_argument("--loss-chunk", type=int, default=8192, help="train.loss_chunk_tokens (also in the estimate)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--gpu", default="h100", help="planner GPU kind (memory capacity only)")
     p.add_argument("--trainer-arg", action="append", default=[], metavar="HYDRA_OVERRIDE")
@@ -97,6 +99,7 @@ def run_layout(a, name: str, world: int, lay, model_hydra: list[str], corpus: Pa
            "train=gpu" if gpu else "train=default", f"train.device={a.device}",
            f"train.precision={'bf16' if gpu else 'fp32'}", f"train.seq_len={a.seq_len}",
            f"train.global_batch_size={a.rows}", f"train.micro_batch_size={a.micro}", f"train.steps={a.steps}",
+           f"train.moe_chunk_tokens={a.moe_chunk}", f"train.loss_chunk_tokens={a.loss_chunk}",
            "train.eval_interval=0", "optim.warmup_steps=0", "checkpoint.interval=0", "checkpoint.save_final=false",
            "checkpoint.resume=false", "logging.wandb.mode=disabled", "logging.interval=1",
            "data=jsonl", f"data.sources.0.path={corpus}", "data.tokenizer=embedded", "data.valid_fraction=0",
@@ -138,7 +141,8 @@ def main(argv=None) -> int:
         w = Workload(cfg, seq_len=a.seq_len, global_batch_tokens=a.rows * a.seq_len, num_gpus=world,
                      gpu=gpu_spec(a.gpu), precision="bf16" if a.device == "cuda" else "fp32",
                      kernels="gpu" if a.device == "cuda" else "reference",
-                     optimizer="fused" if a.device == "cuda" else "foreach", model_name=a.preset)
+                     optimizer="fused" if a.device == "cuda" else "foreach", model_name=a.preset,
+                     loss_chunk_tokens=a.loss_chunk, moe_chunk_tokens=a.moe_chunk)
         res = run_layout(a, name, world, lay, model_hydra, corpus, work, kw["lasp"])
         res["estimate_gb"] = estimate_memory(w, lay).total / 1e9
         if res["status"] == "ok":

@@ -61,8 +61,12 @@ if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
         --warmup 3 --timeout 300 "${LAYOUTS[@]}" --workdir "$L/lay8k" --out "$L/layouts_8k.json"
     step cp_lightning 900 2 torchrun --standalone --nproc-per-node "$NGPU" tools/bench_cp.py --mode lightning \
         --seqlens 32768,262144,1048576 --json "$L/cp_lightning.json"
+    step cp_32k 600 4 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 32768 --rows 1 --steps 6 \
+        --warmup 3 --ac full --moe-chunk 16384 --timeout 300 --layout cp4_plus_32k:4:cp=4 \
+        --workdir "$L/lay32k" --out "$L/layouts_32k.json"
     step cp_1m 1800 4 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 1048576 --rows 1 --steps 4 \
-        --warmup 2 --ac full --timeout 900 --layout cp4_plus:4:cp=4 --layout cp4_serial:4:cp=4,lasp=serial \
+        --warmup 2 --ac full --moe-chunk 16384 --timeout 900 --layout cp4_plus:4:cp=4 \
+        --layout cp4_serial:4:cp=4,lasp=serial \
         --workdir "$L/lay1m" --out "$L/layouts_1m.json"
     step moe_ep 600 2 torchrun --standalone --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
 fi
