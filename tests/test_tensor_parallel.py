@@ -199,7 +199,7 @@ def _ranks_2(ckpt_dir: str):
 def _tp_with_expert_parallel(pkw):
     """One step's objective and gradients of TP (experts=False) + apply_expert_parallel."""
     import torch.distributed as dist
-    from minimax_train.parallel.expert_parallel import apply_expert_parallel, unshard_expert_state
+    from minimax_train.parallel.expert_parallel import apply_expert_parallel
     from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
     from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -213,7 +213,9 @@ def _tp_with_expert_parallel(pkw):
     out = model(ids, labels=labels, cu_seqlens=cu)
     loss = out.lm_loss_sum / int((labels != -100).sum()) + cfg.router_aux_loss_coef * out.aux_loss
     loss.backward()
-    grads = {n: unshard_expert_state(p.grad) if ".experts." in n else full(p.grad) for n, p in model.named_parameters()}
+    grads = {n: full(p.grad) for n, p in model.named_parameters()}
+    # expert_parallel keeps gate_up_proj [E, 2, I, H] in memory when etp > 1: transformers' [E, 2I, H] is its flattening
+    grads = {n: g.flatten(1, 2) if g.dim() == 4 else g for n, g in grads.items()}
     return {"loss": loss.item(), "aux": out.aux_loss.item(), "load": out.expert_load.clone(), "grads": grads}
 
 

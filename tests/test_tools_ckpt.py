@@ -1,8 +1,8 @@
 """Checkpoint tools on a real (CPU) training checkpoint: inspect reports step, tokens, layout, config and
-the tensor shapes; convert validates a target layout, reshapes the expert gate/up weights (and Adam moments)
-for etp > 1 and back losslessly, and its consolidated copy resumes in the trainer exactly like the original;
-export-hf is minimax_train.export; import-hf gives a step-0 checkpoint holding the HF weights that the trainer
-resumes; bad input ends with a one-line error."""
+the tensor shapes; convert validates a target layout and writes a lossless consolidated copy (the same keys and
+shapes for every layout) that resumes in the trainer exactly like the original, and rewrites a legacy
+[E, 2, I, H] expert gate/up checkpoint in the standard form; export-hf is minimax_train.export; import-hf gives
+a step-0 checkpoint holding the HF weights that the trainer resumes; bad input ends with a one-line error."""
 from __future__ import annotations
 
 import shutil
@@ -47,31 +47,53 @@ def test_inspect_reports_step_tokens_layout_and_shapes(run, capsys):
     assert info["parameters"]["total"] == sum(v.numel() for v in model.parameters())
     assert C.main(["inspect", str(run / "checkpoints" / "step_00000006"), "--match", "gate_up"]) == 0
     out = capsys.readouterr().out
-    assert "step 6, tokens seen 1,536" in out and "mlp.experts.gate_up_proj" in out and "[E, 2I, H]" in out
+    assert "step 6, tokens seen 1,536" in out and "mlp.experts.gate_up_proj" in out and "LEGACY" not in out
 
 
-def test_convert_reshapes_for_etp_and_back_losslessly_and_resumes_like_the_original(run, tmp_path):
+def test_convert_is_lossless_for_any_target_layout_and_resumes_like_the_original(run, tmp_path):
     src = run / "checkpoints"
     rep = C.convert(src, tmp_path / "etp2", world=4, tp=2, ep=2, etp=2)
     assert rep["target_layout"] == {"world": 4, "dp": 2, "cp": 1, "tp": 2, "ep": 2, "etp": 2, "edp": 1}
-    assert rep["reshaped_gate_up"] == 4 * 3  # 4 layers x (weight, exp_avg, exp_avg_sq)
+    assert rep["upgraded_gate_up"] == 0
     t4 = C.tensor_metadata(tmp_path / "etp2" / "step_00000008")
-    assert t4["model.model.layers.0.mlp.experts.gate_up_proj"]["shape"] == [4, 2, 128, 64]
-    assert t4["optim.state.model.layers.0.mlp.experts.gate_up_proj.exp_avg"]["shape"] == [4, 2, 128, 64]
-    back = C.convert(tmp_path / "etp2", tmp_path / "back", world=2, tp=1)
-    assert back["reshaped_gate_up"] == 12
-    a, b = C.load_full_state(src / "step_00000008"), C.load_full_state(tmp_path / "back" / "step_00000008")
-    flat_a = dict(_flatten(a))
-    flat_b = dict(_flatten(b))
-    assert flat_a.keys() == flat_b.keys()
-    for k, v in flat_a.items():
-        assert torch.equal(v, flat_b[k]) if isinstance(v, torch.Tensor) else v == flat_b[k], k
+    assert t4["model.model.layers.0.mlp.experts.gate_up_proj"]["shape"] == [4, 256, 64]  # the same for every layout
+    assert t4["optim.state.model.layers.0.mlp.experts.gate_up_proj.exp_avg"]["shape"] == [4, 256, 64]
+    _assert_same_state(src / "step_00000008", tmp_path / "etp2" / "step_00000008")
     # resuming the consolidated copy = resuming the original (same step-9 loss, bit for bit)
     orig = tmp_path / "orig"
     shutil.copytree(src, orig)
     r1 = _train_in_process(tmp_path / "r1", orig, 9)
-    r2 = _train_in_process(tmp_path / "r2", tmp_path / "back", 9)
+    r2 = _train_in_process(tmp_path / "r2", tmp_path / "etp2", 9)
     assert r1.step == r2.step == 9 and r1.last_loss == r2.last_loss
+
+
+def test_legacy_4d_gate_up_checkpoint_is_flagged_and_converted(run, tmp_path, capsys):
+    """Checkpoints of etp > 1 runs written before expert_parallel.standard_gate_up hold gate/up (and its Adam
+    moments) as [E, 2, I, H]: inspect flags them, export-hf refuses with the remedy, convert restores [E, 2I, H]."""
+    src = run / "checkpoints" / "step_00000008"
+    sd = C.load_full_state(src)
+    gate_up = [(sd["model"], k) for k in sd["model"] if k.endswith(C.GATE_UP)]
+    gate_up += [(st, m) for k, st in sd["optim"]["state"].items() if k.endswith(C.GATE_UP)
+                for m in ("exp_avg", "exp_avg_sq")]
+    for d, k in gate_up:
+        d[k] = d[k].unflatten(1, (2, -1)).contiguous()
+    from minimax_train.train.checkpoint import read_meta
+    legacy = C._save_dcp_step(sd, read_meta(src), C.read_config(src), tmp_path / "legacy", src.name, overwrite=False)
+    assert C.tensor_metadata(legacy)["model.model.layers.0.mlp.experts.gate_up_proj"]["shape"] == [4, 2, 128, 64]
+    assert C.main(["inspect", str(legacy)]) == 0 and "LEGACY" in capsys.readouterr().out
+    assert C.main(["export-hf", str(legacy), "--out", str(tmp_path / "hf")]) == 2
+    assert "tools/ckpt.py convert" in capsys.readouterr().err
+    rep = C.convert(legacy, tmp_path / "fixed")
+    assert rep["upgraded_gate_up"] == len(gate_up) == 4 * 3  # 4 layers x (weight, exp_avg, exp_avg_sq)
+    _assert_same_state(src, tmp_path / "fixed" / "step_00000008")
+
+
+def _assert_same_state(a_dir: Path, b_dir: Path) -> None:
+    flat_a = dict(_flatten(C.load_full_state(a_dir)))
+    flat_b = dict(_flatten(C.load_full_state(b_dir)))
+    assert flat_a.keys() == flat_b.keys()
+    for k, v in flat_a.items():
+        assert torch.equal(v, flat_b[k]) if isinstance(v, torch.Tensor) else v == flat_b[k], k
 
 
 def _flatten(d, prefix=""):
@@ -102,11 +124,6 @@ def test_export_hf_is_the_export_command_and_import_hf_resumes(run, tmp_path):
     assert export_main(["--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "hf_ref")]) == 0
     a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf_ref" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    # a 4-D (etp > 1) checkpoint exports to the same weights
-    C.convert(run / "checkpoints", tmp_path / "etp2", world=4, tp=2, ep=2, etp=2)
-    assert C.main(["export-hf", str(tmp_path / "etp2"), "--out", str(tmp_path / "hf4")]) == 0
-    c = load_file(tmp_path / "hf4" / "model.safetensors")
-    assert all(torch.equal(a[k], c[k]) for k in a)
     # import: step 0 with the HF weights, resumed by the trainer
     argv = ["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "imported"), "--", *TINY]
     assert C.main(argv) == 0

@@ -91,3 +91,16 @@ def test_sigterm_fault_hook_saves_checkpoint(tmp_path):
     assert "received SIGTERM" in p.stdout + p.stderr
     assert complete_steps(ckpt) == [3]
     assert max(r["step"] for r in read_metrics(tmp_path / "a")) == 3
+
+
+def test_sigterm_on_one_tp_rank_stops_every_rank(tmp_path):
+    """A signal reaching only rank 0 of a tp=2 job: the flag goes round the tp group too, so both ranks
+    save the same step and exit cleanly (no rank left waiting in a collective)."""
+    from test_train_dp import _train_rank
+    from util_dist import run_distributed
+    ckpt = tmp_path / "ckpt"
+    steps = run_distributed(_train_rank, 2, [*TINY, "parallel.tp=2", f"checkpoint.dir={ckpt}",
+                                             "checkpoint.interval=0"], str(tmp_path / "a"), timeout=120,
+                            env={"MINIMAX_TRAIN_FAULTS": "sigterm@2"})
+    assert steps == [3, 3]
+    assert complete_steps(ckpt) == [3]

@@ -9,10 +9,16 @@ For every MoE block it keeps only this rank's experts and installs the all-to-al
 - edp replicates; FSDP2 shards the expert parameters over it.
 Expert parameters are DTensors on the 2-D ("ep", "etp") sub-mesh: down_proj [E, H, I] with
 (Shard(0), Shard(2)); gate_up_proj [E, 2I, H] with (Shard(0), Replicate()) when etp == 1. With etp > 1
-each rank's rows (its gate slice and its up slice) are not contiguous in [E, 2I, H], which DCP cannot
-store, so gate_up_proj becomes the 4-D view [E, 2, I, H] (index 0 gate, 1 up) with (Shard(0), Shard(2)):
-`full.reshape(E, 2 * I, H)` is transformers' layout again. (Changing etp between 1 and > 1 across a DCP
-resume therefore needs that reshape; changing ep, edp, or etp among values > 1 reshards directly.)
+each rank's rows (its gate slice and its up slice) are not contiguous in [E, 2I, H], which no DTensor
+placement describes, so in memory gate_up_proj is the 4-D view [E, 2, I, H] (index 0 gate, 1 up) with
+(Shard(0), Shard(2)). Checkpoints never see that form: `standard_gate_up` (used by train/checkpoint.py
+around every DCP save and load) presents each 4-D gate/up tensor, the parameter and its optimiser
+moments, as transformers' [E, 2I, H] under the same key, this rank's block as two chunks (its gate rows
+and its up rows, views of the local tensor). Every layout therefore writes the same keys and logical
+shapes, and DCP reshards between any of them (ep, etp, edp, tensor_parallel.py's experts, one process,
+export). Why not the alternatives: keeping [E, 2I, H] with rows permuted per rank needs the same adapter
+plus an un-permute at save time; tensor_parallel.py's pairing all-to-all costs one more exchange of the
+expert activations per layer and direction, and would have to live inside the pipelined exchange.
 Compute always uses the local tensors.
 
 Token layout the dispatcher assumes: every rank of a dispatch group holds its own tokens (EP folds over
@@ -35,6 +41,7 @@ and root over dp x cp) -> optimiser.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -217,11 +224,83 @@ def apply_expert_parallel(model: nn.Module, expert_mesh_or_groups, *, overlap_ch
     return model
 
 
-def unshard_expert_state(t: torch.Tensor) -> torch.Tensor:
-    """Full tensor of an expert parameter (or state) in transformers' layout: [E, 2I, H] / [E, H, I]."""
-    if hasattr(t, "full_tensor"):
-        t = t.full_tensor()
-    return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() == 4 else t
+# ---- checkpoints: the 4-D gate/up form as transformers' [E, 2I, H] -----------------------------------------
+
+GATE_UP = "experts.gate_up_proj"
 
 
-__all__ = ["ExpertGroups", "ExpertParallelExperts", "apply_expert_parallel", "expert_groups", "unshard_expert_state"]
+class _GateUpAsStandard(torch.Tensor):
+    """What DCP sees of a 4-D gate/up tensor t [E, 2, I, H] (a DTensor sharded on dims 0 and/or 2, or a plain
+    tensor): the logical [E, 2I, H] tensor t.flatten(1, 2), this rank's block [e, 2, i, H] at (e0, 0, i0, 0)
+    given as two chunks, gate rows [e, i, H] at (e0, i0, 0) and up rows at (e0, I + i0, 0). The chunks are
+    views of the local tensor: a save reads them, a load writes into them (DCP's Checkpointable protocol,
+    the one DTensor implements; nothing else is ever called on this object)."""
+
+    @staticmethod
+    def __new__(cls, t: torch.Tensor):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.tensor import DTensor
+        e, two, inter, h = t.shape
+        if isinstance(t, DTensor):
+            (chunk,) = t.__create_chunk_list__()
+            local = t.to_local()
+            offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        else:
+            local, offsets, sizes = t, (0, 0, 0, 0), tuple(t.shape)
+        if two != 2 or offsets[1] != 0 or sizes[1] != 2 or offsets[3] != 0 or sizes[3] != h:
+            raise ValueError(f"expert gate/up tensor {tuple(t.shape)} sharded as {offsets}+{sizes}: expected "
+                             f"[E, 2, I, H] sharded on dims 0 and 2 only")
+        r = torch.Tensor._make_wrapper_subclass(cls, (e, 2 * inter, h), dtype=t.dtype, device=local.device)
+        r._chunks = [ChunkStorageMetadata(offsets=torch.Size((offsets[0], k * inter + offsets[2], 0)),
+                                          sizes=torch.Size((sizes[0], sizes[2], h))) for k in range(2)]
+        r._views = [local[:, k] for k in range(2)]
+        return r
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} on the checkpoint view of an expert gate/up tensor")
+
+    def __create_write_items__(self, fqn: str, obj) -> list:
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+        props = TensorProperties.create_from_tensor(self._views[0])
+        return [WriteItem(index=MetadataIndex(fqn, c.offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=c, properties=props, size=self.size()))
+                for c in self._chunks]
+
+    def __create_chunk_list__(self) -> list:
+        return list(self._chunks)
+
+    def __get_tensor_shard__(self, index) -> torch.Tensor:
+        for c, v in zip(self._chunks, self._views):
+            if c.offsets == index.offset:
+                return v
+        raise ValueError(f"{index.fqn}: no local chunk at offset {tuple(index.offset)}")
+
+
+@contextlib.contextmanager
+def standard_gate_up(state: dict):
+    """Within the block, every 4-D expert gate/up tensor in the (nested) state dict `state` (the parameter
+    under "...experts.gate_up_proj", its optimiser moments under that key's sub-dict) is replaced, in place,
+    by its [E, 2I, H] checkpoint view: dcp.save / dcp.load of `state` then write and read transformers'
+    layout, whatever the expert layout. The original tensors are put back on exit (a load has filled them)."""
+    swapped: list[tuple[dict, Any, torch.Tensor]] = []
+
+    def walk(d: dict, inside: bool) -> None:
+        for k, v in d.items():
+            here = inside or str(k).endswith(GATE_UP)
+            if isinstance(v, dict):
+                walk(v, here)
+            elif here and isinstance(v, torch.Tensor) and v.dim() == 4:
+                swapped.append((d, k, v))
+                d[k] = _GateUpAsStandard(v)
+
+    walk(state, False)
+    try:
+        yield state
+    finally:
+        for d, k, v in swapped:
+            d[k] = v
+
+
+__all__ = ["ExpertGroups", "ExpertParallelExperts", "apply_expert_parallel", "expert_groups", "standard_gate_up"]

@@ -10,18 +10,20 @@ CKPT is one checkpoint (checkpoint.dir/step_XXXXXXXX) or a checkpoint.dir, meani
 meta.pt and config.yaml).
 
 About layouts: a DCP checkpoint stores every tensor with its global shape, split into the chunks its ranks
-held; loading reshards to whatever layout the loading job has. So resuming under a different tp / cp /
-ep / dp needs no conversion: start the trainer with the new parallel.* settings and the same
-checkpoint.dir. The one exception is the expert gate/up weight, stored [E, 2I, H] when etp == 1 and
-[E, 2, I, H] when etp > 1 (expert_parallel.py), which `convert` reshapes for the target etp, together with
-its Adam moments. What `convert` does: it checks the target layout against the model (the trainer's
+held; loading reshards to whatever layout the loading job has. Every layout stores every tensor under
+the single-process model's key and shape (the expert gate/up weight too: expert_parallel.standard_gate_up
+maps the in-memory [E, 2, I, H] form of etp > 1 to transformers' [E, 2I, H]), so resuming under a different
+tp / cp / ep / etp / dp needs no conversion: start the trainer with the new parallel.* settings and the
+same checkpoint.dir. What `convert` does: it checks the target layout against the model (the trainer's
 resolve_layout rules plus the vocabulary / zigzag constraints) and the saved data position (the global
 rows consumed must divide by the new dp), then writes a consolidated copy:
 - dcp: a complete checkpoint directory (model, optimizer, meta, config with the target parallel.* set),
   written by one process into a single file set, which the trainer resumes under the target layout;
 - torch: one torch.save file of the whole state ({"model": ..., "optim": ...}, full tensors);
 - hf: the transformers export (same code as `export-hf` / python -m minimax_train.export).
-All three hold the whole checkpoint in this process's memory.
+All three hold the whole checkpoint in this process's memory. A checkpoint written with etp > 1 before
+that mapping existed stores gate/up as [E, 2, I, H]; `inspect` says so and `convert` (dcp / torch) rewrites
+it in the standard form, which every layout and export then read.
 
 export-hf is minimax_train.export.export. import-hf loads a transformers MiniMax directory with
 minimax_train.hf.load_hf and saves it with the trainer's CheckpointManager as step 0 of a checkpoint.dir,
@@ -112,7 +114,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         "layout": {"world_size": world, "dp": int(blob.get("dp_size", meta.get("dp_size", world))),
                    "tp": par.get("tp", 1), "cp": par.get("cp", 1), "ep": par.get("ep", 1), "etp": par.get("etp", 1),
                    "sequence_parallel": par.get("sequence_parallel", False), "engine": par.get("engine", "fsdp2"),
-                   "expert_gate_up": _gate_up_form(model)},
+                   "legacy_gate_up": _is_legacy(model)},
         "data": _data_summary(meta.get("data")),
         "model_config": cfg.get("model", {}),
         "train": {k: cfg.get("train", {}).get(k) for k in ("seq_len", "global_batch_size", "micro_batch_size", "steps")},
@@ -141,11 +143,10 @@ def _numel(shape) -> int:
     return n
 
 
-def _gate_up_form(model_tensors: dict) -> Optional[str]:
-    shapes = [v["shape"] for k, v in model_tensors.items() if k.endswith(GATE_UP)]
-    if not shapes:
-        return None
-    return "[E, 2, I, H] (etp > 1)" if len(shapes[0]) == 4 else "[E, 2I, H] (etp = 1)"
+def _is_legacy(model_tensors: dict) -> bool:
+    """Expert gate/up stored [E, 2, I, H] (etp > 1, written before expert_parallel.standard_gate_up)."""
+    return any(k.endswith(GATE_UP) and v["shape"] is not None and len(v["shape"]) == 4
+               for k, v in model_tensors.items())
 
 
 def _data_summary(data: Optional[dict]) -> dict:
@@ -166,8 +167,11 @@ def format_inspect(info: dict, show_tensors: bool = False, match: Optional[str] 
              f"  in its directory: {', '.join(info['siblings'])}",
              f"  saved by {L['world_size']} rank(s) (dp {L['dp']}); job config layout: tp {L['tp']} (sequence parallel "
              f"{'on' if L['sequence_parallel'] else 'off'}), cp {L['cp']}, ep {L['ep']}, etp {L['etp']}, engine "
-             f"{L['engine']}" + (f"; expert gate/up stored {L['expert_gate_up']}" if L["expert_gate_up"] else ""),
-             "  (a DCP checkpoint loads into any valid layout: resume with other parallel.* settings directly)"]
+             f"{L['engine']}",
+             "  (a DCP checkpoint loads into any valid layout: resume with other parallel.* settings directly)"
+             if not L["legacy_gate_up"] else
+             "  LEGACY: expert gate/up stored [E, 2, I, H] (etp > 1, older version); `convert` rewrites it as "
+             "[E, 2I, H], which every layout and export load"]
     conv = info.get("converted")
     if conv:
         t = conv.get("target_layout")
@@ -218,33 +222,26 @@ def load_full_state(path: Path) -> dict:
     return sd
 
 
-def reshape_gate_up(sd: dict, etp: int, intermediate_size: int) -> int:
-    """In place: expert gate/up weights (and their Adam moments) to [E, 2, I, H] (expert_parallel.py's form for
-    etp > 1) when etp > 1, else transformers' [E, 2I, H]. Returns the number of tensors reshaped."""
+def upgrade_legacy_gate_up(sd: dict) -> int:
+    """In place: legacy [E, 2, I, H] expert gate/up weights (and their Adam moments) to transformers'
+    [E, 2I, H], the form every checkpoint stores now. Returns the number of tensors reshaped."""
     count = 0
 
     def fix(t):
         nonlocal count
-        if not hasattr(t, "dim"):
-            return t
-        if etp > 1 and t.dim() == 3:
+        if hasattr(t, "dim") and t.dim() == 4:
             count += 1
-            return t.reshape(t.shape[0], 2, intermediate_size, t.shape[-1]).contiguous()
-        if etp == 1 and t.dim() == 4:
-            count += 1
-            return t.reshape(t.shape[0], 2 * t.shape[2], t.shape[3]).contiguous()
+            return t.flatten(1, 2).contiguous()
         return t
 
     model = sd.get("model", {})
     for k in list(model):
         if k.endswith(GATE_UP):
             model[k] = fix(model[k])
-    state = sd.get("optim", {}).get("state", {})
-    for k, st in state.items():
+    for k, st in sd.get("optim", {}).get("state", {}).items():
         if k.endswith(GATE_UP) and isinstance(st, dict):
             for name in list(st):
-                if name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    st[name] = fix(st[name])
+                st[name] = fix(st[name])
     return count
 
 
@@ -298,9 +295,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "dcp"
     if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
         raise CkptToolError(f"{out} exists; choose another --out or pass --overwrite")
     sd = load_full_state(src)
-    # expert_parallel.py stores gate/up 4-D when etp > 1; tensor_parallel.py's experts (ep 1, etp = tp) keep 3-D
-    four_d = etp > 1 and not (ep == 1 and etp == tp)
-    report["reshaped_gate_up"] = reshape_gate_up(sd, 2 if four_d else 1, int(cfg["model"]["intermediate_size"]))
+    report["upgraded_gate_up"] = upgrade_legacy_gate_up(sd)
     if fmt == "torch":
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
@@ -309,8 +304,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "dcp"
         report["output"] = str(out)
         return report
     blob = dict(blob)
-    blob["meta"] = {**meta, "converted": {"from": str(src), "target_layout": report.get("target_layout"),
-                                          "gate_up_form": "4d" if four_d else "3d"}}
+    blob["meta"] = {**meta, "converted": {"from": str(src), "target_layout": report.get("target_layout")}}
     report["output"] = str(_save_dcp_step(sd, blob, cfg, out, src.name, overwrite=overwrite))
     return report
 
@@ -345,36 +339,13 @@ def _save_dcp_step(sd: dict, blob: dict, cfg: dict, out_root: Path, step_name: s
 # ---- HF ------------------------------------------------------------------------------------------------------------
 def export_hf(path, out, *, dtype=None, tokenizer: bool = True, overwrite: bool = False) -> Path:
     """minimax_train.export.export (the model rebuilt from config.yaml, weights loaded from the DCP checkpoint,
-    written by minimax_train.hf.save_hf). A checkpoint whose expert gate/up weights are stored 4-D (etp > 1)
-    is first consolidated in memory and reshaped to transformers' [E, 2I, H], then written by the same save_hf."""
+    written by minimax_train.hf.save_hf)."""
+    from minimax_train.export import export
     src = _resolve(path)
-    shapes = [v["shape"] for k, v in tensor_metadata(src).items() if k.startswith("model.") and k.endswith(GATE_UP)]
-    if not any(s is not None and len(s) == 4 for s in shapes):
-        from minimax_train.export import export
-        return export(src, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
-    from minimax_train.hf import save_hf
-    from minimax_train.model import MiniMaxForCausalLM
-    from minimax_train.model.config import ModelConfig
-    cfg = read_config(src)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    mc = ModelConfig(**cfg["model"])
-    sd = load_full_state(src)
-    reshape_gate_up(sd, 1, mc.intermediate_size)
-    model = MiniMaxForCausalLM(mc)
-    model.load_state_dict(sd["model"], strict=True)
-    tok = _tokenizer_of(cfg) if tokenizer else None
-    return save_hf(model, out, tok, dtype=dtype, overwrite=overwrite)
-
-
-def _tokenizer_of(cfg: dict):
-    from omegaconf import OmegaConf
-
-    from minimax_train.data import load_tokenizer
-    from minimax_train.data.config import DataConfig
-    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.get("data", {})))
-    return load_tokenizer(data)
+    if _is_legacy({k: v for k, v in tensor_metadata(src).items() if k.startswith("model.")}):
+        raise CkptToolError(f"{src} stores the expert gate/up weights as [E, 2, I, H] (etp > 1, an older version); "
+                            f"rewrite it first: tools/ckpt.py convert {src} --out NEW_DIR")
+    return export(src, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def compose_job(overrides: list[str]):
@@ -445,9 +416,8 @@ def build_parser():
     p = sub.add_parser("convert", help="validate a target layout and write a consolidated dcp / torch / hf copy",
                        description="Validate a target parallel layout for the checkpoint's model and data position "
                                    "and write a consolidated copy. DCP checkpoints reshard when loaded, so the trainer "
-                                   "can resume the original under any valid layout without this; convert reshapes the "
-                                   "expert gate/up weights for the target etp (the one layout-dependent shape) and "
-                                   "changes the format.")
+                                   "can resume the original under any valid layout without this; convert changes the "
+                                   "format (and rewrites a legacy [E, 2, I, H] expert gate/up form as [E, 2I, H]).")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="dcp: a checkpoint.dir; torch: a file; hf: a directory")
     p.add_argument("--format", default="dcp", choices=("dcp", "torch", "hf"))
@@ -512,9 +482,9 @@ def main(argv=None) -> int:
                 t = rep["target_layout"]
                 print(f"target layout valid: world {t['world']} = dp {t['dp']} x cp {t['cp']} x tp {t['tp']}; experts "
                       f"edp {t['edp']} x ep {t['ep']} x etp {t['etp']}")
-            if rep.get("reshaped_gate_up"):
-                print(f"reshaped {rep['reshaped_gate_up']} expert gate/up tensors (and Adam moments) for "
-                      f"ep={args.ep}, etp={args.etp}")
+            if rep.get("upgraded_gate_up"):
+                print(f"rewrote {rep['upgraded_gate_up']} legacy [E, 2, I, H] expert gate/up tensors (and Adam "
+                      f"moments) as [E, 2I, H]")
             print(f"wrote {rep['output']} ({rep['format']})")
         elif args.cmd == "export-hf":
             out = export_hf(args.checkpoint, args.out, dtype=dtypes.get(args.dtype), tokenizer=not args.no_tokenizer,

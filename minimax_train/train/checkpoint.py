@@ -2,7 +2,9 @@
 
 Layout of checkpoint.dir:
     step_00000100/            one complete checkpoint (the name never exists before it is complete)
-        .metadata, *.distcp   torch.distributed.checkpoint of {"model": ..., "optim": ...} (resharding-capable)
+        .metadata, *.distcp   torch.distributed.checkpoint of {"model": ..., "optim": ...} (resharding-capable;
+                              every tensor in the single-process model's shape and key, whatever the layout:
+                              expert_parallel.standard_gate_up maps its in-memory [E, 2, I, H] form)
         meta.pt               step, tokens, counters, wandb run id, and per-rank RNG and data-loader states
                               (plain types and tensors only: loaded with torch.load(weights_only=True))
         config.yaml           the resolved job config (export rebuilds the model from it)
@@ -27,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from minimax_train.parallel.expert_parallel import standard_gate_up
 from minimax_train.parallel.mesh import ParallelMesh
 
 log = logging.getLogger(__name__)
@@ -186,9 +189,8 @@ class CheckpointManager:
         self.mesh.barrier()
         # an engine adapter (DeepSpeed) gives full-tensor state dicts in the same layout itself
         model_sd, optim_sd = model.get_state_dict() if optimizer is None else get_state_dict(model, optimizer)
-        with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp),
-                     no_dist=self.mesh.world_size == 1)
+        with _quiet_single_process(), standard_gate_up({"model": model_sd, "optim": optim_sd}) as state:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=self.mesh.world_size == 1)
         ranks = self.mesh.all_gather_object(plain(rank_state))
         if self.mesh.is_main:
             torch.save({"meta": plain(meta), "ranks": ranks, "world_size": self.mesh.world_size,
@@ -247,18 +249,18 @@ def load_model_and_optim(path: Path, model, optimizer=None, *, no_dist: bool | N
     if optimizer is None and hasattr(model, "set_state_dict"):  # an engine adapter (DeepSpeed)
         model_sd, optim_sd = model.get_state_dict()
         state = {"model": model_sd, "optim": optim_sd}
-        with _quiet_single_process():
+        with _quiet_single_process(), standard_gate_up(state):
             dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
         model.set_state_dict(state["model"], state["optim"])
         return
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        with _quiet_single_process():
-            dcp.load({"model": model_sd}, checkpoint_id=str(path), no_dist=no_dist)
+        with _quiet_single_process(), standard_gate_up({"model": model_sd}) as state:
+            dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
         set_model_state_dict(model, model_sd)
         return
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _quiet_single_process():
+    with _quiet_single_process(), standard_gate_up(state):
         dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
 from minimax_train.parallel.data_parallel import is_sharded, set_gradient_sync
@@ -393,8 +394,11 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             max_norm = job.optim.clip_grad if job.optim.clip_grad > 0 else float("inf")
             # DeepSpeed: reduces, clips, steps (skipping a non-finite global norm) here; step() is then a no-op
             grad_norm = engine.clip_grad_norm(max_norm)
-            # one all-reduce for the statistics and the stop flag
+            # one all-reduce for the statistics and the stop flag over dp x cp (tp ranks hold the same
+            # statistics); with tp > 1 the flag first goes round the tp group, so every rank stops together
             flags = torch.tensor([0.0 if stop.name is None else 1.0], dtype=torch.float64, device=device)
+            if mesh.layout.tp > 1:
+                mesh.all_reduce(flags, group=mesh.tp_group, op=dist.ReduceOp.MAX)
             stats = torch.cat([lm_sum.view(1), aux_sum.view(1), flags, load.flatten()])
             mesh.all_reduce(stats, group=grad_group)
             gn = float(grad_norm.item())
