@@ -100,7 +100,8 @@ def run_layout(a, name: str, world: int, lay, model_hydra: list[str], corpus: Pa
            f"train.precision={'bf16' if gpu else 'fp32'}", f"train.seq_len={a.seq_len}",
            f"train.global_batch_size={a.rows}", f"train.micro_batch_size={a.micro}", f"train.steps={a.steps}",
            f"train.moe_chunk_tokens={a.moe_chunk}", f"train.loss_chunk_tokens={a.loss_chunk}",
-           "train.eval_interval=0", "optim.warmup_steps=0", "checkpoint.interval=0", "checkpoint.save_final=false",
+           "train.eval_interval=0", "optim.warmup_steps=0", "optim.lr=1e-4", "optim.min_lr=1e-5",
+           "optim.schedule=constant", "checkpoint.interval=0", "checkpoint.save_final=false",
            "checkpoint.resume=false", "logging.wandb.mode=disabled", "logging.interval=1",
            "data=jsonl", f"data.sources.0.path={corpus}", "data.tokenizer=embedded", "data.valid_fraction=0",
            *lay.overrides().split(), f"parallel.lasp={lasp}", *a.trainer_arg, f"hydra.run.dir={run_dir}"]

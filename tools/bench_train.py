@@ -5,8 +5,8 @@
   (c) megatron  -- megatron-core GPTModel with the same widths, experts and top-k but softmax attention in every
                    layer (it has no lightning attention), local (non-Transformer-Engine) layer spec,
 side by side on the same card, one process per implementation (clean memory, one failure does not stop the
-others). Every implementation runs --warmup untimed steps, then --steps - --warmup timed steps; numbers are
-medians over the timed steps.
+others), all with AdamW at a constant lr 1e-4. Every implementation runs --warmup untimed steps, then
+--steps - --warmup timed steps; numbers are medians over the timed steps.
 
     python tools/bench_train.py --preset minimax_1b --seq-len 8192 --out bt_1b_8k.json
     python tools/bench_train.py --preset minimax_slice --seq-len 8192            # MiniMax widths, 2 layers
@@ -274,7 +274,8 @@ def run_ours(a, base: str, hydra_model: list[str], cfg, work: Path) -> dict[str,
            f"train.precision={'bf16' if gpu else 'fp32'}", f"train.seq_len={a.seq_len}",
            "train.global_batch_size=1", "train.micro_batch_size=1", f"train.steps={a.steps}",
            "train.eval_interval=0", f"train.activation_checkpointing={a.ac}", f"train.seed={a.seed}",
-           "optim.warmup_steps=0", "checkpoint.interval=0", "checkpoint.save_final=false", "checkpoint.resume=false",
+           "optim.warmup_steps=0", "optim.lr=1e-4", "optim.min_lr=1e-5", "optim.schedule=constant",
+           "checkpoint.interval=0", "checkpoint.save_final=false", "checkpoint.resume=false",
            "logging.wandb.mode=disabled", "logging.interval=1", f"hydra.run.dir={run_dir}"]
     if a.peak_tflops is not None:
         cmd.append(f"logging.peak_tflops={a.peak_tflops}")
