@@ -69,5 +69,9 @@ if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
         --layout cp4_serial:4:cp=4,lasp=serial \
         --workdir "$L/lay1m" --out "$L/layouts_1m.json"
     step moe_ep 600 2 torchrun --standalone --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
+    # the same over a slower link (NCCL through host sockets instead of NVLink: an inter-node-like share of
+    # all-to-all time in the step, which is what the overlap is for; issue 5)
+    step moe_ep_slow_link 600 2 env NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 torchrun --standalone \
+        --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
 fi
 echo "done in $(( $(date +%s) - T0 ))s; logs in $LOG_DIR"
