@@ -51,3 +51,4 @@ def test_autocast_runs_the_experts_in_the_autocast_dtype_with_fp32_weight_gradie
     y.float().sum().backward()
     assert all(t.grad.dtype == torch.float32 for t in leaves)
     assert [t.dtype for t in to_autocast(*leaves)] == [torch.float32] * 3  # outside autocast: untouched
+

@@ -1,0 +1,30 @@
+"""Which dtypes reach the kernels under bf16 autocast with fp32 weights (the one-GPU path): the matmul dtype,
+not fp32 promoted by fp32 norm weights or position tables."""
+import torch
+
+
+def test_softmax_attention_gets_matmul_dtype_q_and_k_under_autocast():
+    """RoPE runs in fp32 but returns q's dtype: with fp32 weights under bf16 autocast (one GPU, no FSDP) the
+    attention kernel must see bf16 q, k and v, not fp32 q/k promoted by an fp32 cos/sin table."""
+    from minimax_train.model import MiniMaxForCausalLM, ModelConfig
+    from minimax_train.model.attention import SoftmaxAttention, local_softmax_core
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, num_local_experts=2, softmax_every=2, block_size=16)
+    model = MiniMaxForCausalLM(cfg)
+    seen = []
+
+    def core(q, k, v, seq, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return local_softmax_core(q, k, v, seq, **kw)
+
+    for m in model.modules():
+        if isinstance(m, SoftmaxAttention):
+            m.core = core
+    ids = torch.randint(0, 64, (1, 40))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, labels=ids)
+    assert seen == [(torch.bfloat16,) * 3]
+    seen.clear()
+    model(ids, labels=ids)  # fp32 outside autocast, as before
+    assert seen == [(torch.float32,) * 3]
