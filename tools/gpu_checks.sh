@@ -18,7 +18,7 @@ BUDGET_S="${BUDGET_S:-3000}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 PY="${PYTHON:-python3}"
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+NGPU="${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")}"  # NGPU=N overrides (dry runs)
 T0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOG_DIR/gpus.txt" 2>&1
 
@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS MIN_GPUS command...
     pkill -9 -f "$LOG_DIR/" 2>/dev/null  # leftovers of a timed-out torchrun (its workers have their own sessions)
     echo "$name rc=$rc $(( $(date +%s) - T0 ))s" | tee -a "$LOG_DIR/summary.txt"
 }
-pytest() { "$PY" -m pytest -q -p no:cacheprovider -rA "$@"; }
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rA)  # an array, not a function: `timeout` runs programs
 L="$LOG_DIR"
 
 # warm-up: one short trainer run of the 1B preset (compiles the training kernels once for this machine)
@@ -41,11 +41,11 @@ step warmup 400 1 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 204
     --timeout 380 --layout warm:1: --workdir "$L/warm"
 
 if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
-    step t_lightning 900 1 pytest --timeout 600 tests/gpu/test_lightning_gpu.py
-    step t_attention 600 1 pytest --timeout 300 tests/gpu/test_attention_gpu.py
-    step t_model 600 1 pytest --timeout 300 tests/gpu/test_model_gpu.py
-    step t_train 1200 2 pytest -s --timeout 400 tests/gpu/test_train_gpu.py
-    step t_context_parallel 900 2 pytest --timeout 600 tests/gpu/test_context_parallel_gpu.py
+    step t_lightning 900 1 "${PYTEST[@]}" --timeout 600 tests/gpu/test_lightning_gpu.py
+    step t_attention 600 1 "${PYTEST[@]}" --timeout 300 tests/gpu/test_attention_gpu.py
+    step t_model 600 1 "${PYTEST[@]}" --timeout 300 tests/gpu/test_model_gpu.py
+    step t_train 1200 2 "${PYTEST[@]}" -s --timeout 400 tests/gpu/test_train_gpu.py
+    step t_context_parallel 900 2 "${PYTEST[@]}" --timeout 600 tests/gpu/test_context_parallel_gpu.py
 fi
 if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
     step kernels 900 1 "$PY" tools/bench_kernels.py --budget 0.3 --out "$L/kernels.json"
