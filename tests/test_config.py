@@ -3,6 +3,7 @@ naming it; layout errors list the values that would work."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import compose_job, run_train
 from minimax_train.config import ConfigError, JobConfig, TrainConfig, check_batch_layout, to_job_config
@@ -44,6 +45,7 @@ def test_every_preset_composes(group, option):
     ("parallel.engine=megatron", "parallel.engine"),
     ("parallel.zero_stage=4", "parallel.zero_stage"),
     ("parallel.lasp=ring", "parallel.lasp"),
+    ("parallel.grad_sync=always", "parallel.grad_sync"),
     ("logging.profile_start=-1", "logging.profile_start"),
     ("train.loss_chunk_tokens=-1", "train.loss_chunk_tokens"),
     ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
@@ -122,3 +124,20 @@ def test_cli_bad_override_fails_before_any_work(tmp_path):
     p = run_train(tmp_path / "r", "optim.schedule=foo", check=False, timeout=120)
     assert p.returncode == 2 and "optim.schedule" in p.stderr and "cosine" in p.stderr
     assert not (tmp_path / "r" / "metrics.jsonl").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_grad_sync_micro_is_an_fsdp2_setting():
+    from minimax_train.parallel.mesh import ParallelConfigError
+    with pytest.raises((ConfigError, ParallelConfigError), match="parallel.grad_sync=micro is an fsdp2 setting"):
+        compose_job("parallel=deepspeed", "parallel.grad_sync=micro")
+
+
+@pytest.mark.parametrize("mode,expected", [("step", [False, False, True]), ("micro", [True, True, True])])
+def test_grad_sync_mode_decides_when_fsdp_reduces(monkeypatch, mode, expected):
+    import minimax_train.train.loop as loop
+    calls = []
+    monkeypatch.setattr(loop, "set_gradient_sync", lambda model, enabled: calls.append(enabled))
+    engine = loop.TorchEngine(torch.nn.Linear(2, 2), None, grad_sync=mode)
+    for i in range(3):
+        engine.micro_batch(i, last=i == 2)
+    assert calls == expected

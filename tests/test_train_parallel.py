@@ -13,6 +13,7 @@ LAYOUTS = {
     "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "cp2": (2, ["parallel.cp=2"]),
     "cp2_lasp_serial": (2, ["parallel.cp=2", "parallel.lasp=serial"]),
+    "dp2_grad_sync_micro": (2, ["parallel.grad_sync=micro"]),  # accumulation 2: a reduce-scatter per micro-batch
     "ep2_over_dp2": (2, ["parallel.ep=2"]),
     "ep2_overlap4": (2, ["parallel.ep=2", "parallel.moe_overlap_chunks=4"]),
     # the MoE sublayer over checkpointed token chunks, where tokens cross ranks (TP+SP gather, EP all-to-all)

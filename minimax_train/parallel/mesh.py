@@ -41,6 +41,7 @@ class ParallelConfig:
     offload_optimizer: bool = False  # deepspeed engine only: optimiser state and step on the CPU
     moe_overlap_chunks: int = 1  # token groups per micro-batch for dispatch/compute overlap
     lasp: str = "plus"  # context-parallel lightning attention: plus (one all-gather) | serial (LASP's ring)
+    grad_sync: str = "step"  # fsdp2 with accumulation: reduce-scatter once per step | every micro-batch ("micro")
     backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
     timeout_min: int = 30  # collective timeout
 
@@ -56,6 +57,12 @@ class ParallelConfig:
             raise ParallelConfigError(f"parallel.engine: unknown '{self.engine}'; use one of {', '.join(ENGINES)}")
         if self.backend not in BACKENDS:
             raise ParallelConfigError(f"parallel.backend: unknown '{self.backend}'; use one of {', '.join(BACKENDS)}")
+        if self.grad_sync not in ("step", "micro"):
+            raise ParallelConfigError(f"parallel.grad_sync: unknown '{self.grad_sync}'; use step (reduce-scatter "
+                                      f"once per optimiser step) or micro (after every micro-batch)")
+        if self.grad_sync == "micro" and self.engine == "deepspeed":
+            raise ParallelConfigError("parallel.grad_sync=micro is an fsdp2 setting; with DeepSpeed the ZeRO stage "
+                                      "decides (stage 2 and 3 reduce every micro-batch)")
         if self.lasp not in ("plus", "serial"):
             raise ParallelConfigError(f"parallel.lasp: unknown '{self.lasp}'; use plus or serial")
         if self.zero_stage not in (0, 1, 2, 3):

@@ -43,6 +43,7 @@ class MeasureSpec:
     accum: int = 2  # micro-batches per optimiser step
     steps: int = 2  # optimiser steps (>= 2: the Adam state exists from step 1 on)
     activation_checkpointing: str = "none"
+    grad_sync: str = "step"  # parallel.grad_sync: FSDP reduce-scatter once per step or every micro-batch
     docs_per_row: int = 2
     seed: int = 1234
     profile: bool = False  # also count tensor bytes with the profiler (exact in one process only)
@@ -142,7 +143,7 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
     from minimax_train.model.transformer import MiniMaxForCausalLM
     from minimax_train.parallel.data_parallel import is_sharded
     from minimax_train.parallel.parallelize import parallelize
-    from minimax_train.train.loop import forward_backward
+    from minimax_train.train.loop import TorchEngine, forward_backward
     from minimax_train.train.optim import build_optimizer, clip_grad_norm
 
     def marker():
@@ -160,7 +161,8 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
     model.train()
     for step in range(steps):
         batches = [_batch(spec, cfg.vocab_size, step, mesh.dp_rank, i) for i in range(spec.accum)]
-        fb = forward_backward(model, batches, mesh=mesh, coef=float(cfg.router_aux_loss_coef))
+        fb = forward_backward(model, batches, mesh=mesh, coef=float(cfg.router_aux_loss_coef),
+                              engine=TorchEngine(model, optimizer, spec.grad_sync))
         marker()
         clip_grad_norm(params, 1.0)
         optimizer.step()
@@ -329,6 +331,7 @@ VALIDATION_SPECS = (
     MeasureSpec("1 process", world=1, seq_len=256),
     MeasureSpec("dp=2 FSDP2, full AC", world=2, seq_len=256, activation_checkpointing="full"),
     MeasureSpec("tp=2 + SP", world=2, tp=2, seq_len=256),
+    MeasureSpec("dp=2 FSDP2, micro sync", world=2, seq_len=256, grad_sync="micro"),
 )
 
 
@@ -342,7 +345,7 @@ def planner_estimate(model_cfg, spec: MeasureSpec):
     dp = spec.dp
     w = Workload(cfg, seq_len=spec.seq_len, global_batch_tokens=spec.seq_len * spec.micro_batch_size * spec.accum * dp,
                  num_gpus=spec.world, gpu=cpu, precision="fp32", kernels="reference", optimizer="foreach")
-    lay = Layout(tp=spec.tp, cp=1, dp=dp, ep=1, etp=spec.tp, edp=dp, engine="fsdp2", zero_stage=3, grad_sync="step",
+    lay = Layout(tp=spec.tp, cp=1, dp=dp, ep=1, etp=spec.tp, edp=dp, engine="fsdp2", zero_stage=3, grad_sync=spec.grad_sync,
                  ac=spec.activation_checkpointing, micro_batch_rows=spec.micro_batch_size, accum=spec.accum)
     return estimate_memory(w, lay)
 

@@ -37,11 +37,11 @@ The deepspeed engine is data parallel only (tp = cp = ep = etp = 1, the trainer'
 optimiser offload (parallel.offload_optimizer) adds, exposed, the fp32 gradient copy to the host, the bf16
 parameter copy back (host_gbps) and the CPU AdamW step (host_adam_elems_per_s) of the local shard.
 
-Gradient accumulation (accum > 1) with fsdp2 / ZeRO-3: grad_sync "step" (what the trainer does today:
+Gradient accumulation (accum > 1) with fsdp2 / ZeRO-3: grad_sync "step" (the trainer's parallel.grad_sync=step:
 FSDP2 set_requires_gradient_sync(False) on all but the last micro-batch) keeps the UNSHARDED fp32
 gradients of every local parameter between micro-batches (4 B x the local unsharded parameters, counted
-as gradients); grad_sync "micro" reduce-scatters after every micro-batch instead (sharded gradients only,
-accum x the reduce-scatter traffic; not a trainer option yet). With accum == 1 both are the same.
+as gradients); grad_sync "micro" (parallel.grad_sync=micro) reduce-scatters after every micro-batch instead
+(sharded gradients only, accum x the reduce-scatter traffic). With accum == 1 both are the same.
 
 Activations (what autograd saves for backward), per layer and token, from the model code; h hidden, n
 heads, d head_dim, kv KV heads, I expert width, k top-k, E experts, V vocabulary; n, kv, V per tp rank, I
@@ -322,7 +322,7 @@ class Layout:
                 f"sync-{self.grad_sync} ac-{self.ac} mb{self.micro_batch_rows}x{self.accum}")
 
     def overrides(self) -> str:
-        """The trainer's Hydra overrides for this layout (grad_sync micro is a plan only: the trainer syncs per step)."""
+        """The trainer's Hydra overrides for this layout."""
         parts = [f"parallel.tp={self.tp}", f"parallel.cp={self.cp}", f"parallel.ep={self.ep}",
                  f"parallel.etp={self.etp}", f"parallel.sequence_parallel={str(self.tp > 1).lower()}",
                  f"parallel.engine={self.engine}"]
@@ -330,6 +330,8 @@ class Layout:
             parts.append(f"parallel.zero_stage={self.zero_stage}")
             if self.offload:
                 parts.append("parallel.offload_optimizer=true")
+        elif self.grad_sync == "micro":
+            parts.append("parallel.grad_sync=micro")
         parts.append(f"train.activation_checkpointing={self.ac}")
         return " ".join(parts)
 
@@ -694,7 +696,7 @@ class Constraints:
     engines: tuple = ("fsdp2", "deepspeed")
     zero_stages: Optional[tuple] = None
     ac: Optional[tuple] = None
-    grad_sync: tuple = ("step",)  # add "micro" to plan per-micro-batch gradient reduction (not in the trainer)
+    grad_sync: tuple = ("step", "micro")  # fsdp2 gradient sync with accumulation (parallel.grad_sync)
     offload: tuple = (False, True)  # deepspeed optimiser offload off / on
     micro_batch_rows: Optional[int] = None
     max_tp: Optional[int] = None  # default: gpus_per_node
@@ -902,9 +904,6 @@ def format_result(r: PlanResult) -> str:
         notes.append("optimizer offload keeps fp32 master weights and Adam moments in host memory: "
                      + ", ".join(f"#{i + 1} {p.memory.detail['host_optimizer_bytes'] / GiB:.1f} GiB per GPU"
                                  for i, p in enumerate(shown) if p.layout.offload))
-    if any(p.layout.grad_sync == "micro" and p.layout.accum > 1 for p in shown):
-        notes.append("grad sync per micro-batch (reduce-scatter every micro-batch) is planned, the trainer syncs "
-                     "once per step (unsharded fp32 gradient accumulation)")
     if notes:
         out.append("")
         out += [f"note: {n}" for n in notes]
@@ -996,9 +995,10 @@ def build_parser():
     c.add_argument("--engine", default="all", help="fsdp2, deepspeed or all (default %(default)s)")
     c.add_argument("--zero-stage", help="deepspeed stages to consider, e.g. 1,2,3")
     c.add_argument("--ac", help="activation checkpointing modes, e.g. full or none,selective")
-    c.add_argument("--grad-sync", default="step",
-                   help="step (the trainer: FSDP2 no-sync accumulation of unsharded fp32 gradients), or step,micro to "
-                        "also plan a reduce-scatter after every micro-batch (not a trainer option yet)")
+    c.add_argument("--grad-sync", default="step,micro",
+                   help="fsdp2 gradient sync with accumulation (the trainer's parallel.grad_sync): step (unsharded fp32 "
+                        "gradients accumulate, one reduce-scatter), micro (a reduce-scatter after every micro-batch) "
+                        "or both (default)")
     c.add_argument("--no-offload", action="store_true", help="skip deepspeed optimizer-offload layouts")
     c.add_argument("--micro-batch", type=int, help="rows per micro-batch")
     c.add_argument("--max-tp", type=int, help="largest tp to enumerate (default: GPUs per node)")

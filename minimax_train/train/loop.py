@@ -117,13 +117,16 @@ class TorchEngine:
 
     name = "fsdp2"
 
-    def __init__(self, model, optimizer):
+    def __init__(self, model, optimizer, grad_sync: str = "step"):
         self.model = self.module = model
         self.optimizer = optimizer
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self.grad_sync = grad_sync
 
     def micro_batch(self, index: int, last: bool) -> None:
-        set_gradient_sync(self.model, last)
+        # "step": FSDP keeps unsharded gradients across micro-batches and reduce-scatters once (less traffic);
+        # "micro": reduce-scatter after every micro-batch, only sharded gradients are kept (less memory)
+        set_gradient_sync(self.model, last or self.grad_sync == "micro")
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -162,7 +165,7 @@ def build_engine(job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool =
     # FSDP, or tensor / expert parallel DTensor parameters without FSDP: apex cannot step either
     sharded = is_sharded(model) or any(isinstance(p, DTensor) for p in model.parameters())
     optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=sharded)
-    return TorchEngine(model, optimizer), opt_impl
+    return TorchEngine(model, optimizer, job.parallel.grad_sync), opt_impl
 
 
 def _local_eval(model, loader, iters: int, device, autocast, mesh: ParallelMesh) -> torch.Tensor:
