@@ -253,7 +253,11 @@ def run_trainer(cmd: list[str], run_dir: Path, log: Path, timeout: float, warmup
     Sets res["wall_s"], and res["status"] = "failed" with a reason when it failed or timed no step."""
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # the trainer appends: never mix in an older run
     t0 = time.time()
-    code, reason = _run(cmd, log, timeout)
+    try:
+        code, reason = _run(cmd, log, timeout)
+    except BaseException:  # interrupted (SIGINT, pytest-timeout): _run ended torchrun's group, not its workers
+        subprocess.run(["pkill", "-9", "-f", f"hydra.run.dir={run_dir}"], check=False)
+        raise
     if code == 124:  # torchrun's workers run in sessions of their own: end them too, or they hold the GPUs
         subprocess.run(["pkill", "-9", "-f", f"hydra.run.dir={run_dir}"], check=False)
     res["wall_s"] = time.time() - t0

@@ -4,8 +4,11 @@
 #   bash tools/gpu_checks.sh [all|tests|bench]      # logs and JSON under $LOG_DIR
 #
 # Environment: LOG_DIR (default $OUT when set, else outputs/gpu_checks/<time>), BUDGET_S (stop starting new
-# steps after this many seconds; default 3000). Each step has its own time limit and a line in
-# $LOG_DIR/summary.txt; one failing step does not stop the others.
+# steps after this many seconds; default 3000), STEPS (a bash regex of the step names to run, e.g.
+# STEPS='^(t_train|layouts_8k)$'; default all; the warm-up always runs). Each step has its own time limit
+# and a line in $LOG_DIR/summary.txt; one failing step does not stop the others. A step that reaches its
+# limit gets SIGINT (the benchmarks then report and write what they measured; pytest prints its summary),
+# SIGKILL 10 s later.
 #
 # Order matters: the first step warms the kernel caches (fla's autotuned Triton kernels, FlexAttention's
 # inductor graphs: ~2 minutes on a fresh machine, ~30 s afterwards) so that later steps, timed runs and
@@ -15,6 +18,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WHAT="${1:-all}"
 LOG_DIR="${LOG_DIR:-${OUT:-outputs/gpu_checks/$(date +%Y%m%d-%H%M%S)}}"
 BUDGET_S="${BUDGET_S:-3000}"
+STEPS="${STEPS:-.}"
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 PY="${PYTHON:-python3}"
@@ -25,12 +29,16 @@ nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOG_DIR/gpus.txt" 2>&1
 step() {  # step NAME SECONDS MIN_GPUS command...
     local name=$1 limit=$2 need=$3; shift 3
     local used=$(( $(date +%s) - T0 ))
+    if [[ $name != warmup && ! $name =~ $STEPS ]]; then return; fi
     if (( NGPU < need )); then echo "$name skipped (needs $need GPUs, have $NGPU)" | tee -a "$LOG_DIR/summary.txt"; return; fi
     if (( used + 30 > BUDGET_S )); then echo "$name skipped (budget)" | tee -a "$LOG_DIR/summary.txt"; return; fi
     (( limit > BUDGET_S - used )) && limit=$(( BUDGET_S - used ))
-    timeout -k 10 "$limit" "$@" > "$LOG_DIR/$name.log" 2>&1
+    timeout -s INT -k 10 "$limit" "$@" > "$LOG_DIR/$name.log" 2>&1
     local rc=$?
-    pkill -9 -f "$LOG_DIR/" 2>/dev/null  # leftovers of a timed-out torchrun (its workers have their own sessions)
+    # leftovers of a timed-out torchrun: its workers have sessions of their own, so neither timeout nor the
+    # device's end-of-command cleanup ends them (bench_moe's command line names no $LOG_DIR path)
+    pkill -9 -f "$LOG_DIR/" 2>/dev/null
+    pkill -9 -f "tools/bench_moe[.]py" 2>/dev/null
     echo "$name rc=$rc $(( $(date +%s) - T0 ))s" | tee -a "$LOG_DIR/summary.txt"
 }
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rA)  # an array, not a function: `timeout` runs programs
@@ -59,7 +67,7 @@ if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
     (( NGPU >= 4 )) && LAYOUTS+=(--layout tp4:4:tp=4 --layout dp4:4: --layout tp2dp2:4:tp=2)
     step layouts_8k 1800 2 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 8192 --rows 4 --steps 8 \
         --warmup 3 --timeout 300 "${LAYOUTS[@]}" --workdir "$L/lay8k" --out "$L/layouts_8k.json"
-    step cp_lightning 900 2 torchrun --standalone --nproc-per-node "$NGPU" tools/bench_cp.py --mode lightning \
+    step cp_lightning 900 2 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" tools/bench_cp.py --mode lightning \
         --seqlens 32768,262144,1048576 --json "$L/cp_lightning.json"
     step cp_32k 600 4 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 32768 --rows 1 --steps 6 \
         --warmup 3 --ac full --moe-chunk 16384 --timeout 300 --layout cp4_plus_32k:4:cp=4 \
@@ -68,10 +76,11 @@ if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
         --warmup 2 --ac full --moe-chunk 16384 --timeout 900 --layout cp4_plus:4:cp=4 \
         --layout cp4_serial:4:cp=4,lasp=serial \
         --workdir "$L/lay1m" --out "$L/layouts_1m.json"
-    step moe_ep 600 2 torchrun --standalone --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
+    step moe_ep 600 2 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
     # the same over a slower link (NCCL through host sockets instead of NVLink: an inter-node-like share of
     # all-to-all time in the step, which is what the overlap is for; issue 5)
-    step moe_ep_slow_link 600 2 env NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 torchrun --standalone \
+    step moe_ep_slow_link 600 2 env NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 \
+        "$PY" -m torch.distributed.run --standalone \
         --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
 fi
 echo "done in $(( $(date +%s) - T0 ))s; logs in $LOG_DIR"
