@@ -29,7 +29,8 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import REPO, fmt, fmt_pct, markdown_table, median, reproduce_command, write_json  # noqa: E402
-from bench_train import _free_port, build_model_config, run_trainer, single_document_corpus  # noqa: E402
+from bench_train import (_free_port, bench_overrides, build_model_config, corpus_overrides, run_trainer,  # noqa: E402
+                         single_document_corpus)
 
 DEFAULT_LAYOUTS = ("1gpu:1:", "tp2:2:tp=2", "tp4:4:tp=4", "dp4:4:", "tp2dp2:4:tp=2")
 
@@ -92,19 +93,13 @@ def run_layout(a, name: str, world: int, lay, model_hydra: list[str], corpus: Pa
                lasp: str = "plus", devices: str | None = None) -> dict[str, Any]:
     """One trainer run under torchrun; `devices` (e.g. "1") restricts it to those GPUs (CUDA_VISIBLE_DEVICES)."""
     run_dir = work / name
-    gpu = a.device == "cuda"
     cmd = ["env", f"CUDA_VISIBLE_DEVICES={devices}"] if devices else []
     cmd += [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           f"--master-port={_free_port()}", "-m", "minimax_train.train", f"model={a.preset}", *model_hydra,
-           "train=gpu" if gpu else "train=default", f"train.device={a.device}",
-           f"train.precision={'bf16' if gpu else 'fp32'}", f"train.seq_len={a.seq_len}",
-           f"train.global_batch_size={a.rows}", f"train.micro_batch_size={a.micro}", f"train.steps={a.steps}",
-           f"train.moe_chunk_tokens={a.moe_chunk}", f"train.loss_chunk_tokens={a.loss_chunk}",
-           "train.eval_interval=0", "optim.warmup_steps=0", "optim.lr=1e-4", "optim.min_lr=1e-5",
-           "optim.schedule=constant", "checkpoint.interval=0", "checkpoint.save_final=false",
-           "checkpoint.resume=false", "logging.wandb.mode=disabled", "logging.interval=1",
-           "data=jsonl", f"data.sources.0.path={corpus}", "data.tokenizer=embedded", "data.valid_fraction=0",
-           *lay.overrides().split(), f"parallel.lasp={lasp}", *a.trainer_arg, f"hydra.run.dir={run_dir}"]
+            f"--master-port={_free_port()}", "-m", "minimax_train.train", f"model={a.preset}", *model_hydra,
+            *bench_overrides(a.device, a.seq_len, a.steps), *corpus_overrides(corpus),
+            f"train.global_batch_size={a.rows}", f"train.micro_batch_size={a.micro}",
+            f"train.moe_chunk_tokens={a.moe_chunk}", f"train.loss_chunk_tokens={a.loss_chunk}",
+            *lay.overrides().split(), f"parallel.lasp={lasp}", *a.trainer_arg, f"hydra.run.dir={run_dir}"]
     res: dict[str, Any] = {"name": name, "gpus": world, "layout": lay.short(),
                            "command": " ".join(shlex.quote(c) for c in cmd)}
     recs, timed = run_trainer(cmd, run_dir, work / "logs" / f"{name}.log", a.timeout, a.warmup, res)

@@ -269,23 +269,32 @@ def run_trainer(cmd: list[str], run_dir: Path, log: Path, timeout: float, warmup
     return recs, timed
 
 
+def bench_overrides(device: str, seq_len: int, steps: int) -> list[str]:
+    """Trainer overrides every benchmark run shares: device and precision, row length and steps, AdamW at the
+    baselines' constant lr 1e-4, no evaluation, checkpoints or W&B, a metrics line per step."""
+    gpu = device == "cuda"
+    return ["train=gpu" if gpu else "train=default", f"train.device={device}",
+            f"train.precision={'bf16' if gpu else 'fp32'}", f"train.seq_len={seq_len}", f"train.steps={steps}",
+            "train.eval_interval=0", "optim.warmup_steps=0", "optim.lr=1e-4", "optim.min_lr=1e-5",
+            "optim.schedule=constant", "checkpoint.interval=0", "checkpoint.save_final=false",
+            "checkpoint.resume=false", "logging.wandb.mode=disabled", "logging.interval=1"]
+
+
+def corpus_overrides(corpus: Path) -> list[str]:
+    """Train on `corpus` (a jsonl, e.g. single_document_corpus) with the embedded tokenizer, no held-out split."""
+    return ["data=jsonl", f"data.sources.0.path={corpus}", "data.tokenizer=embedded", "data.valid_fraction=0"]
+
+
 def run_ours(a, base: str, hydra_model: list[str], cfg, work: Path) -> dict[str, Any]:
     from minimax_train.model.flops import train_flops_per_token
     run_dir = work / "ours"
-    gpu = a.device == "cuda"
     cmd = [sys.executable, "-m", "minimax_train.train", f"model={base}", *hydra_model,
-           "train=gpu" if gpu else "train=default", f"train.device={a.device}",
-           f"train.precision={'bf16' if gpu else 'fp32'}", f"train.seq_len={a.seq_len}",
-           "train.global_batch_size=1", "train.micro_batch_size=1", f"train.steps={a.steps}",
-           "train.eval_interval=0", f"train.activation_checkpointing={a.ac}", f"train.seed={a.seed}",
-           "optim.warmup_steps=0", "optim.lr=1e-4", "optim.min_lr=1e-5", "optim.schedule=constant",
-           "checkpoint.interval=0", "checkpoint.save_final=false", "checkpoint.resume=false",
-           "logging.wandb.mode=disabled", "logging.interval=1", f"hydra.run.dir={run_dir}"]
+           *bench_overrides(a.device, a.seq_len, a.steps), "train.global_batch_size=1", "train.micro_batch_size=1",
+           f"train.activation_checkpointing={a.ac}", f"train.seed={a.seed}", f"hydra.run.dir={run_dir}"]
     if a.peak_tflops is not None:
         cmd.append(f"logging.peak_tflops={a.peak_tflops}")
     if a.ours_data == "single":
-        corpus = single_document_corpus((a.steps + 1) * a.seq_len)
-        cmd += ["data=jsonl", f"data.sources.0.path={corpus}", "data.tokenizer=embedded", "data.valid_fraction=0"]
+        cmd += corpus_overrides(single_document_corpus((a.steps + 1) * a.seq_len))
     cmd += list(a.ours_arg)
     res: dict[str, Any] = {"impl": "ours", "command": " ".join(shlex.quote(c) for c in cmd),
                            "notes": [f"real trainer, data={a.ours_data}, activation_checkpointing={a.ac}"]}

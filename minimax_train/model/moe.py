@@ -15,7 +15,7 @@ Statistics: tokens_per_expert counts routed assignments (before the drop); dropp
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,11 @@ class RouterOutput:
     probs: torch.Tensor  # [T, E] fp32 softmax
     weights: torch.Tensor  # [T, k] fp32, renormalised
     experts: torch.Tensor  # [T, k] int64
+
+    @classmethod
+    def cat(cls, routes: list["RouterOutput"]) -> "RouterOutput":
+        """The routes of consecutive token chunks as one route over all their tokens."""
+        return cls(**{f.name: torch.cat([getattr(r, f.name) for r in routes]) for f in fields(cls)})
 
 
 class Router(nn.Module):

@@ -70,9 +70,7 @@ def _chunked_moe_sublayer(fn, h: torch.Tensor, chunk: int):
         routes.append(route)
         loads = loads + stats["tokens_per_expert"]
         dropped = dropped + stats["dropped"]
-    route = RouterOutput(**{f: torch.cat([getattr(r, f) for r in routes]) for f in ("logits", "probs", "weights",
-                                                                                     "experts")})
-    return torch.cat(outs), route, {"tokens_per_expert": loads, "dropped": dropped}
+    return torch.cat(outs), RouterOutput.cat(routes), {"tokens_per_expert": loads, "dropped": dropped}
 
 
 @dataclass
@@ -218,7 +216,7 @@ class MiniMaxForCausalLM(nn.Module):
             return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100,
                                    reduction="sum")
         return chunked_loss_sum(hidden.reshape(labels.numel(), -1), labels, self._lm_loss_chunk,
-                                getattr(self, "loss_chunk_tokens", 0))
+                                self.loss_chunk_tokens)
 
     def _lm_loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.lm_head(hidden).float(), labels, ignore_index=-100, reduction="sum")

@@ -18,18 +18,15 @@ def use_grouped_mm(*tensors: torch.Tensor) -> bool:
                                                  for t in tensors)
 
 
-def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The dtype autocast would run a matmul on `x` in, or None outside autocast."""
-    kind = x.device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-
-
 def to_autocast(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Cast as autocast casts F.linear's operands. torch._grouped_mm is not on autocast's cast list, and
     the MoE input is fp32 under bf16 autocast (the RMSNorm's fp32 weight promotes it), so without this
     cast the grouped GEMM would fall back to the per-expert loop."""
-    dt = autocast_dtype(x)
-    return (x, *weights) if dt is None else tuple(t.to(dt) for t in (x, *weights))
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return (x, *weights)
+    dt = torch.get_autocast_dtype(kind)
+    return tuple(t.to(dt) for t in (x, *weights))
 
 
 def grouped_linear(x: torch.Tensor, counts: torch.Tensor, w: torch.Tensor,

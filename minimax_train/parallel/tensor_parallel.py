@@ -152,7 +152,7 @@ def _tp_lm_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, logits: Op
         return vocab_parallel_cross_entropy(F.linear(h, weight), y, head._vocab_start, tp.group).sum()
 
     # every tp rank holds the same labels, hence the same chunks: the collectives inside line up
-    return chunked_loss_sum(hidden, labels, loss_fn, getattr(self, "loss_chunk_tokens", 0))
+    return chunked_loss_sum(hidden, labels, loss_fn, self.loss_chunk_tokens)
 
 
 class _TPReplicatedNorm:
@@ -215,9 +215,6 @@ class _TPExperts:
         h = grouped_linear(x_sorted, counts, _local(self.gate_up_proj), sizes)
         g, u = pair_gate_up(h, self._tp.group).chunk(2, dim=-1)
         return grouped_linear(self.act(g) * u, counts, _local(self.down_proj), sizes)
-
-
-_ROUTE_FIELDS = ("weights", "probs", "logits", "experts")
 
 
 class _TPMoE:

@@ -161,10 +161,7 @@ def build_engine(job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool =
         optimizer, opt_impl = build_optimizer(model, job.optim, device=opt_device, sharded=True)
         engine = DeepSpeedEngine(model, optimizer, job, mesh, accum=accum, bf16=bf16)
         return engine, f"{opt_impl} in DeepSpeed ZeRO-{job.parallel.zero_stage}"
-    from torch.distributed.tensor import DTensor
-    # FSDP, or tensor / expert parallel DTensor parameters without FSDP: apex cannot step either
-    sharded = is_sharded(model) or any(isinstance(p, DTensor) for p in model.parameters())
-    optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=sharded)
+    optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=is_sharded(model))
     return TorchEngine(model, optimizer, job.parallel.grad_sync), opt_impl
 
 

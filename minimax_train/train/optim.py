@@ -71,8 +71,10 @@ def _apex_fused_adam():
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device: torch.device, sharded: bool
                     ) -> tuple[torch.optim.Optimizer, str]:
-    """Return (optimizer, implementation name). `sharded`: parameters are FSDP DTensors (apex cannot
-    step those)."""
+    """Return (optimizer, implementation name). `sharded`: parameters apex cannot step (FSDP or DeepSpeed
+    partitions); DTensor parameters (tensor / expert parallel, also without FSDP) count as sharded too."""
+    from torch.distributed.tensor import DTensor
+    sharded = sharded or any(isinstance(p, DTensor) for p in model.parameters())
     groups = param_groups(model, cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     impl = cfg.impl
