@@ -113,3 +113,52 @@ def test_resume_single_process_checkpoint_on_two_ranks(reference_run, tmp_path):
     run_distributed(_train_rank, 2, [*TINY, f"checkpoint.dir={ckpt}"], str(run_dir), timeout=240)
     ref = by_step(read_metrics(reference_run))
     _compare({s: ref[s] for s in (7, 8)}, by_step(read_metrics(run_dir)))
+
+
+def _bf16_fsdp_rank(overrides):
+    """Logits of packed two-document rows under FSDP2 with bf16 parameters (what the trainer uses on GPU),
+    and how often the RoPE tables were built."""
+    import torch
+
+    import minimax_train.model.attention as attention
+    from minimax_train.model import MiniMaxForCausalLM
+    from minimax_train.parallel.data_parallel import apply_fsdp
+    from minimax_train.parallel.mesh import ParallelMesh
+
+    job = compose_job(*overrides)
+    mesh = ParallelMesh.from_env(job.parallel, device="cpu", model_cfg=job.model)
+    torch.manual_seed(0)
+    model = MiniMaxForCausalLM(job.model)
+    reference = {k: v.to(torch.bfloat16).clone() for k, v in model.state_dict().items()}
+    apply_fsdp(model, mesh, param_dtype=torch.bfloat16)
+    built = []
+    make = attention.rope_cos_sin
+    attention.rope_cos_sin = lambda *a, **k: built.append(1) or make(*a, **k)
+    try:
+        ids = torch.arange(64).reshape(2, 32) % job.model.vocab_size
+        cu = torch.tensor([0, 20, 32, 64], dtype=torch.int32)
+        logits = model(ids, cu_seqlens=cu).logits
+        logits.float().sum().backward()
+    finally:
+        attention.rope_cos_sin = make
+    return logits.detach().float(), len(built), reference
+
+
+def test_fsdp2_bf16_parameters_packed_input():
+    """FSDP2 with bf16 parameters casts each layer's inputs by rebuilding dataclasses field by field
+    (torch.distributed.utils._apply_to_tensors): the PackedSequence must survive that (it once raised
+    'field cache is declared with init=False' on the first GPU dp=2 run), keep one RoPE table shared by
+    all softmax layers, and give the logits of the same bf16 weights without FSDP."""
+    import torch
+
+    from minimax_train.model import MiniMaxForCausalLM
+    got = run_distributed(_bf16_fsdp_rank, 2, TINY, timeout=240)
+    logits, built, weights = got[0]
+    assert built == 1, f"RoPE tables built {built} times for one sequence (the per-sequence cache was lost)"
+    job = compose_job(*TINY)
+    ref = MiniMaxForCausalLM(job.model).to(torch.bfloat16)
+    ref.load_state_dict(weights)
+    ids = torch.arange(64).reshape(2, 32) % job.model.vocab_size
+    want = ref(ids, cu_seqlens=torch.tensor([0, 20, 32, 64], dtype=torch.int32)).logits.float()
+    torch.testing.assert_close(logits, want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[1][0], logits, rtol=0, atol=0)

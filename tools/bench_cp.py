@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--doc-len", type=int, default=0, help="0: one document per row; else mean document length")
     p.add_argument("--nproc", type=int, default=4, help="processes to spawn when not launched by torchrun")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
+    p.add_argument("--profile", action="store_true", help="after timing, profile one step of each case and print "
+                   "the top ops by self time (rank 0)")
     # lightning mode
     p.add_argument("--heads", type=int, default=8, help="lightning heads on one rank (64 heads / tp 8 = 8)")
     p.add_argument("--head-dim", type=int, default=128)
@@ -118,7 +120,7 @@ def _max_over_ranks(x: float, device) -> float:
     return float(t.item())
 
 
-def _timed(step, args, device):
+def _timed(step, args, device, label=""):
     """Warm up, then time `iters` calls of step(); returns (slowest rank's mean seconds, peak GiB) or raises."""
     for _ in range(args.warmup):
         step()
@@ -131,7 +133,22 @@ def _timed(step, args, device):
         step()
     _sync(device)
     dt = (time.perf_counter() - t0) / args.iters
+    if args.profile:
+        _profile_once(step, device, label)
     return _max_over_ranks(dt, device), _max_over_ranks(_peak_gib(device), device)
+
+
+def _profile_once(step, device, label):
+    """One more step under torch.profiler; rank 0 prints where the time goes (the top ops by self time)."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        _sync(device)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"--- profile {label} (rank 0, one step) ---\n"
+              + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
 
 
 def _guarded(fn, device):
@@ -178,7 +195,7 @@ def bench_lightning(args, T, impl, group, device, dtype):
         o.backward(do)
         q.grad = k.grad = v.grad = None
 
-    return _timed(step, args, device)
+    return _timed(step, args, device, f"lightning T={T} {impl}")
 
 
 def bench_model(args, T, impl, group, device, dtype):
@@ -221,7 +238,7 @@ def bench_model(args, T, impl, group, device, dtype):
         opt.zero_grad(set_to_none=True)
 
     try:
-        return _timed(step, args, device)
+        return _timed(step, args, device, f"model T={T} {impl}")
     finally:
         del model, opt
 

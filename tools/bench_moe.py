@@ -17,6 +17,9 @@ Columns (times are the slowest rank's mean per iteration):
   exposed ms    step(K) - (step(1) - a2a): all-to-all time still on the critical path at this K
   hidden        1 - exposed / a2a: the share of the all-to-all the overlap hides (0 at K = 1 by definition;
                 chunking also costs smaller GEMMs, which shows up as less hidden)
+  of hideable   (step(1) - step(K)) / min(a2a, step(1) - a2a): the time saved over the most any overlap could
+                save (a transfer can only hide behind as much computation as the step has, and vice versa);
+                this is the column that measures the overlap where the all-to-all outweighs the compute
 """
 from __future__ import annotations
 
@@ -215,15 +218,17 @@ def run(a) -> None:
               f"a2a alone {a2a_ms:.2f} ms, experts alone {expert_ms:.2f} ms (fwd+bwd)")
         base = step_ms[a.chunk_list[0]] if 1 not in step_ms else step_ms[1]
         non_comm = base - a2a_ms
-        hdr = f"{'K':>3} | {'step ms':>9} | {'vs K=1':>7} | {'a2a ms':>8} | {'a2a share':>9} | {'exposed ms':>10} | {'hidden':>7}"
+        hdr = f"{'K':>3} | {'step ms':>9} | {'vs K=1':>7} | {'a2a ms':>8} | {'a2a share':>9} | {'exposed ms':>10} | {'hidden':>7} | {'of hideable':>11}"
         print(hdr)
         print("-" * len(hdr))
         for k in a.chunk_list:
             exposed = step_ms[k] - non_comm
             hidden = (1.0 - exposed / a2a_ms) if a2a_ms > 0 else 0.0
             share = a2a_ms / base if base > 0 else 0.0
+            hideable = min(a2a_ms, non_comm)
+            of_hideable = (base - step_ms[k]) / hideable if hideable > 0 else 0.0
             print(f"{k:>3} | {step_ms[k]:>9.2f} | {base / step_ms[k]:>6.2f}x | {a2a_ms:>8.2f} | {share:>8.1%} | "
-                  f"{exposed:>10.2f} | {hidden:>6.1%}")
+                  f"{exposed:>10.2f} | {hidden:>6.1%} | {of_hideable:>10.1%}")
 
 
 def _spawned(rank, world, port, a):

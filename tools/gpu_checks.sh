@@ -5,7 +5,8 @@
 #
 # Environment: LOG_DIR (default $OUT when set, else outputs/gpu_checks/<time>), BUDGET_S (stop starting new
 # steps after this many seconds; default 3000), STEPS (a bash regex of the step names to run, e.g.
-# STEPS='^(t_train|layouts_8k)$'; default all; the warm-up always runs). Each step has its own time limit
+# STEPS='^(t_train|layouts_8k)$'; default all; the warm-up runs unless WARMUP=0), KERNEL_CACHE_IN and
+# KERNEL_CACHE_OUT (a .tgz of compiled Triton/inductor kernels to restore before / save after). Each step has its own time limit
 # and a line in $LOG_DIR/summary.txt; one failing step does not stop the others. A step that reaches its
 # limit gets SIGINT (the benchmarks then report and write what they measured; pytest prints its summary),
 # SIGKILL 10 s later.
@@ -24,6 +25,9 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 PY="${PYTHON:-python3}"
 NGPU="${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")}"  # NGPU=N overrides (dry runs)
 T0=$(date +%s)
+# KERNEL_CACHE_IN=archive.tgz restores the Triton and inductor caches an earlier run saved with
+# KERNEL_CACHE_OUT=archive.tgz: a fresh machine then skips most of fla's first-use compilation
+[[ -n "${KERNEL_CACHE_IN:-}" && -f "${KERNEL_CACHE_IN:-}" ]] && tar xzf "$KERNEL_CACHE_IN" -C / 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOG_DIR/gpus.txt" 2>&1
 
 step() {  # step NAME SECONDS MIN_GPUS command...
@@ -44,8 +48,9 @@ step() {  # step NAME SECONDS MIN_GPUS command...
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rA)  # an array, not a function: `timeout` runs programs
 L="$LOG_DIR"
 
-# warm-up: one short trainer run of the 1B preset (compiles the training kernels once for this machine)
-step warmup 400 1 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 2048 --rows 1 --steps 2 --warmup 1 \
+# warm-up: one short trainer run of the 1B preset (compiles the training kernels once for this machine;
+# WARMUP=0 skips it when an earlier batch on the same machine has warmed the caches)
+[[ "${WARMUP:-1}" == 0 ]] || step warmup 400 1 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 2048 --rows 1 --steps 2 --warmup 1 \
     --timeout 380 --layout warm:1: --workdir "$L/warm"
 
 if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
@@ -68,19 +73,30 @@ if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
     step layouts_8k 1800 2 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 8192 --rows 4 --steps 8 \
         --warmup 3 --timeout 300 "${LAYOUTS[@]}" --workdir "$L/lay8k" --out "$L/layouts_8k.json"
     step cp_lightning 900 2 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" tools/bench_cp.py --mode lightning \
-        --seqlens 32768,262144,1048576 --json "$L/cp_lightning.json"
-    step cp_32k 600 4 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 32768 --rows 1 --steps 6 \
-        --warmup 3 --ac full --moe-chunk 16384 --timeout 300 --layout cp4_plus_32k:4:cp=4 \
-        --workdir "$L/lay32k" --out "$L/layouts_32k.json"
-    step cp_1m 1800 4 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len 1048576 --rows 1 --steps 4 \
-        --warmup 2 --ac full --moe-chunk 16384 --timeout 900 --layout cp4_plus:4:cp=4 \
-        --layout cp4_serial:4:cp=4,lasp=serial \
-        --workdir "$L/lay1m" --out "$L/layouts_1m.json"
+        --seqlens 32768,262144,1048576 --profile --json "$L/cp_lightning.json"
     step moe_ep 600 2 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
-    # the same over a slower link (NCCL through host sockets instead of NVLink: an inter-node-like share of
-    # all-to-all time in the step, which is what the overlap is for; issue 5)
+    # the same over slower links, where the all-to-all is a large share of the step (what the overlap is
+    # for; issue 5): NCCL through host shared memory (P2P off: comparable to inter-node InfiniBand), and
+    # through host sockets (slower than any real interconnect: the all-to-all outweighs the compute)
+    step moe_ep_shm 600 2 env NCCL_P2P_DISABLE=1 "$PY" -m torch.distributed.run --standalone \
+        --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
     step moe_ep_slow_link 600 2 env NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 \
         "$PY" -m torch.distributed.run --standalone \
         --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
+    # context parallelism over every GPU of the host: tokens/s per GPU from 32K to the longest sequence that
+    # fits (1M on 4 x 80 GB with full recomputation and 16K-token MoE chunks, 512K on 2), LASP+ vs the
+    # serial-ring LASP baseline at the longest (issue 6)
+    LONG=$(( NGPU >= 4 ? 1048576 : 524288 ))
+    for t in 32768 131072 $LONG; do
+        LAY=(--layout "cp${NGPU}_plus_$t:$NGPU:cp=$NGPU")
+        (( t == LONG )) && LAY+=(--layout "cp${NGPU}_serial_$t:$NGPU:cp=$NGPU,lasp=serial")
+        step "cp_$t" $(( t == LONG ? 1200 : 400 )) 2 "$PY" tools/bench_layouts.py --preset minimax_1b --seq-len $t \
+            --rows 1 --steps $(( t == LONG ? 4 : 6 )) --warmup $(( t == LONG ? 2 : 3 )) --ac full --moe-chunk 16384 \
+            --timeout $(( t == LONG ? 500 : 300 )) "${LAY[@]}" --workdir "$L/cp_$t" --out "$L/cp_$t.json"
+    done
+fi
+if [[ -n "${KERNEL_CACHE_OUT:-}" ]]; then
+    dirs=$(ls -d "$HOME/.triton/cache" /tmp/torchinductor_* 2>/dev/null)
+    [[ -n "$dirs" ]] && tar czf "$KERNEL_CACHE_OUT" -P $dirs && ls -l "$KERNEL_CACHE_OUT" | tee -a "$LOG_DIR/summary.txt"
 fi
 echo "done in $(( $(date +%s) - T0 ))s; logs in $LOG_DIR"

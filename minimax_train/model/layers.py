@@ -30,6 +30,25 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+class SequenceCache:
+    """Per-sequence values every layer would otherwise rebuild (RoPE tables, the flex block mask, int64
+    boundaries for fla). Deliberately not a dict: FSDP2's input casting (torch.distributed.utils.
+    _apply_to_tensors) rebuilds every dict and dataclass it meets, which would give each layer a fresh,
+    empty cache; an opaque object passes through as itself and stays shared by all layers."""
+
+    def __init__(self):
+        self._values: dict = {}
+
+    def __contains__(self, key) -> bool:
+        return key in self._values
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __setitem__(self, key, value) -> None:
+        self._values[key] = value
+
+
 @dataclass
 class PackedSequence:
     """Where documents start and end in the flattened token stream that every layer sees.
@@ -42,8 +61,8 @@ class PackedSequence:
     doc_ids: torch.Tensor
     causal_pos: torch.Tensor
     rope_pos: torch.Tensor
-    # per-sequence values every layer would otherwise rebuild (RoPE tables, int64 boundaries for fla)
-    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # init=True: dataclasses.replace (FSDP2 input casting does one per layer) must carry the same cache over
+    cache: SequenceCache = field(default_factory=SequenceCache, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
