@@ -1,4 +1,4 @@
-"""Tensor, sequence and data parallelism on GPUs (NCCL, bf16): the trainer's losses and gradient norms
+"""Tensor, sequence and data parallelism (FSDP2 and DeepSpeed ZeRO-1/2/3) on GPUs (NCCL, bf16): the trainer's losses and gradient norms
 under each layout equal the one-GPU bf16 run within bf16 tolerance (issue 4): 1e-2 relative on every
 step's loss and 5e-2 on every step's gradient norm, over 5 AdamW steps (a missing or doubled reduction
 moves the gradient norm by a factor of about 2 and the losses after step 1 by far more than 1e-2).
@@ -6,6 +6,7 @@ Model: the minimax_1b widths (hidden 2048, 16 heads, 4 KV heads, 8 experts of 28
 lightning and one softmax; 4 rows of 2048 tokens per step.
 
     pytest tests/gpu/test_train_gpu.py        # on a host with 2-4 GPUs
+    pytest tests/gpu/test_train_gpu.py -k zero   # one group (each layout is one trainer launch, ~1-2 min)
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ LAYOUTS = {  # name: (GPUs, planner settings, extra trainer overrides)
     "tp2": (2, "tp=2", ["parallel.sequence_parallel=false"]),
     "tp2_sp": (2, "tp=2", []),
     "dp2_fsdp2": (2, "", []),
+    "dp2_zero1": (2, "engine=deepspeed,zero=1", []),
+    "dp2_zero2": (2, "engine=deepspeed,zero=2", []),
+    "dp2_zero3": (2, "engine=deepspeed,zero=3", []),
     "tp2_dp2": (4, "tp=2", []),
     "tp4_sp": (4, "tp=4", []),
 }
