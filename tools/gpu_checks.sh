@@ -63,11 +63,13 @@ if [[ "$WHAT" == all || "$WHAT" == tests ]]; then
 fi
 if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
     step kernels 900 1 "$PY" tools/bench_kernels.py --budget 0.3 --out "$L/kernels.json"
+    # ours profiles its last step (one of the 5 timed ones; the median ignores it): ours/profile/rank0_ops.txt
+    PROF=(--ours-arg logging.profile_start=8 --ours-arg logging.profile_steps=1)
     for t in 8192 32768; do
         step "train_1b_$t" 1200 1 "$PY" tools/bench_train.py --preset minimax_1b --seq-len $t --steps 8 --warmup 3 \
-            --workdir "$L/bt_1b_$t" --out "$L/train_1b_$t.json"
+            "${PROF[@]}" --workdir "$L/bt_1b_$t" --out "$L/train_1b_$t.json"
         step "train_slice_$t" 1200 1 "$PY" tools/bench_train.py --preset minimax_slice --seq-len $t --steps 8 --warmup 3 \
-            --workdir "$L/bt_slice_$t" --out "$L/train_slice_$t.json"
+            "${PROF[@]}" --workdir "$L/bt_slice_$t" --out "$L/train_slice_$t.json"
     done
     LAYOUTS=(--layout 1gpu:1: --layout tp2:2:tp=2 --layout dp2:2:)
     (( NGPU >= 4 )) && LAYOUTS+=(--layout tp4:4:tp=4 --layout dp4:4: --layout tp2dp2:4:tp=2)
