@@ -1,8 +1,8 @@
 """Layout planner: parameter accounting equals count_params, the FLOPs are the trainer's, every enumerated
 layout is one the trainer's resolve_layout accepts, the activation model equals the tensors autograd saves,
 the total is within 15% of the measured peak memory of CPU training steps and of the recorded GPU runs
-(tests/data/gpu_peak_memory.json), the worked
-MiniMax-Text-01 plans exist, and bad input ends with a one-line error."""
+(tests/data/gpu_peak_memory.json), the worked MiniMax-Text-01 plans exist, and bad input ends with a one-line
+error."""
 from __future__ import annotations
 
 import json
