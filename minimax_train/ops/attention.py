@@ -91,21 +91,24 @@ class _TorchVarlenAttention(torch.autograd.Function):
         vc = v.to(cd).permute(1, 0, 2).unsqueeze(1)
         o = torch.zeros(Tq, Hq, Dv, dtype=q.dtype, device=q.device)
         lse = torch.full((Hq, Tq), float("-inf"), dtype=cd, device=q.device)
-        for s, e, vis, lo, hi in _chunk_plan(q_doc, q_pos, k_doc, k_pos, sliding_window, chunk):
-            if vis is None:
-                continue  # rows that see nothing: o = 0, lse = -inf
-            n = e - s
-            qc = q[s:e].to(cd).view(n, Hkv, G, D).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
-            scores = torch.matmul(qc, kc[:, :, lo:hi].transpose(-1, -2)) * scale  # [Hkv, G, n, Tc]
-            scores = scores.masked_fill(~vis, float("-inf"))
-            m = scores.amax(-1, keepdim=True)
-            m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # fully masked rows
-            p = torch.exp(scores - m)
-            denom = p.sum(-1, keepdim=True)
-            lse_c = m + torch.log(denom)  # log(0) = -inf for rows that see nothing
-            oc = torch.matmul(p, vc[:, :, lo:hi]) / torch.where(denom == 0, torch.ones_like(denom), denom)
-            o[s:e] = oc.permute(2, 0, 1, 3).reshape(n, Hq, Dv).to(q.dtype)
-            lse[:, s:e] = lse_c.reshape(Hq, n)  # head index h = kv_head * G + g
+        # Autocast off: under bf16 autocast the fp32 score and value matmuls would run in bf16, and the
+        # backward (not under autocast) would differentiate another softmax than the forward computed.
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            for s, e, vis, lo, hi in _chunk_plan(q_doc, q_pos, k_doc, k_pos, sliding_window, chunk):
+                if vis is None:
+                    continue  # rows that see nothing: o = 0, lse = -inf
+                n = e - s
+                qc = q[s:e].to(cd).view(n, Hkv, G, D).permute(1, 2, 0, 3)  # [Hkv, G, n, D]
+                scores = torch.matmul(qc, kc[:, :, lo:hi].transpose(-1, -2)) * scale  # [Hkv, G, n, Tc]
+                scores = scores.masked_fill(~vis, float("-inf"))
+                m = scores.amax(-1, keepdim=True)
+                m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # fully masked rows
+                p = torch.exp(scores - m)
+                denom = p.sum(-1, keepdim=True)
+                lse_c = m + torch.log(denom)  # log(0) = -inf for rows that see nothing
+                oc = torch.matmul(p, vc[:, :, lo:hi]) / torch.where(denom == 0, torch.ones_like(denom), denom)
+                o[s:e] = oc.permute(2, 0, 1, 3).reshape(n, Hq, Dv).to(q.dtype)
+                lse[:, s:e] = lse_c.reshape(Hq, n)  # head index h = kv_head * G + g
         ctx.save_for_backward(q, k, v, o, lse, q_doc, q_pos, k_doc, k_pos)
         ctx.scale, ctx.sliding_window, ctx.chunk = scale, sliding_window, chunk
         return o, lse
