@@ -115,6 +115,12 @@ def test_resume_single_process_checkpoint_on_two_ranks(reference_run, tmp_path):
     _compare({s: ref[s] for s in (7, 8)}, by_step(read_metrics(run_dir)))
 
 
+def _packed_batch(vocab_size):
+    """Two rows of 32 tokens: one document across the first 20 tokens, one of 12, one of 32."""
+    import torch
+    return torch.arange(64).reshape(2, 32) % vocab_size, torch.tensor([0, 20, 32, 64], dtype=torch.int32)
+
+
 def _bf16_fsdp_rank(overrides):
     """Logits of packed two-document rows under FSDP2 with bf16 parameters (what the trainer uses on GPU),
     and how often the RoPE tables were built."""
@@ -135,8 +141,7 @@ def _bf16_fsdp_rank(overrides):
     make = attention.rope_cos_sin
     attention.rope_cos_sin = lambda *a, **k: built.append(1) or make(*a, **k)
     try:
-        ids = torch.arange(64).reshape(2, 32) % job.model.vocab_size
-        cu = torch.tensor([0, 20, 32, 64], dtype=torch.int32)
+        ids, cu = _packed_batch(job.model.vocab_size)
         logits = model(ids, cu_seqlens=cu).logits
         logits.float().sum().backward()
     finally:
@@ -158,7 +163,7 @@ def test_fsdp2_bf16_parameters_packed_input():
     job = compose_job(*TINY)
     ref = MiniMaxForCausalLM(job.model).to(torch.bfloat16)
     ref.load_state_dict(weights)
-    ids = torch.arange(64).reshape(2, 32) % job.model.vocab_size
-    want = ref(ids, cu_seqlens=torch.tensor([0, 20, 32, 64], dtype=torch.int32)).logits.float()
+    ids, cu = _packed_batch(job.model.vocab_size)
+    want = ref(ids, cu_seqlens=cu).logits.float()
     torch.testing.assert_close(logits, want, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got[1][0], logits, rtol=0, atol=0)

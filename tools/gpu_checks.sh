@@ -6,8 +6,8 @@
 # Environment: LOG_DIR (default $OUT when set, else outputs/gpu_checks/<time>), BUDGET_S (stop starting new
 # steps after this many seconds; default 3000), STEPS (a bash regex of the step names to run, e.g.
 # STEPS='^(t_train|layouts_8k)$'; default all; the warm-up runs unless WARMUP=0), KERNEL_CACHE_IN and
-# KERNEL_CACHE_OUT (a .tgz of fla's autotuning results to restore before / save after; see the end). Each step has its own time limit
-# and a line in $LOG_DIR/summary.txt; one failing step does not stop the others. A step that reaches its
+# KERNEL_CACHE_OUT (a .tgz of fla's autotuning results to restore before / save after; see the end).
+# Each step has its own time limit and a line in $LOG_DIR/summary.txt; one failing step does not stop the others. A step that reaches its
 # limit gets SIGINT (the benchmarks then report and write what they measured; pytest prints its summary),
 # SIGKILL 10 s later.
 #
@@ -25,8 +25,7 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 PY="${PYTHON:-python3}"
 NGPU="${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")}"  # NGPU=N overrides (dry runs)
 T0=$(date +%s)
-# KERNEL_CACHE_IN=archive.tgz restores the Triton and inductor caches an earlier run saved with
-# KERNEL_CACHE_OUT=archive.tgz: a fresh machine then skips most of fla's first-use compilation
+# KERNEL_CACHE_IN=archive.tgz restores the autotuning results an earlier run saved with KERNEL_CACHE_OUT
 [[ -n "${KERNEL_CACHE_IN:-}" && -f "${KERNEL_CACHE_IN:-}" ]] && tar xzf "$KERNEL_CACHE_IN" -C / 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$LOG_DIR/gpus.txt" 2>&1
 
@@ -103,13 +102,8 @@ fi
 if [[ -n "${KERNEL_CACHE_OUT:-}" ]]; then
     # fla's autotuned choices (Triton's *.autotune.json files, kept because fla turns on cache_results): a
     # few KB, and with them a fresh machine compiles only the winning configuration of each kernel instead
-    # of benchmarking every candidate. KERNEL_CACHE_FULL=1 also keeps the compiled kernels (large).
-    C="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
-    if [[ "${KERNEL_CACHE_FULL:-0}" == 1 ]]; then
-        ls -d "$C" /tmp/torchinductor_* > "$LOG_DIR/kernel_cache.list" 2>/dev/null
-    else
-        find "$C" -name '*.autotune.json' > "$LOG_DIR/kernel_cache.list" 2>/dev/null
-    fi
+    # of benchmarking every candidate
+    find "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" -name '*.autotune.json' > "$LOG_DIR/kernel_cache.list" 2>/dev/null
     [[ -s "$LOG_DIR/kernel_cache.list" ]] && tar czf "$KERNEL_CACHE_OUT" -P -T "$LOG_DIR/kernel_cache.list" \
         && echo "kernel cache: $(wc -l < "$LOG_DIR/kernel_cache.list") entries, $(du -h "$KERNEL_CACHE_OUT" | cut -f1)" \
         | tee -a "$LOG_DIR/summary.txt"
