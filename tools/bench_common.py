@@ -333,3 +333,30 @@ def parse_int_list(s: str) -> list[int]:
             mult, part = 1 << 20, part[:-1]
         out.append(int(float(part) * mult))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# distributed teardown
+# ---------------------------------------------------------------------------------------------------
+
+def finish_distributed(failed: bool = False) -> None:
+    """Leave the job together: after a clean run a barrier first, so no rank (rank 0 hosts the TCPStore)
+    tears down while a peer still talks to it (a failed rank skips it: its peers may never arrive), then
+    destroy the process groups while the interpreter is fully alive."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    try:
+        if not failed:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def exit_spawned_rank() -> None:
+    """End a torch.multiprocessing.spawn child that finished cleanly without interpreter finalization: gloo's
+    worker threads can still hold tensors then, and freeing them there aborts the process (SIGABRT, "terminate
+    called without an active exception"; pytorch/pytorch#179291), failing a run whose results are written."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -35,6 +35,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_common import exit_spawned_rank, finish_distributed  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -312,6 +314,7 @@ def _spawned(rank, world, port, args):
     if args.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     _main_in_process(args)
+    exit_spawned_rank()
 
 
 def _main_in_process(args):
@@ -320,13 +323,15 @@ def _main_in_process(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, **({"device_id": device} if backend == "nccl" else {}))
+    ok = False
     try:
         run(args)
+        ok = True
     except Exception:
         traceback.print_exc()
         raise
     finally:
-        dist.destroy_process_group()
+        finish_distributed(failed=not ok)
 
 
 def main(argv=None):

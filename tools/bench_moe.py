@@ -33,6 +33,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_common import exit_spawned_rank, finish_distributed  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,10 +238,13 @@ def _spawned(rank, world, port, a):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo" if a.device == "cpu" else "nccl", rank=rank, world_size=world)
+    ok = False
     try:
         run(a)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        finish_distributed(failed=not ok)
+    exit_spawned_rank()
 
 
 def main(argv=None):
@@ -249,10 +254,12 @@ def main(argv=None):
         if a.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo", **kw)
+        ok = False
         try:
             run(a)
+            ok = True
         finally:
-            dist.destroy_process_group()
+            finish_distributed(failed=not ok)
     elif a.nproc > 1:
         import socket
 

@@ -113,10 +113,10 @@ class MiniMaxModel(nn.Module):
             loads.append(stats["tokens_per_expert"])
             dropped = dropped + stats["dropped"]
         if self.aux_stats_group is not None:
-            from torch.distributed.nn.functional import all_reduce
-            counts = all_reduce(counts, group=self.aux_stats_group)
-            prob_sum = all_reduce(prob_sum, group=self.aux_stats_group)
-            rows = all_reduce(torch.tensor(float(rows), device=counts.device), group=self.aux_stats_group)
+            from ..parallel.tp_ops import all_reduce_sum  # forward and backward both sum over the group
+            counts = all_reduce_sum(counts, self.aux_stats_group)
+            prob_sum = all_reduce_sum(prob_sum, self.aux_stats_group)
+            rows = all_reduce_sum(torch.tensor(float(rows), device=counts.device), self.aux_stats_group)
         aux = load_balancing_loss(counts, prob_sum, rows, e)
         return self.norm(x), aux, torch.stack(loads).detach(), dropped
 
