@@ -262,9 +262,16 @@ class ParallelMesh:
         dist.all_gather_object(out, obj)
         return out
 
-    def destroy(self) -> None:
+    def destroy(self, failed: bool = False) -> None:
+        """Tear the process groups down. After a clean run all ranks first meet at a barrier, so none (rank 0
+        hosts the TCPStore) leaves while a peer still talks to it; a failed rank skips it (peers may never
+        arrive)."""
         if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                if not failed:
+                    self.barrier()
+            finally:
+                dist.destroy_process_group()
 
     def describe(self) -> str:
         L = self.layout

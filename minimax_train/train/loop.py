@@ -499,4 +499,4 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             metrics.close()
         if wandb_logger is not None:
             wandb_logger.finish(exit_code=1 if failed else 0)
-        mesh.destroy()
+        mesh.destroy(failed=failed)
