@@ -100,6 +100,12 @@ def test_parallel_layout_errors_list_valid_values():
         resolve_layout(ParallelConfig(ep=8), 8, m)
     with pytest.raises(ParallelConfigError, match=r"parallel.etp=2 must divide parallel.tp=1"):
         ParallelConfig(etp=2)
+    gqa = ModelConfig(num_attention_heads=12, num_key_value_heads=6)
+    with pytest.raises(ParallelConfigError, match=r"parallel.tp=4: num_key_value_heads=6 must divide or be divisible "
+                                                  r"by tp; valid: 1, 2"):
+        resolve_layout(ParallelConfig(tp=4), 4, gqa)
+    with pytest.raises(ParallelConfigError, match=r"parallel.etp=4 does not divide intermediate_size=6; valid: 1, 2"):
+        resolve_layout(ParallelConfig(tp=4, etp=4), 4, ModelConfig(intermediate_size=6))
     L = resolve_layout(ParallelConfig(tp=2, cp=2, ep=4, etp=2), 16, m)
     assert (L.dp, L.cp, L.tp, L.edp, L.ep, L.etp) == (4, 2, 2, 2, 4, 2)
 
