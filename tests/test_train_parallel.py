@@ -21,7 +21,7 @@ LAYOUTS = {
     "ep2_moe_chunks": (2, ["parallel.ep=2", "train.moe_chunk_tokens=16", "train.activation_checkpointing=full"]),
 }
 SLOW_LAYOUTS = {
-    "tp2_dp2": (4, ["parallel.tp=2"]),
+    # tp2 x dp2 runs in test_resume_tp2_dp2_checkpoint_at_dp4 (its checkpoint then resumes at dp=4)
     "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "ep2_etp2_tp2_sp": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "parallel.sequence_parallel=true"]),
     # issue 9's 8-GPU composition, on 8 gloo processes: tp=2 x cp=2 x dp=2, experts ep=4 folded over dp x cp
@@ -74,5 +74,23 @@ def test_resume_tp2_checkpoint_at_dp2(reference_run, tmp_path):
     run_distributed(_train_rank, 2, TINY + [f"checkpoint.dir={ckpt}"], str(run_dir / "b"), timeout=600)
     ref = by_step(read_metrics(reference_run))
     got = by_step(read_metrics(run_dir / "b"))
+    assert sorted(got) == list(range(4, 9))
+    _compare({s: ref[s] for s in got}, got)
+
+
+@pytest.mark.slow
+def test_resume_tp2_dp2_checkpoint_at_dp4(reference_run, tmp_path):
+    """tp=2 x dp=2 on 4 ranks matches the single-process run; its step-3 checkpoint (weights and AdamW state
+    sharded over both dimensions, data position, RNG) resumes at tp=1 x dp=4 with the uninterrupted losses of
+    steps 4..8."""
+    first = _run("tp2_dp2", 4, ["parallel.tp=2"], reference_run, tmp_path)
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    shutil.copytree(first / "checkpoints" / "step_00000003", ckpt / "step_00000003")
+    second = tmp_path / "dp4"
+    assert run_distributed(_train_rank, 4, TINY + [f"checkpoint.dir={ckpt}"], str(second), timeout=600) == [8] * 4
+    ref = by_step(read_metrics(reference_run))
+    got = by_step(read_metrics(second))
     assert sorted(got) == list(range(4, 9))
     _compare({s: ref[s] for s in got}, got)
