@@ -29,6 +29,30 @@ def test_logits_match_transformers(name):
     assert (got - ref).abs().max().item() < 1e-5
 
 
+def test_partial_rotary_matches_transformers_modules_with_the_original_rotary(monkeypatch):
+    """rotary_dim < head_dim (the original release): transformers' minimax ignores partial_rotary_factor, so the
+    oracle is its modules with the original rotary: frequencies over rotary_dim, and minimax_m2's
+    apply_rotary_pos_emb (rotates the first cos.shape[-1] dims, passes the rest through)."""
+    import transformers.models.minimax.modeling_minimax as hf_minimax
+    from transformers.models.minimax_m2.modeling_minimax_m2 import apply_rotary_pos_emb as partial_rope
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    hf = random_hf_model(tiny_hf_config(rope_parameters=rope), seed=5)
+    ours = ours_from_hf(hf)
+    assert ours.config.effective_rotary_dim == 4  # head_dim 8
+    ids = torch.randint(0, 99, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = hf(input_ids=ids).logits  # what transformers computes: all 8 dims rotated
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 4, 2, dtype=torch.float) / 4))
+        hf.model.rotary_emb.inv_freq = inv_freq
+        hf.model.rotary_emb.original_inv_freq = inv_freq
+        monkeypatch.setattr(hf_minimax, "apply_rotary_pos_emb", partial_rope)
+        ref = hf(input_ids=ids).logits
+        got = ours(ids).logits
+    assert (got - ref).abs().max().item() < 1e-5
+    assert (full - ref).abs().max().item() > 1e-2  # the oracle does rotate differently from full-head mode
+
+
 def test_packed_documents_match_transformers_per_document():
     hf = random_hf_model(tiny_hf_config(), seed=3)
     ours = ours_from_hf(hf)
