@@ -22,6 +22,7 @@ LAYOUTS = {
 }
 SLOW_LAYOUTS = {
     # tp2 x dp2 runs in test_resume_tp2_dp2_checkpoint_at_dp4 (its checkpoint then resumes at dp=4)
+    "cp4": (4, ["parallel.cp=4"]),
     "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "ep2_etp2_tp2_sp": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "parallel.sequence_parallel=true"]),
     # issue 9's 8-GPU composition, on 8 gloo processes: tp=2 x cp=2 x dp=2, experts ep=4 folded over dp x cp
