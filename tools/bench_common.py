@@ -1,6 +1,6 @@
-"""Shared helpers of the benchmark scripts (tools/bench_kernels.py, tools/bench_train.py): timing with CUDA
-events (wall clock on CPU), device calibration (copy bandwidth, bf16 matmul peak), guarded runs that turn a
-failure into a one-line reason, markdown tables and JSON output with finite numbers only.
+"""Shared helpers of the benchmark scripts (tools/bench_*.py): timing with CUDA events (wall clock on CPU),
+device calibration (copy bandwidth, bf16 matmul peak), guarded runs that turn a failure into a one-line
+reason, markdown tables, JSON output with finite numbers only, and the teardown of multi-process runs.
 
 Nothing here asserts a speed: the scripts print tables and ratios (design.md, "Testing conventions")."""
 from __future__ import annotations
