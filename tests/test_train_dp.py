@@ -59,32 +59,44 @@ def test_torchrun_cli_dp2_matches_single_process(reference_run, tmp_path):
 
 
 def _grads_rank(overrides):
-    """Gradient of the first step's global batch under this process's layout, as full fp64 tensors."""
+    """Gradient of the first step's global batch under this process's layout and engine (FSDP2 / one process,
+    or DeepSpeed ZeRO: gathered from its partitions before the step), as full fp64 tensors."""
     from minimax_train.data import build_loader, load_tokenizer
+    from minimax_train.parallel.data_parallel import is_sharded
     from minimax_train.parallel.mesh import ParallelMesh
-    from minimax_train.train.loop import build_model, forward_backward
+    from minimax_train.train.loop import build_engine, forward_backward
 
     job = compose_job(*overrides)
     mesh = ParallelMesh.from_env(job.parallel, device="cpu", model_cfg=job.model)
-    model = build_model(job, mesh)
-    tok = load_tokenizer(job.data)
-    loader = build_loader(job.data, tok, seq_len=job.train.seq_len, micro_batch_size=job.train.micro_batch_size,
-                          dp_rank=mesh.dp_rank, dp_size=mesh.dp_size, seed=job.train.seed)
     accum = job.train.global_batch_size // (job.train.micro_batch_size * mesh.dp_size)
-    fb = forward_backward(model, [next(loader) for _ in range(accum)], mesh=mesh,
-                          coef=job.model.router_aux_loss_coef)
-    from minimax_train.parallel.data_parallel import is_sharded
+    engine, _ = build_engine(job, mesh, accum=accum)
+    loader = build_loader(job.data, load_tokenizer(job.data), seq_len=job.train.seq_len,
+                          micro_batch_size=job.train.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
+                          seed=job.train.seed)
+    fb = forward_backward(engine.model, [next(loader) for _ in range(accum)], mesh=mesh,
+                          coef=job.model.router_aux_loss_coef, engine=engine)
+    model = engine.module
     if is_sharded(model):
         # the root (embedding, norm, lm_head) must stay unsharded between forward and backward: the
         # model output is a dataclass FSDP cannot hook a pre-backward unshard on (it broke on CUDA)
         assert model._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is None
-    out = {}
-    for name, p in model.named_parameters():
-        g = p.grad
-        if hasattr(g, "full_tensor"):
-            g = g.full_tensor()
-        out[name] = g.detach().double().clone()
-    return out, fb.global_tokens
+    if engine.name == "deepspeed":
+        from deepspeed.utils import safe_get_full_grad
+        grads = {name: safe_get_full_grad(p) for name, p in model.named_parameters()}
+    else:
+        grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for name, p in model.named_parameters()}
+    engine.close()
+    return {name: g.detach().double().clone() for name, g in grads.items()}, fb.global_tokens
+
+
+def assert_grads_match(ref: dict, per_rank: list, label: str, rtol: float = 1e-5) -> None:
+    """Every rank's gradient of every parameter equals the reference within rtol (relative, per tensor)."""
+    for rank, got in enumerate(per_rank):
+        assert set(got) == set(ref), f"{label} rank {rank}: other parameters than the reference"
+        for name, g in ref.items():
+            err = float((got[name] - g).norm() / g.norm().clamp(min=1e-30))
+            assert err <= rtol, f"{label} {name} rank {rank}: relative gradient error {err:.2e}"
 
 
 @pytest.mark.parametrize("mbs_dp1,mbs_dp2,coef", [(1, 1, 0.001), (4, 2, 0.0), (4, 1, 0.0)])
@@ -96,11 +108,7 @@ def test_dp2_gradients_match_single_process(mbs_dp1, mbs_dp2, coef):
     ref, ntok = _grads_rank(base + [f"train.micro_batch_size={mbs_dp1}"])
     got = run_distributed(_grads_rank, 2, base + [f"train.micro_batch_size={mbs_dp2}"], timeout=240)
     assert got[0][1] == ntok
-    for name, g in ref.items():
-        for rank in range(2):
-            d = got[rank][0][name]
-            err = float((d - g).norm() / g.norm().clamp(min=1e-30))
-            assert err <= 1e-5, f"{name} rank {rank}: relative gradient error {err:.2e}"
+    assert_grads_match(ref, [g for g, _ in got], "dp=2")
 
 
 def test_resume_single_process_checkpoint_on_two_ranks(reference_run, tmp_path):
