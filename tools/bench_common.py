@@ -1,6 +1,6 @@
 """Shared helpers of the benchmark scripts (tools/bench_*.py): timing with CUDA events (wall clock on CPU),
 device calibration (copy bandwidth, bf16 matmul peak), guarded runs that turn a failure into a one-line
-reason, markdown tables, JSON output with finite numbers only, and the teardown of multi-process runs.
+reason, markdown tables, JSON output with finite numbers only, and the clean exit of spawned ranks.
 
 Nothing here asserts a speed: the scripts print tables and ratios (design.md, "Testing conventions")."""
 from __future__ import annotations
@@ -338,20 +338,6 @@ def parse_int_list(s: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 # distributed teardown
 # ---------------------------------------------------------------------------------------------------
-
-def finish_distributed(failed: bool = False) -> None:
-    """Leave the job together: after a clean run a barrier first, so no rank (rank 0 hosts the TCPStore)
-    tears down while a peer still talks to it (a failed rank skips it: its peers may never arrive), then
-    destroy the process groups while the interpreter is fully alive."""
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        return
-    try:
-        if not failed:
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
 
 def exit_spawned_rank() -> None:
     """End a torch.multiprocessing.spawn child that finished cleanly without interpreter finalization: gloo's

@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import exit_spawned_rank, finish_distributed  # noqa: E402
+from bench_common import exit_spawned_rank  # noqa: E402
+from minimax_train.parallel.mesh import process_group_teardown  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -323,15 +324,12 @@ def _main_in_process(args):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, **({"device_id": device} if backend == "nccl" else {}))
-    ok = False
-    try:
-        run(args)
-        ok = True
-    except Exception:
-        traceback.print_exc()
-        raise
-    finally:
-        finish_distributed(failed=not ok)
+    with process_group_teardown(device):
+        try:
+            run(args)
+        except Exception:
+            traceback.print_exc()
+            raise
 
 
 def main(argv=None):

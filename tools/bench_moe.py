@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_common import exit_spawned_rank, finish_distributed  # noqa: E402
+from bench_common import exit_spawned_rank  # noqa: E402
+from minimax_train.parallel.mesh import process_group_teardown  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -238,12 +239,8 @@ def _spawned(rank, world, port, a):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo" if a.device == "cpu" else "nccl", rank=rank, world_size=world)
-    ok = False
-    try:
+    with process_group_teardown():
         run(a)
-        ok = True
-    finally:
-        finish_distributed(failed=not ok)
     exit_spawned_rank()
 
 
@@ -254,12 +251,8 @@ def main(argv=None):
         if a.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo", **kw)
-        ok = False
-        try:
+        with process_group_teardown():
             run(a)
-            ok = True
-        finally:
-            finish_distributed(failed=not ok)
     elif a.nproc > 1:
         import socket
 

@@ -14,6 +14,7 @@ collective helpers are no-ops. Nothing here is global: build one ParallelMesh an
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -153,6 +154,37 @@ def rank_groups(layout: Layout) -> dict[str, list[list[int]]]:
             "edp": groups(e, 0), "ep": groups(e, 1), "etp": groups(e, 2)}
 
 
+def barrier(device: torch.device | None = None) -> None:
+    """A barrier over the default group (NCCL is told the device, so it does not guess one)."""
+    if device is not None and device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+    else:
+        dist.barrier()
+
+
+def destroy_process_groups(*, failed: bool = False, device: torch.device | None = None) -> None:
+    """Tear torch.distributed down. After a clean run all ranks first meet at a barrier, so none (rank 0 hosts
+    the TCPStore) leaves while a peer still talks to it; a failed rank skips it (its peers may never arrive)."""
+    if not dist.is_initialized():
+        return
+    try:
+        if not failed and dist.get_world_size() > 1:
+            barrier(device)
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group_teardown(device: torch.device | None = None):
+    """Run the body, then destroy_process_groups: with the barrier after a clean run, without after an error."""
+    try:
+        yield
+    except BaseException:
+        destroy_process_groups(failed=True, device=device)
+        raise
+    destroy_process_groups(device=device)
+
+
 class ParallelMesh:
     """Coordinates of this rank in every dimension, the DeviceMeshes and the process groups.
 
@@ -243,10 +275,7 @@ class ParallelMesh:
 
     def barrier(self) -> None:
         if self.world_size > 1:
-            if self.device.type == "cuda":
-                dist.barrier(device_ids=[self.device.index])
-            else:
-                dist.barrier()
+            barrier(self.device)
 
     def broadcast_object(self, obj, src: int = 0):
         if self.world_size == 1:
@@ -263,15 +292,8 @@ class ParallelMesh:
         return out
 
     def destroy(self, failed: bool = False) -> None:
-        """Tear the process groups down. After a clean run all ranks first meet at a barrier, so none (rank 0
-        hosts the TCPStore) leaves while a peer still talks to it; a failed rank skips it (peers may never
-        arrive)."""
-        if self.world_size > 1 and dist.is_initialized():
-            try:
-                if not failed:
-                    self.barrier()
-            finally:
-                dist.destroy_process_group()
+        if self.world_size > 1:
+            destroy_process_groups(failed=failed, device=self.device)
 
     def describe(self) -> str:
         L = self.layout

@@ -255,11 +255,9 @@ def _child(rank: int, world: int, port: int, queue, model_cfg: dict, spec: Measu
         torch.set_num_threads(1)
         if world > 1:
             dist.init_process_group("gloo", rank=rank, world_size=world)
-        try:
+        from minimax_train.parallel.mesh import process_group_teardown
+        with process_group_teardown():
             out = measure_rank(model_cfg, spec)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
         queue.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         queue.put((rank, False, traceback.format_exc()))
