@@ -3,6 +3,7 @@
     python data/build_embedded.py        # cache: $MINIMAX_CACHE or ~/.cache/minimax_train
 
 The trainer builds them on first use anyway; this is for doing it ahead of time."""
+
 import json
 import os
 import sys

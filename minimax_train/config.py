@@ -5,6 +5,7 @@ checked here (and the model/data/parallel schemas check their own), before any w
 Groups: model (ModelConfig), data (DataConfig), optim, parallel (ParallelConfig), train, checkpoint,
 logging. Batch keys follow Megatron: train.seq_len tokens per packed row, train.global_batch_size and
 train.micro_batch_size in rows; gradient accumulation = global / (micro * dp)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -104,9 +105,11 @@ class TrainConfig:
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.activation_checkpointing", self.activation_checkpointing, AC_MODES)
         if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                              f"train.micro_batch_size={self.micro_batch_size}; valid micro_batch_size: "
-                              f"{_divs(self.global_batch_size)}")
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}; valid micro_batch_size: "
+                f"{_divs(self.global_batch_size)}"
+            )
 
 
 @dataclass
@@ -220,27 +223,36 @@ def validate_job(job: JobConfig) -> None:
     if o.warmup_steps > t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
     if o.schedule == "wsd" and o.decay_steps is not None and o.warmup_steps + o.decay_steps > t.steps:
-        raise ConfigError(f"optim.warmup_steps + optim.decay_steps = {o.warmup_steps + o.decay_steps} exceeds "
-                          f"train.steps={t.steps}")
+        raise ConfigError(
+            f"optim.warmup_steps + optim.decay_steps = {o.warmup_steps + o.decay_steps} exceeds train.steps={t.steps}"
+        )
     if job.model.max_position_embeddings < t.seq_len:
-        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
-                          f"{job.model.max_position_embeddings}")
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={job.model.max_position_embeddings}"
+        )
     if t.moe_chunk_tokens > 0 and job.model.moe_routing != "dropless":
-        raise ConfigError(f"train.moe_chunk_tokens={t.moe_chunk_tokens} needs model.moe_routing=dropless (capacity "
-                          f"routing ranks all tokens of a micro-batch together); set train.moe_chunk_tokens=0")
+        raise ConfigError(
+            f"train.moe_chunk_tokens={t.moe_chunk_tokens} needs model.moe_routing=dropless (capacity "
+            f"routing ranks all tokens of a micro-batch together); set train.moe_chunk_tokens=0"
+        )
     p = job.parallel
     if p.engine == "deepspeed":
         from minimax_train.parallel.deepspeed_engine import check_deepspeed_layout
+
         try:
             check_deepspeed_layout(p)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     if p.cp > 1 and t.seq_len % (2 * p.cp):
-        raise ConfigError(f"train.seq_len={t.seq_len} must be divisible by 2 * parallel.cp = {2 * p.cp} (context "
-                          f"parallelism splits each row into 2*cp zigzag chunks)")
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} must be divisible by 2 * parallel.cp = {2 * p.cp} (context "
+            f"parallelism splits each row into 2*cp zigzag chunks)"
+        )
     if p.sequence_parallel and (t.micro_batch_size * t.seq_len) % p.tp:
-        raise ConfigError(f"parallel.sequence_parallel: micro_batch_size * seq_len = {t.micro_batch_size * t.seq_len} "
-                          f"must be divisible by parallel.tp={p.tp}")
+        raise ConfigError(
+            f"parallel.sequence_parallel: micro_batch_size * seq_len = {t.micro_batch_size * t.seq_len} "
+            f"must be divisible by parallel.tp={p.tp}"
+        )
     if job.checkpoint.init_from_hf is not None and not Path(job.checkpoint.init_from_hf).is_dir():
         raise ConfigError(f"checkpoint.init_from_hf={job.checkpoint.init_from_hf!r}: no such directory")
 
@@ -250,30 +262,54 @@ def check_batch_layout(train: TrainConfig, dp: int) -> int:
     g, m = train.global_batch_size, train.micro_batch_size
     if g % (m * dp):
         ok_m = [d for d in range(1, g // dp + 1) if g % (d * dp) == 0] if g % dp == 0 else []
-        hint = (f"valid micro_batch_size for dp={dp}: {', '.join(map(str, ok_m))}" if ok_m else
-                f"global_batch_size must be a multiple of dp={dp} (e.g. {dp * m}, {2 * dp * m})")
-        raise ConfigError(f"train.global_batch_size={g} is not divisible by train.micro_batch_size * dp = {m} * {dp}; "
-                          f"{hint}")
+        hint = (
+            f"valid micro_batch_size for dp={dp}: {', '.join(map(str, ok_m))}"
+            if ok_m
+            else f"global_batch_size must be a multiple of dp={dp} (e.g. {dp * m}, {2 * dp * m})"
+        )
+        raise ConfigError(
+            f"train.global_batch_size={g} is not divisible by train.micro_batch_size * dp = {m} * {dp}; {hint}"
+        )
     return g // (m * dp)
 
 
 def job_to_container(job: JobConfig) -> dict:
     """Plain nested dict (for config.yaml, W&B, checkpoints)."""
     from omegaconf import OmegaConf
+
     return OmegaConf.to_container(OmegaConf.structured(job), resolve=True)
 
 
 def job_to_yaml(job: JobConfig) -> str:
     from omegaconf import OmegaConf
+
     return OmegaConf.to_yaml(OmegaConf.structured(job))
 
 
 def load_job_yaml(path) -> JobConfig:
     """Read a config.yaml written by job_to_yaml (e.g. one saved with a checkpoint)."""
     from omegaconf import OmegaConf
+
     return to_job_config(OmegaConf.load(path))
 
 
-__all__ = ["JobConfig", "OptimConfig", "TrainConfig", "CheckpointConfig", "LoggingConfig", "WandbConfig",
-           "ModelConfig", "DataConfig", "SourceConfig", "ParallelConfig", "ConfigError", "register_configs",
-           "to_job_config", "validate_job", "check_batch_layout", "job_to_container", "job_to_yaml", "load_job_yaml"]
+__all__ = [
+    "JobConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "CheckpointConfig",
+    "LoggingConfig",
+    "WandbConfig",
+    "ModelConfig",
+    "DataConfig",
+    "SourceConfig",
+    "ParallelConfig",
+    "ConfigError",
+    "register_configs",
+    "to_job_config",
+    "validate_job",
+    "check_batch_layout",
+    "job_to_container",
+    "job_to_yaml",
+    "load_job_yaml",
+]

@@ -6,6 +6,7 @@ CKPT is one checkpoint (checkpoint.dir/step_XXXXXXXX) or a checkpoint.dir, meani
 checkpoint. The model is rebuilt from the config.yaml saved with the checkpoint, its weights are loaded
 from the distributed checkpoint (any training layout) in this single process, and written with
 minimax_train.hf.save_hf together with the tokenizer of the run's data config."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,14 @@ import torch
 
 log = logging.getLogger("minimax_train.export")
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def load_checkpoint_model(checkpoint: str | Path):
@@ -38,14 +45,21 @@ def load_checkpoint_model(checkpoint: str | Path):
     return model.eval(), job, path
 
 
-def export(checkpoint: str | Path, out: str | Path, *, dtype: Optional[torch.dtype] = None,
-           tokenizer: bool = True, overwrite: bool = False) -> Path:
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    tokenizer: bool = True,
+    overwrite: bool = False,
+) -> Path:
     from minimax_train.hf import save_hf
 
     model, job, path = load_checkpoint_model(checkpoint)
     tok = None
     if tokenizer:
         from minimax_train.data import load_tokenizer
+
         tok = load_tokenizer(job.data)
     out = Path(out)
     save_hf(model, out, tok, dtype=dtype, overwrite=overwrite)
@@ -63,9 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     from minimax_train.train.checkpoint import CheckpointError
+
     try:
-        out = export(args.checkpoint, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
-                     tokenizer=not args.no_tokenizer, overwrite=args.overwrite)
+        out = export(
+            args.checkpoint,
+            args.out,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            tokenizer=not args.no_tokenizer,
+            overwrite=args.overwrite,
+        )
     except (CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"minimax_train.export: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
 """Shared helpers for the trainer tests: run the CLI in a subprocess, read metrics, a cached reference run."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # util_dist for spawne
 # A run that takes a few seconds on CPU: 8 steps of 4 rows x 64 tokens, one row per micro-batch (so the
 # per-micro-batch aux loss is layout-independent and dp=1 / dp=2 must agree exactly), checkpoints every 3.
 TINY = [
-    "train.steps=8", "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=1",
-    "train.eval_interval=0", "optim.warmup_steps=2", "checkpoint.interval=3", "checkpoint.keep_last=0",
+    "train.steps=8",
+    "train.seq_len=64",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=1",
+    "train.eval_interval=0",
+    "optim.warmup_steps=2",
+    "checkpoint.interval=3",
+    "checkpoint.keep_last=0",
     "logging.interval=1",
 ]
 
@@ -31,8 +38,14 @@ def cli_env(**extra) -> dict:
     return env
 
 
-def run_train(run_dir: Path, *overrides: str, faults: str | None = None, timeout: float = 300,
-              check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_train(
+    run_dir: Path,
+    *overrides: str,
+    faults: str | None = None,
+    timeout: float = 300,
+    check: bool = True,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """`python -m minimax_train.train` with hydra.run.dir=run_dir; returns the completed process."""
     e = cli_env(**(env or {}))
     if faults:
@@ -40,8 +53,9 @@ def run_train(run_dir: Path, *overrides: str, faults: str | None = None, timeout
     cmd = [sys.executable, "-m", "minimax_train.train", f"hydra.run.dir={run_dir}", *overrides]
     p = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}: {' '.join(cmd)}\n--- stdout\n{p.stdout[-4000:]}\n"
-                             f"--- stderr\n{p.stderr[-4000:]}")
+        raise AssertionError(
+            f"exit {p.returncode}: {' '.join(cmd)}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+        )
     return p
 
 

@@ -60,8 +60,19 @@ def _grads(o, lse, inputs, seed):
 def _check(q, k, v, q_doc, q_pos, k_doc, k_pos, window, chunk=None, tol=1e-10):
     scale = q.shape[-1] ** -0.5
     if chunk is None:
-        o, lse = varlen_attention(q, k, v, q_doc=q_doc, q_pos=q_pos, k_doc=k_doc, k_pos=k_pos, scale=scale,
-                                  sliding_window=window, return_lse=True, backend="torch")
+        o, lse = varlen_attention(
+            q,
+            k,
+            v,
+            q_doc=q_doc,
+            q_pos=q_pos,
+            k_doc=k_doc,
+            k_pos=k_pos,
+            scale=scale,
+            sliding_window=window,
+            return_lse=True,
+            backend="torch",
+        )
     else:
         o, lse = _torch_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, window, chunk=chunk)
     ro, rlse = _reference(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, window)
@@ -112,8 +123,9 @@ def test_default_chunking_with_many_chunks():
     pos = torch.arange(T)
     q, k, v = _qkv(T, T, 8, 2, 16, seed=11, dtype=torch.float32)
     with torch.no_grad():
-        o, lse = varlen_attention(q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=0.25,
-                                  return_lse=True, backend="torch")
+        o, lse = varlen_attention(
+            q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=0.25, return_lse=True, backend="torch"
+        )
         o1, lse1 = _torch_varlen_attention(q, k, v, doc, pos, doc, pos, 0.25, None, chunk=T)
     torch.testing.assert_close(o, o1, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, lse1, atol=1e-6, rtol=1e-6)
@@ -145,8 +157,13 @@ def test_ring_chunks(case, window):
 
 def test_no_key_rows_have_zero_finite_grads():
     q, k, v = _qkv(4, 4, 2, 1, 8, seed=0)
-    kw = dict(q_doc=torch.zeros(4, dtype=torch.long), q_pos=torch.arange(4),
-              k_doc=torch.zeros(4, dtype=torch.long), k_pos=torch.arange(4) + 4, scale=0.3)
+    kw = dict(
+        q_doc=torch.zeros(4, dtype=torch.long),
+        q_pos=torch.arange(4),
+        k_doc=torch.zeros(4, dtype=torch.long),
+        k_pos=torch.arange(4) + 4,
+        scale=0.3,
+    )
     o, lse = varlen_attention(q, k, v, **kw, return_lse=True, backend="torch")
     assert torch.isneginf(lse).all() and (o == 0).all()
     (o.sum() + lse.clamp_min(-1e9).sum()).backward()
@@ -160,8 +177,19 @@ def test_gradcheck_including_lse():
     q, k, v = _qkv(8, 8, 2, 1, 4, seed=5)
 
     def fn(q, k, v):
-        o, lse = varlen_attention(q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=0.7,
-                                  sliding_window=3, return_lse=True, backend="torch")
+        o, lse = varlen_attention(
+            q,
+            k,
+            v,
+            q_doc=doc,
+            q_pos=pos,
+            k_doc=doc,
+            k_pos=pos,
+            scale=0.7,
+            sliding_window=3,
+            return_lse=True,
+            backend="torch",
+        )
         return o, lse
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
@@ -171,8 +199,9 @@ def test_low_precision_inputs_compute_in_fp32():
     doc = _docs([9, 1, 14])
     pos = torch.arange(24)
     q, k, v = _qkv(24, 24, 4, 2, 16, seed=9, dtype=torch.bfloat16)
-    o, lse = varlen_attention(q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=0.25,
-                              return_lse=True)  # auto -> torch on CPU
+    o, lse = varlen_attention(
+        q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=0.25, return_lse=True
+    )  # auto -> torch on CPU
     ro, rlse = _reference(q, k, v, doc, pos, doc, pos, 0.25)
     assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
     torch.testing.assert_close(o.double(), ro, atol=1e-2, rtol=1e-2)
@@ -318,8 +347,9 @@ def test_flex_forward_on_cpu(window):
     doc = _docs([1, 150, 90, 59])
     pos = torch.arange(300)
     q, k, v = (t.detach() for t in _qkv(300, 300, 4, 2, 16, seed=4, dtype=torch.float32))
-    o = varlen_attention(q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=0.25,
-                         sliding_window=window, backend="flex")
+    o = varlen_attention(
+        q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=0.25, sliding_window=window, backend="flex"
+    )
     ro, _ = _reference(q, k, v, doc, pos, doc, pos, 0.25, window)
     torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=1e-5)
 
@@ -333,9 +363,16 @@ def _hf_attention(window, seed=0):
     from transformers import MiniMaxConfig
     from transformers.models.minimax.modeling_minimax import MiniMaxAttention, MiniMaxRotaryEmbedding
 
-    cfg = MiniMaxConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                        num_hidden_layers=1, layer_types=["full_attention"], sliding_window=window,
-                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg = MiniMaxConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_hidden_layers=1,
+        layer_types=["full_attention"],
+        sliding_window=window,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     attn = MiniMaxAttention(cfg, 0).float().eval()
@@ -349,12 +386,12 @@ def _ours(attn, cfg, x, rope_pos, doc, window):
     q = attn.q_proj(x).view(T, 4, 8)
     k = attn.k_proj(x).view(T, 2, 8)
     v = attn.v_proj(x).view(T, 2, 8)
-    cos, sin = rope_cos_sin(rope_pos, head_dim=8, rotary_dim=8, theta=cfg.rope_parameters["rope_theta"],
-                            dtype=x.dtype)
+    cos, sin = rope_cos_sin(rope_pos, head_dim=8, rotary_dim=8, theta=cfg.rope_parameters["rope_theta"], dtype=x.dtype)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     pos = torch.arange(T)
-    o = varlen_attention(q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=attn.scaling,
-                         sliding_window=window, backend="torch")
+    o = varlen_attention(
+        q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=attn.scaling, sliding_window=window, backend="torch"
+    )
     return attn.o_proj(o.reshape(T, 32))
 
 
@@ -384,8 +421,13 @@ def test_rope_matches_transformers_exactly(theta, dtype):
     from transformers.models.minimax.modeling_minimax import MiniMaxRotaryEmbedding, apply_rotary_pos_emb
 
     D = 32
-    cfg = MiniMaxConfig(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=D,
-                        rope_parameters={"rope_type": "default", "rope_theta": theta})
+    cfg = MiniMaxConfig(
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=D,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    )
     g = torch.Generator().manual_seed(0)
     pos = torch.randint(0, 300_000, (2, 17), generator=g)
     x = torch.randn(2, 17, 3, D, generator=g).to(dtype)
@@ -427,16 +469,27 @@ def test_rope_rejects_bad_rotary_dim():
 
 def test_flex_lse_and_gqa_plumbing_on_cpu(monkeypatch):
     """Uncompiled flex (dense math path, forward only on CPU) through our layout and lse handling."""
-    import minimax_train.ops.attention as attention
     from torch.nn.attention import flex_attention as fa
+
+    import minimax_train.ops.attention as attention
 
     monkeypatch.setattr(fa, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)  # no compile, no warning
     monkeypatch.setattr(attention, "_compiled_flex_attention", lambda: fa.flex_attention)
     doc = _docs([5, 6, 5])
     q_pos, k_pos = torch.arange(8, 16), torch.arange(0, 8)  # rows 11..15 see nothing
     q, k, v = (t.detach() for t in _qkv(8, 8, 4, 2, 16, seed=8, dtype=torch.float32))
-    o, lse = varlen_attention(q, k, v, q_doc=doc[q_pos], q_pos=q_pos, k_doc=doc[k_pos], k_pos=k_pos,
-                              scale=0.3, return_lse=True, backend="flex")
+    o, lse = varlen_attention(
+        q,
+        k,
+        v,
+        q_doc=doc[q_pos],
+        q_pos=q_pos,
+        k_doc=doc[k_pos],
+        k_pos=k_pos,
+        scale=0.3,
+        return_lse=True,
+        backend="flex",
+    )
     ro, rlse = _reference(q, k, v, doc[q_pos], q_pos, doc[k_pos], k_pos, 0.3)
     assert o.shape == q.shape and lse.shape == (4, 8) and lse.dtype == torch.float32
     torch.testing.assert_close(o.double(), ro, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,6 @@
 """Which dtypes reach the kernels under bf16 autocast with fp32 weights (the one-GPU path): the matmul dtype,
 not fp32 promoted by fp32 norm weights or position tables."""
+
 import torch
 
 
@@ -9,8 +10,18 @@ def test_softmax_attention_gets_matmul_dtype_q_and_k_under_autocast():
     from minimax_train.model import MiniMaxForCausalLM, ModelConfig
     from minimax_train.model.attention import SoftmaxAttention, local_softmax_core
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, head_dim=16, num_local_experts=2, softmax_every=2, block_size=16)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_local_experts=2,
+        softmax_every=2,
+        block_size=16,
+    )
     model = MiniMaxForCausalLM(cfg)
     seen = []
 
@@ -41,7 +52,7 @@ def test_torch_attention_softmax_stays_fp32_under_autocast():
     q, k, v = (torch.randn(t, h, d, generator=g).bfloat16() for _ in range(3))
     pos = torch.arange(t)
     doc = (pos >= 20).long()
-    kw = dict(q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=d ** -0.5, return_lse=True, backend="torch")
+    kw = dict(q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=d**-0.5, return_lse=True, backend="torch")
     o_ref, lse_ref = varlen_attention(q, k, v, **kw)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         o, lse = varlen_attention(q, k, v, **kw)

@@ -1,6 +1,7 @@
 """CPU smoke tests of the benchmark scripts (tools/bench_kernels.py, tools/bench_train.py): they run end to end in
 their --device cpu modes, print their tables, report the GPU-only paths as skipped, and write strict JSON with
 finite numbers. Speed itself is never asserted (design.md, "Testing conventions")."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -44,13 +45,22 @@ def test_kernel_flops_match_the_model_counter():
     one-layer model adds exactly the projections plus the kernel's FLOPs."""
     from minimax_train.model.config import FULL, LINEAR, ModelConfig
     from minimax_train.model.flops import forward_flops_per_token
+
     bk = _load_tool("bench_kernels")
     h, d, T = 256, 32, 4096
     for kind in (LINEAR, FULL):
+
         def f(n):
-            cfg = ModelConfig(hidden_size=h, num_attention_heads=n, num_key_value_heads=2, head_dim=d,
-                              num_hidden_layers=1, layer_types=[kind])
+            cfg = ModelConfig(
+                hidden_size=h,
+                num_attention_heads=n,
+                num_key_value_heads=2,
+                head_dim=d,
+                num_hidden_layers=1,
+                layer_types=[kind],
+            )
             return forward_flops_per_token(cfg, T)
+
         n = 4
         if kind == LINEAR:
             proj, core = 2.0 * h * 5 * n * d, bk.lightning_flops(T, n, d) / T
@@ -70,8 +80,14 @@ def test_bench_kernels_cpu_tiny(tmp_path):
     assert _finite(meta["copy_tb_per_s"]) and meta["copy_tb_per_s"] > 0
     assert _finite(meta["matmul_tflops"]) and meta["matmul_tflops"] > 0
     ok = {(r["section"], r["impl"]) for r in rows if r["status"] == "ok"}
-    assert {("lightning", "torch"), ("softmax", "torch-docs"), ("softmax", "sdpa-math"), ("experts", "ours"),
-            ("experts", "loop"), ("experts", "dense")} <= ok, ok
+    assert {
+        ("lightning", "torch"),
+        ("softmax", "torch-docs"),
+        ("softmax", "sdpa-math"),
+        ("experts", "ours"),
+        ("experts", "loop"),
+        ("experts", "dense"),
+    } <= ok, ok
     for r in rows:
         if r["status"] == "ok":
             for k in ("ms", "min_ms", "tflops", "floor_flops_ms", "x_floor"):
@@ -90,9 +106,29 @@ def test_bench_train_cpu_tiny(tmp_path):
     out = tmp_path / "train.json"
     have_megatron = importlib.util.find_spec("megatron") is not None
     impls = "ours,hf,megatron" if have_megatron else "ours,hf"
-    p = _run([str(TOOLS / "bench_train.py"), "--device", "cpu", "--preset", "tiny", "--seq-len", "128",
-              "--steps", "3", "--warmup", "1", "--peak-tflops", "1", "--impls", impls,
-              "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    p = _run(
+        [
+            str(TOOLS / "bench_train.py"),
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "128",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--peak-tflops",
+            "1",
+            "--impls",
+            impls,
+            "--workdir",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ]
+    )
     assert "| impl | tokens/s | TFLOP/s/GPU | MFU | peak mem GB | ratio ours/impl | status |" in p.stdout, p.stdout
     assert "reproduce: python" in p.stdout
     data = json.loads(out.read_text())
@@ -106,6 +142,7 @@ def test_bench_train_cpu_tiny(tmp_path):
     # one FLOP counter: ours and transformers train the same hybrid model, megatron the all-softmax one
     from minimax_train.model.config import FULL, ModelConfig
     from minimax_train.model.flops import train_flops_per_token
+
     cfg = ModelConfig(**data["meta"]["model"])
     assert res["ours"]["flops_per_token"] == pytest.approx(train_flops_per_token(cfg, 128))
     assert res["hf"]["flops_per_token"] == res["ours"]["flops_per_token"]
@@ -118,9 +155,31 @@ def test_bench_layouts_cpu_tiny(tmp_path):
     """bench_layouts runs the trainer per layout (torchrun, gloo): the table prints, the tp=2 run's losses and
     gradient norms equal the one-process run's (fp32), and the planner's estimate is attached to each row."""
     out = tmp_path / "layouts.json"
-    p = _run([str(TOOLS / "bench_layouts.py"), "--device", "cpu", "--preset", "tiny", "--seq-len", "128",
-              "--rows", "4", "--steps", "3", "--warmup", "1", "--layout", "one:1:", "--layout", "tp2:2:tp=2",
-              "--workdir", str(tmp_path / "runs"), "--out", str(out)])
+    p = _run(
+        [
+            str(TOOLS / "bench_layouts.py"),
+            "--device",
+            "cpu",
+            "--preset",
+            "tiny",
+            "--seq-len",
+            "128",
+            "--rows",
+            "4",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--layout",
+            "one:1:",
+            "--layout",
+            "tp2:2:tp=2",
+            "--workdir",
+            str(tmp_path / "runs"),
+            "--out",
+            str(out),
+        ]
+    )
     assert "| layout | GPUs | ktok/s | ktok/s/GPU | scaling eff |" in p.stdout, p.stdout
     res = {r["name"]: r for r in json.loads(out.read_text())["results"]}
     assert res["one"]["status"] == res["tp2"]["status"] == "ok"

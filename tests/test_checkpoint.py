@@ -1,12 +1,21 @@
 """Checkpoint manager: atomic layout, keep-last-k, latest-complete resolution, weights-only meta, exact reload."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
-from minimax_train.train.checkpoint import (COMPLETE, CheckpointError, CheckpointManager, list_checkpoints,
-                                            read_meta, resolve_checkpoint, rng_state, set_rng_state)
+from minimax_train.train.checkpoint import (
+    COMPLETE,
+    CheckpointError,
+    CheckpointManager,
+    list_checkpoints,
+    read_meta,
+    resolve_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 
 
 def _mesh():
@@ -34,8 +43,9 @@ def test_save_load_roundtrip_exact_and_meta_is_weights_only(tmp_path):
     mgr.prepare()
     meta = {"step": 1, "tokens": 10, "data": {"rows": 4, "sources": [{"pos": 3}]}, "wandb_run_id": None}
     path = mgr.save(1, m, opt, meta, {"rng": rng_state()}, "train:\n  steps: 1\n")
-    assert sorted(p.name for p in path.iterdir()) == sorted([".metadata", "__0_0.distcp", "meta.pt", "config.yaml",
-                                                             COMPLETE])
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        [".metadata", "__0_0.distcp", "meta.pt", "config.yaml", COMPLETE]
+    )
     blob = read_meta(path)  # torch.load(weights_only=True)
     assert blob["meta"]["data"] == meta["data"] and blob["world_size"] == 1
     m2, opt2 = _model_opt(seed=1)
@@ -60,6 +70,7 @@ def test_rng_state_roundtrip():
     import random
 
     import numpy as np
+
     st = rng_state()
     a = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     set_rng_state(st)

@@ -1,11 +1,12 @@
 """The config tree: defaults compose and validate; a wrong key, type or value fails up front with a message
 naming it; layout errors list the values that would work."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose_job, run_train
+
 from minimax_train.config import ConfigError, JobConfig, TrainConfig, check_batch_layout, to_job_config
 from minimax_train.parallel.mesh import ParallelConfig, ParallelConfigError, rank_groups, resolve_layout
 
@@ -20,41 +21,52 @@ def test_default_config_composes_to_the_tiny_cpu_quickstart():
     assert job.logging.wandb.mode == "disabled" and job.parallel.engine == "fsdp2"
 
 
-@pytest.mark.parametrize("group,option", [("model", "minimax_1b"), ("model", "minimax_text_01"),
-                                          ("optim", "adamw_wsd"), ("train", "gpu"), ("logging", "wandb")])
+@pytest.mark.parametrize(
+    "group,option",
+    [
+        ("model", "minimax_1b"),
+        ("model", "minimax_text_01"),
+        ("optim", "adamw_wsd"),
+        ("train", "gpu"),
+        ("logging", "wandb"),
+    ],
+)
 def test_every_preset_composes(group, option):
     job = compose_job(f"{group}={option}")
     assert job is not None
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("+train.stepz=5", "train.stepz"),
-    ("+model.foo=1", "model.foo"),
-    ("+logging.wandb.foo=1", "logging.wandb.foo"),
-    ("optim.schedule=foo", "optim.schedule"),
-    ("optim.decay_style=exp", "optim.decay_style"),
-    ("train.precision=fp8", "train.precision"),
-    ("train.activation_checkpointing=some", "train.activation_checkpointing"),
-    ("train.global_batch_size=6", "valid micro_batch_size: 1, 2, 3, 6"),
-    ("train.steps=0", "train.steps"),
-    ("optim.min_lr=1.0", "optim.min_lr"),
-    ("optim.warmup_steps=1000", "optim.warmup_steps"),
-    ("logging.wandb.mode=maybe", "logging.wandb.mode"),
-    ("model.hidden_act=foo", "model.hidden_act"),
-    ("model.num_key_value_heads=3", "model.num_key_value_heads"),
-    ("parallel.engine=megatron", "parallel.engine"),
-    ("parallel.zero_stage=4", "parallel.zero_stage"),
-    ("parallel.lasp=ring", "parallel.lasp"),
-    ("parallel.grad_sync=always", "parallel.grad_sync"),
-    ("logging.profile_start=-1", "logging.profile_start"),
-    ("train.loss_chunk_tokens=-1", "train.loss_chunk_tokens"),
-    ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
-    ("data.valid_fraction=2", "data.valid_fraction"),
-    ("data.sources=[{kind:nope}]", "data.sources[0].kind"),
-    ("checkpoint.init_from_hf=/no/such/dir", "checkpoint.init_from_hf"),
-    ("train.seq_len=100000", "train.seq_len"),
-    ("data=jsonl", "data.sources[0].path is required"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("+train.stepz=5", "train.stepz"),
+        ("+model.foo=1", "model.foo"),
+        ("+logging.wandb.foo=1", "logging.wandb.foo"),
+        ("optim.schedule=foo", "optim.schedule"),
+        ("optim.decay_style=exp", "optim.decay_style"),
+        ("train.precision=fp8", "train.precision"),
+        ("train.activation_checkpointing=some", "train.activation_checkpointing"),
+        ("train.global_batch_size=6", "valid micro_batch_size: 1, 2, 3, 6"),
+        ("train.steps=0", "train.steps"),
+        ("optim.min_lr=1.0", "optim.min_lr"),
+        ("optim.warmup_steps=1000", "optim.warmup_steps"),
+        ("logging.wandb.mode=maybe", "logging.wandb.mode"),
+        ("model.hidden_act=foo", "model.hidden_act"),
+        ("model.num_key_value_heads=3", "model.num_key_value_heads"),
+        ("parallel.engine=megatron", "parallel.engine"),
+        ("parallel.zero_stage=4", "parallel.zero_stage"),
+        ("parallel.lasp=ring", "parallel.lasp"),
+        ("parallel.grad_sync=always", "parallel.grad_sync"),
+        ("logging.profile_start=-1", "logging.profile_start"),
+        ("train.loss_chunk_tokens=-1", "train.loss_chunk_tokens"),
+        ("parallel.sequence_parallel=true", "parallel.sequence_parallel"),
+        ("data.valid_fraction=2", "data.valid_fraction"),
+        ("data.sources=[{kind:nope}]", "data.sources[0].kind"),
+        ("checkpoint.init_from_hf=/no/such/dir", "checkpoint.init_from_hf"),
+        ("train.seq_len=100000", "train.seq_len"),
+        ("data=jsonl", "data.sources[0].path is required"),
+    ],
+)
 def test_bad_values_fail_naming_the_key(override, needle):
     with pytest.raises(ConfigError) as e:
         compose_job(override)
@@ -63,6 +75,7 @@ def test_bad_values_fail_naming_the_key(override, needle):
 
 def test_wrong_type_and_unknown_key_fail_in_hydra():
     from hydra.errors import ConfigCompositionException
+
     with pytest.raises(ConfigCompositionException, match="train.stepz"):
         compose_job("train.stepz=5")
     with pytest.raises(ConfigCompositionException, match="train.steps=abc"):
@@ -87,6 +100,7 @@ def test_batch_layout_messages():
 
 def test_parallel_layout_errors_list_valid_values():
     from minimax_train.model import ModelConfig
+
     m = ModelConfig()  # 4 heads, 2 kv heads, 4 experts
     with pytest.raises(ParallelConfigError, match=r"parallel.tp=3 does not divide the world size 8; valid: 1, 2, 4, 8"):
         resolve_layout(ParallelConfig(tp=3), 8)
@@ -94,15 +108,20 @@ def test_parallel_layout_errors_list_valid_values():
         resolve_layout(ParallelConfig(tp=3), 6, m)
     with pytest.raises(ParallelConfigError, match=r"parallel.cp=3 .*valid: 1, 2, 4"):
         resolve_layout(ParallelConfig(cp=3), 4)
-    with pytest.raises(ParallelConfigError, match=r"parallel.ep=3 does not divide dp\*cp\*\(tp/etp\)=4.*valid: 1, 2, 4"):
+    with pytest.raises(
+        ParallelConfigError, match=r"parallel.ep=3 does not divide dp\*cp\*\(tp/etp\)=4.*valid: 1, 2, 4"
+    ):
         resolve_layout(ParallelConfig(ep=3), 4)
     with pytest.raises(ParallelConfigError, match=r"parallel.ep=8 does not divide num_local_experts=4; valid: 1, 2, 4"):
         resolve_layout(ParallelConfig(ep=8), 8, m)
     with pytest.raises(ParallelConfigError, match=r"parallel.etp=2 must divide parallel.tp=1"):
         ParallelConfig(etp=2)
     gqa = ModelConfig(num_attention_heads=12, num_key_value_heads=6)
-    with pytest.raises(ParallelConfigError, match=r"parallel.tp=4: num_key_value_heads=6 must divide or be divisible "
-                                                  r"by tp; valid: 1, 2"):
+    with pytest.raises(
+        ParallelConfigError,
+        match=r"parallel.tp=4: num_key_value_heads=6 must divide or be divisible "
+        r"by tp; valid: 1, 2",
+    ):
         resolve_layout(ParallelConfig(tp=4), 4, gqa)
     with pytest.raises(ParallelConfigError, match=r"parallel.etp=4 does not divide intermediate_size=6; valid: 1, 2"):
         resolve_layout(ParallelConfig(tp=4, etp=4), 4, ModelConfig(intermediate_size=6))
@@ -134,6 +153,7 @@ def test_cli_bad_override_fails_before_any_work(tmp_path):
 
 def test_grad_sync_micro_is_an_fsdp2_setting():
     from minimax_train.parallel.mesh import ParallelConfigError
+
     with pytest.raises((ConfigError, ParallelConfigError), match="parallel.grad_sync=micro is an fsdp2 setting"):
         compose_job("parallel=deepspeed", "parallel.grad_sync=micro")
 
@@ -141,6 +161,7 @@ def test_grad_sync_micro_is_an_fsdp2_setting():
 @pytest.mark.parametrize("mode,expected", [("step", [False, False, True]), ("micro", [True, True, True])])
 def test_grad_sync_mode_decides_when_fsdp_reduces(monkeypatch, mode, expected):
     import minimax_train.train.loop as loop
+
     calls = []
     monkeypatch.setattr(loop, "set_gradient_sync", lambda model, enabled: calls.append(enabled))
     engine = loop.TorchEngine(torch.nn.Linear(2, 2), None, grad_sync=mode)

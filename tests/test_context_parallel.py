@@ -8,6 +8,7 @@ and its gradients equal the single-process run.
 
 One group of processes per cp size runs every check (spawning is the slow part) and reports errors; the
 tests below assert on them."""
+
 from __future__ import annotations
 
 import copy
@@ -37,6 +38,7 @@ CASES = {"row1": (1, LENGTHS), "rows2": (2, LENGTHS + [48])}
 def _max_err(got, ref, group):
     """max |got - ref| over all ranks' rows, divided by max |ref| (ref is the full tensor, same everywhere)."""
     import torch.distributed as dist
+
     err = (got.detach() - ref.detach()).abs().max().reshape(1).double()
     dist.all_reduce(err, op=dist.ReduceOp.MAX, group=group)
     return (err / ref.abs().max().double().clamp(min=1e-30)).item()
@@ -93,11 +95,11 @@ def _ring_checks(rank, cp, group):
         idx = seq.causal_pos
         for window in (None, 5):
             qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
-            ref = local_softmax_core(qr, kr, vr, full, scale=D ** -0.5, sliding_window=window)
+            ref = local_softmax_core(qr, kr, vr, full, scale=D**-0.5, sliding_window=window)
             ref_g = torch.autograd.grad(ref, (qr, kr, vr), g)
             for bwd in ("fused", "recompute"):
                 ql, kl, vl = (x[idx].clone().requires_grad_(True) for x in (q, k, v))
-                o = ring_attention(ql, kl, vl, seq, group, scale=D ** -0.5, sliding_window=window, backward=bwd)
+                o = ring_attention(ql, kl, vl, seq, group, scale=D**-0.5, sliding_window=window, backward=bwd)
                 grads = torch.autograd.grad(o, (ql, kl, vl), g[idx])
                 name = f"ring/{case}/window{window}/{bwd}"
                 out[name + "/out"] = _max_err(o, ref[idx], group)
@@ -108,9 +110,21 @@ def _ring_checks(rank, cp, group):
 
 def tiny_model_config(**kw):
     from minimax_train.model.config import FULL, LINEAR, ModelConfig
-    base = dict(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
-                layer_types=[LINEAR, FULL, LINEAR, FULL], block_size=4, router_aux_loss_coef=0.02)
+
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=[LINEAR, FULL, LINEAR, FULL],
+        block_size=4,
+        router_aux_loss_coef=0.02,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -122,7 +136,7 @@ def _packed_batch(rows, lengths, seed):
     labels = torch.full_like(flat, -100)
     bounds = _cu(lengths).tolist()
     for s, e in zip(bounds[:-1], bounds[1:]):
-        labels[s:e - 1] = flat[s + 1:e]
+        labels[s : e - 1] = flat[s + 1 : e]
     return ids, labels.view(rows, ROW_LEN), _cu(lengths)
 
 
@@ -132,9 +146,14 @@ def _model_checks(rank, cp, group, steps=3, tp_mesh=None, sequence_parallel=Fals
     (a ParallelMesh) its experts are expert-parallel over the mesh's ep groups (folded over cp)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+
     from minimax_train.model.transformer import MiniMaxForCausalLM
-    from minimax_train.parallel.context_parallel import (apply_context_parallel, cp_loss_for_backward,
-                                                         reduce_loss_over_cp, shard_for_context_parallel)
+    from minimax_train.parallel.context_parallel import (
+        apply_context_parallel,
+        cp_loss_for_backward,
+        reduce_loss_over_cp,
+        shard_for_context_parallel,
+    )
 
     def local(t):
         return t._local_tensor if isinstance(t, DTensor) else t
@@ -150,10 +169,12 @@ def _model_checks(rank, cp, group, steps=3, tp_mesh=None, sequence_parallel=Fals
     par = copy.deepcopy(ref)
     if tp_mesh is not None:
         from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
+
         apply_tensor_parallel(par, tp_mesh, sequence_parallel=sequence_parallel)
     apply_context_parallel(par, group)
     if expert_mesh is not None:
         from minimax_train.parallel.expert_parallel import apply_expert_parallel
+
         apply_expert_parallel(par, expert_mesh)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=2e-3, foreach=False)
     opt_par = torch.optim.AdamW(par.parameters(), lr=2e-3, foreach=False)
@@ -185,7 +206,7 @@ def _model_checks(rank, cp, group, steps=3, tp_mesh=None, sequence_parallel=Fals
         out[f"{tag}/step{step}/loss"] = abs(loss_par - loss_ref.item()) / abs(loss_ref.item())
         out[f"{tag}/step{step}/aux"] = abs(o_par.aux_loss.item() - o_ref.aux_loss.item()) / o_ref.aux_loss.item()
         worst = 0.0
-        for (name, pr), pp in zip(ref.named_parameters(), par.parameters()):
+        for pr, pp in zip(ref.parameters(), par.parameters()):
             scale = pr.grad.abs().max().item()
             err = (full(pp.grad).reshape(pr.grad.shape) - pr.grad).abs().max().item()
             worst = max(worst, err / scale if scale > 0 else err)
@@ -199,6 +220,7 @@ def _model_checks(rank, cp, group, steps=3, tp_mesh=None, sequence_parallel=Fals
 
 def _worker(cp):
     import torch.distributed as dist
+
     rank = dist.get_rank()
     group = dist.new_group(list(range(cp)))
     out = {}
@@ -210,23 +232,34 @@ def _worker(cp):
 
 def _cp_tp_worker():
     """4 ranks = cp 2 x tp 2 (tp fastest, as the mesh): with and without sequence parallelism."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
+
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
     cp_rank = mesh["cp"].get_local_rank()
     out = {}
     for sp in (False, True):
-        out.update(_model_checks(cp_rank, 2, mesh["cp"].get_group(), tp_mesh=mesh["tp"], sequence_parallel=sp,
-                                 tag=f"cp2tp2_sp{int(sp)}"))
+        out.update(
+            _model_checks(
+                cp_rank, 2, mesh["cp"].get_group(), tp_mesh=mesh["tp"], sequence_parallel=sp, tag=f"cp2tp2_sp{int(sp)}"
+            )
+        )
     return out
 
 
 def _cp_ep_worker():
     """2 ranks = cp 2, experts split ep 2 over the same ranks (EP folded over CP)."""
     import torch.distributed as dist
+
     from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
-    pm = ParallelMesh(ParallelConfig(cp=2, ep=2), world_size=2, rank=dist.get_rank(), local_rank=0,
-                      device=torch.device("cpu"), model_cfg=tiny_model_config())
+
+    pm = ParallelMesh(
+        ParallelConfig(cp=2, ep=2),
+        world_size=2,
+        rank=dist.get_rank(),
+        local_rank=0,
+        device=torch.device("cpu"),
+        model_cfg=tiny_model_config(),
+    )
     return _model_checks(pm.cp_rank, 2, pm.cp_group, expert_mesh=pm, tag="cp2ep2")
 
 
@@ -234,10 +267,18 @@ def _cp_ep_worker():
 # a minimal gloo launcher (spawned children import this module by name: tests/ is on sys.path)
 # ---------------------------------------------------------------------------------------------------
 def _child(fn, rank, world, port, queue, backend, args):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+        }
+    )
     try:
         import torch.distributed as dist
+
         torch.set_num_threads(1)
         kw = {}
         if backend == "nccl":
@@ -254,6 +295,7 @@ def _child(fn, rank, world, port, queue, backend, args):
 def run_gloo(fn, world, *args, timeout=240.0, backend="gloo"):
     """fn(*args) on `world` fresh processes of one torch.distributed job; returns their results."""
     import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -345,13 +387,51 @@ def test_bench_cp_smoke(tmp_path):
     import json
     import subprocess
     import sys
+
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(repo, "tools", "bench_cp.py"), "--nproc", "2", "--device", "cpu",
-           "--dtype", "fp32", "--seqlens", "64", "--heads", "2", "--head-dim", "8", "--hidden", "32",
-           "--layers", "2", "--softmax-every", "2", "--model-heads", "2", "--kv-heads", "1",
-           "--model-head-dim", "8", "--experts", "4", "--ffn", "16", "--vocab", "64", "--block-size", "8",
-           "--iters", "1", "--warmup", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        os.path.join(repo, "tools", "bench_cp.py"),
+        "--nproc",
+        "2",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--seqlens",
+        "64",
+        "--heads",
+        "2",
+        "--head-dim",
+        "8",
+        "--hidden",
+        "32",
+        "--layers",
+        "2",
+        "--softmax-every",
+        "2",
+        "--model-heads",
+        "2",
+        "--kv-heads",
+        "1",
+        "--model-head-dim",
+        "8",
+        "--experts",
+        "4",
+        "--ffn",
+        "16",
+        "--vocab",
+        "64",
+        "--block-size",
+        "8",
+        "--iters",
+        "1",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "speedup vs serial" in proc.stdout

@@ -1,12 +1,18 @@
 """Context-parallel sharding (zigzag layout) and the single-rank (cp=1) LASP+ / ring paths, in one process."""
+
 import pytest
 import torch
 
 from minimax_train.model.attention import local_lightning_core, local_softmax_core
 from minimax_train.model.layers import PackedSequence
-from minimax_train.parallel.context_parallel import (build_ring_plan, lasp_attention, ring_attention,
-                                                     shard_for_context_parallel, unshard_from_context_parallel,
-                                                     zigzag_token_index)
+from minimax_train.parallel.context_parallel import (
+    build_ring_plan,
+    lasp_attention,
+    ring_attention,
+    shard_for_context_parallel,
+    unshard_from_context_parallel,
+    zigzag_token_index,
+)
 
 LENGTHS = [7, 5, 1, 3, 12, 20]  # T=48: starts 0, 7, 12, 13, 16, 28
 
@@ -88,10 +94,10 @@ def test_single_rank_lasp_and_ring_equal_local(rows):
 
     qs, ks, vs = (torch.randn(T, h, D, requires_grad=True) for h in (4, 2, 2))
     for window in (None, 5):
-        ref = local_softmax_core(qs, ks, vs, full, scale=D ** -0.5, sliding_window=window)
+        ref = local_softmax_core(qs, ks, vs, full, scale=D**-0.5, sliding_window=window)
         gr = torch.autograd.grad(ref, (qs, ks, vs), g[:, :1].expand(T, 4, D))
         for bwd in ("fused", "recompute"):
-            got = ring_attention(qs, ks, vs, seq, None, scale=D ** -0.5, sliding_window=window, backward=bwd)
+            got = ring_attention(qs, ks, vs, seq, None, scale=D**-0.5, sliding_window=window, backward=bwd)
             assert _rel(got, ref) < 1e-6
             gg = torch.autograd.grad(got, (qs, ks, vs), g[:, :1].expand(T, 4, D))
             assert max(_rel(a, b) for a, b in zip(gg, gr)) < 1e-6

@@ -1,12 +1,12 @@
 """Chunked LM loss (ops/cross_entropy.py, train.loss_chunk_tokens): the same loss and gradients as the
 unchunked cross-entropy (plain model, vocabulary-parallel tp=2 with and without SP, the trainer), while the
 peak of live tensor memory in forward + backward holds only one chunk's logits."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import TINY, compose_job, read_metrics
 from util_dist import run_distributed
 from util_memory import peak_live_bytes
@@ -20,10 +20,20 @@ def lm_model(vocab: int, hidden: int, dtype=torch.float32):
     """A one-layer model: only its lm_head (and lm_loss_sum) is used here."""
     from minimax_train.model.config import ModelConfig
     from minimax_train.model.transformer import MiniMaxForCausalLM
+
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_local_experts=2,
-                      num_experts_per_tok=1, block_size=16)
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        block_size=16,
+    )
     return MiniMaxForCausalLM(cfg).to(dtype)
 
 
@@ -50,10 +60,12 @@ def _inputs(vocab, hidden, dtype):
 
 # ---- (a) exactness -------------------------------------------------------------------------------------------------
 
+
 def op_loss_and_grads(weight, hidden, labels, chunk: int):
     """chunked_loss_sum itself with an lm_head + cross-entropy in the inputs' dtype (the model's lm_loss_sum
     computes the cross-entropy in fp32, so float64 exactness is checked here)."""
     from minimax_train.ops.cross_entropy import chunked_loss_sum
+
     w = weight.detach().clone().requires_grad_(True)
     h = hidden.detach().clone().requires_grad_(True)
 
@@ -65,8 +77,9 @@ def op_loss_and_grads(weight, hidden, labels, chunk: int):
     return loss.detach(), h.grad, w.grad
 
 
-@pytest.mark.parametrize("path,dtype,tol", [("op", torch.float64, 1e-12), ("op", torch.float32, 1e-6),
-                                            ("model", torch.float32, 1e-6)])
+@pytest.mark.parametrize(
+    "path,dtype,tol", [("op", torch.float64, 1e-12), ("op", torch.float32, 1e-6), ("model", torch.float32, 1e-6)]
+)
 @pytest.mark.parametrize("chunk", [32, 40, 7, N, 1000])
 def test_chunked_equals_unchunked(path, dtype, tol, chunk):
     model = lm_model(200, 24, dtype)
@@ -112,12 +125,14 @@ def test_chunked_under_cpu_bf16_autocast():
 
 def test_config_rejects_negative_chunk():
     from minimax_train.config import ConfigError, TrainConfig
+
     assert TrainConfig().loss_chunk_tokens == 8192 and TrainConfig(loss_chunk_tokens=0).loss_chunk_tokens == 0
     with pytest.raises(ConfigError, match="train.loss_chunk_tokens"):
         TrainConfig(loss_chunk_tokens=-1)
 
 
 # ---- (b) memory ----------------------------------------------------------------------------------------------------
+
 
 def test_chunking_bounds_the_peak_memory():
     n, v, h, chunk = 4096, 8192, 64, 512
@@ -143,8 +158,9 @@ TP_CHUNK = 24  # 64 tokens per micro-batch: chunks of 24, 24, 16 (one fully igno
 
 def _tp_labels():
     from test_tensor_parallel import make_rows
+
     ids, labels, cu = make_rows()
-    labels.view(-1)[TP_CHUNK:2 * TP_CHUNK] = -100
+    labels.view(-1)[TP_CHUNK : 2 * TP_CHUNK] = -100
     return ids, labels, cu
 
 
@@ -153,16 +169,19 @@ def _loss_and_grads(model, chunk):
     model.loss_chunk_tokens = chunk
     out = model(ids, labels=labels, cu_seqlens=cu)
     out.lm_loss_sum.backward()
-    full = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
-            for n, p in model.named_parameters()}
+    full = {
+        n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+        for n, p in model.named_parameters()
+    }
     return out.lm_loss_sum.item(), full
 
 
 def _tp_ranks():
+    from test_tensor_parallel import make_config, make_model
     from torch.distributed.device_mesh import init_device_mesh
 
     from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
-    from test_tensor_parallel import make_config, make_model
+
     mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     out = {}
     for sp in (False, True):
@@ -174,6 +193,7 @@ def _tp_ranks():
 
 def test_vocab_parallel_tp2_chunked_equals_single_process():
     from test_tensor_parallel import make_config, make_model
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -190,13 +210,21 @@ def test_vocab_parallel_tp2_chunked_equals_single_process():
 
 # ---- (d) the trainer -------------------------------------------------------------------------------------------------
 
+
 def test_trainer_chunked_loss_equals_unchunked(tmp_path):
     """seq_len 64, one row per micro-batch: train.loss_chunk_tokens=16 runs 4 chunks (eval included)."""
     from minimax_train.train import train
+
     recs = {}
     for chunk in (0, 16):
-        job = compose_job(*TINY, "train.steps=4", "train.eval_interval=2", "checkpoint.interval=0",
-                          "checkpoint.save_final=false", f"train.loss_chunk_tokens={chunk}")
+        job = compose_job(
+            *TINY,
+            "train.steps=4",
+            "train.eval_interval=2",
+            "checkpoint.interval=0",
+            "checkpoint.save_final=false",
+            f"train.loss_chunk_tokens={chunk}",
+        )
         assert job.train.loss_chunk_tokens == chunk
         train(job, tmp_path / f"c{chunk}")
         recs[chunk] = read_metrics(tmp_path / f"c{chunk}")
@@ -214,20 +242,25 @@ LAYOUT_STEPS = [*TINY, "train.steps=4", "checkpoint.interval=0", "checkpoint.sav
 @pytest.fixture(scope="module")
 def unchunked_run(tmp_path_factory):
     from test_train_dp import _train_rank
+
     run_dir = tmp_path_factory.mktemp("unchunked")
     run_distributed(_train_rank, 1, [*LAYOUT_STEPS, "train.loss_chunk_tokens=0"], str(run_dir))
     return run_dir
 
 
-@pytest.mark.parametrize("name,extra", [("dp2_fsdp2", []), ("cp2", ["parallel.cp=2"]),
-                                        ("zero3", ["parallel=deepspeed", "parallel.zero_stage=3"])])
+@pytest.mark.parametrize(
+    "name,extra",
+    [("dp2_fsdp2", []), ("cp2", ["parallel.cp=2"]), ("zero3", ["parallel=deepspeed", "parallel.zero_stage=3"])],
+)
 def test_trainer_chunked_loss_composes_with_layouts(name, extra, unchunked_run, tmp_path):
     """Chunks recomputed in backward under FSDP2 (root kept unsharded), context parallelism (local tokens)
     and DeepSpeed ZeRO-3 (lm_head re-gathered for the recompute): the unchunked single-process losses."""
     from conftest import by_step
     from test_train_dp import _compare, _train_rank
+
     if name == "zero3":
         pytest.importorskip("deepspeed")
-    run_distributed(_train_rank, 2, [*LAYOUT_STEPS, *extra, "train.loss_chunk_tokens=16"], str(tmp_path / name),
-                    timeout=600)
+    run_distributed(
+        _train_rank, 2, [*LAYOUT_STEPS, *extra, "train.loss_chunk_tokens=16"], str(tmp_path / name), timeout=600
+    )
     _compare(by_step(read_metrics(unchunked_run)), by_step(read_metrics(tmp_path / name)))

@@ -1,4 +1,5 @@
 """Data pipeline core: packing invariants, dp sharding, determinism, exact resume, blending, valid split."""
+
 import io
 import json
 import os
@@ -7,8 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from minimax_train.data import (IGNORE_INDEX, DataConfig, DataError, PackedBatch, SourceConfig,
-                                build_loader, load_tokenizer, tokenize_documents)
+from minimax_train.data import (
+    IGNORE_INDEX,
+    DataConfig,
+    DataError,
+    PackedBatch,
+    SourceConfig,
+    build_loader,
+    load_tokenizer,
+    tokenize_documents,
+)
 from minimax_train.data.loader import Blender
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
@@ -42,8 +51,7 @@ def tok(cache_dir):
 
 def make_docs(n, seed=0, prefix="doc", max_words=60):
     rng = np.random.default_rng(seed)
-    return [f"{prefix} {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words))))
-            for i in range(n)]
+    return [f"{prefix} {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words)))) for i in range(n)]
 
 
 def write_jsonl(path, docs, key="text"):
@@ -83,7 +91,9 @@ def check_invariants(b: PackedBatch, T: int):
     ids, lab, pos = b.input_ids.flatten(), b.labels.flatten(), b.position_ids.flatten()
     for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
         assert torch.equal(pos[s:e], torch.arange(e - s))
-        assert torch.equal(lab[s:e - 1][lab[s:e - 1] != IGNORE_INDEX], ids[s + 1:e][lab[s:e - 1] != IGNORE_INDEX])
+        assert torch.equal(
+            lab[s : e - 1][lab[s : e - 1] != IGNORE_INDEX], ids[s + 1 : e][lab[s : e - 1] != IGNORE_INDEX]
+        )
         assert lab[e - 1] == IGNORE_INDEX  # no label crosses a segment (document or row) boundary
     assert b.num_loss_tokens() == int((lab != IGNORE_INDEX).sum())
 
@@ -116,7 +126,7 @@ def test_packing_matches_direct_tokenisation(tmp_path, tok):
     # The stream continues seamlessly into the next epoch (no shuffle: same order again).
     more = torch.cat([b.input_ids.flatten() for b in take(loader, nb + 2)]).numpy()
     whole = np.concatenate([got, more])
-    assert np.array_equal(whole[len(stream):2 * len(stream)], stream)
+    assert np.array_equal(whole[len(stream) : 2 * len(stream)], stream)
 
 
 def test_long_document_continues_in_next_row(tmp_path, tok):
@@ -143,13 +153,15 @@ def test_shuffle_is_a_permutation_per_epoch_and_deterministic(tmp_path, tok):
     a, b, c = stream(1), stream(1), stream(2)
     assert np.array_equal(a, b)
     assert not np.array_equal(a[:500], c[:500])
-    e0, e1 = a[:epoch_tokens], a[epoch_tokens:2 * epoch_tokens]
+    e0, e1 = a[:epoch_tokens], a[epoch_tokens : 2 * epoch_tokens]
     assert sorted(e0.tolist()) == sorted(np.concatenate(direct).tolist())  # each doc once per epoch
     assert not np.array_equal(e0, e1)  # reshuffled
+
     # Split at EOS: each epoch is a permutation of the documents.
     def docs_of(x):
         cut = np.flatnonzero(x == tok.eos_token_id)
         return sorted(tuple(p.tolist()) for p in np.split(x, cut + 1) if len(p))
+
     assert docs_of(e0) == docs_of(e1) == sorted(tuple(d.tolist()) for d in direct)
 
 
@@ -234,8 +246,13 @@ def test_blending_proportions(tmp_path, tok):
     take(loader, 100)
     assert loader.stats["rows_per_source"] == [200, 120, 80]
     again = build_loader(cfg, tok, seq_len=16, micro_batch_size=4, dp_rank=0, dp_size=1, seed=0)
-    assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(take(again, 5), take(
-        build_loader(cfg, tok, seq_len=16, micro_batch_size=4, dp_rank=0, dp_size=1, seed=0), 5)))
+    assert all(
+        torch.equal(x.input_ids, y.input_ids)
+        for x, y in zip(
+            take(again, 5),
+            take(build_loader(cfg, tok, seq_len=16, micro_batch_size=4, dp_rank=0, dp_size=1, seed=0), 5),
+        )
+    )
 
 
 def test_valid_split_is_held_out_finite_and_padded(tmp_path, tok):
@@ -277,8 +294,16 @@ def test_valid_split_is_held_out_finite_and_padded(tmp_path, tok):
 
 def test_valid_split_of_small_source_is_never_empty(tmp_path, tok):
     path = write_jsonl(tmp_path / "a.jsonl", make_docs(5))
-    v = build_loader(cfg_for(path, valid_fraction=0.01), tok, seq_len=64, micro_batch_size=1, dp_rank=0,
-                     dp_size=1, seed=0, split="valid")
+    v = build_loader(
+        cfg_for(path, valid_fraction=0.01),
+        tok,
+        seq_len=64,
+        micro_batch_size=1,
+        dp_rank=0,
+        dp_size=1,
+        seed=0,
+        split="valid",
+    )
     assert sum(b.num_loss_tokens() for b in v) > 0
     with pytest.raises(DataError, match="valid_fraction=0"):
         build_loader(cfg_for(path), tok, seq_len=64, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0, split="valid")

@@ -1,5 +1,6 @@
 """Data sources and errors: jsonl/parquet/text/hf/megatron readers, malformed and empty data,
 missing paths, tokenizers, and the embedded corpus + tokenizer."""
+
 import gzip
 import json
 import os
@@ -9,9 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from minimax_train.data import (EMBEDDED_VOCAB_SIZE, DataConfig, DataError, SourceConfig, build_loader,
-                                load_tokenizer, tokenize_documents)
-from minimax_train.data import embedded
+from minimax_train.data import (
+    EMBEDDED_VOCAB_SIZE,
+    DataConfig,
+    DataError,
+    SourceConfig,
+    build_loader,
+    embedded,
+    load_tokenizer,
+    tokenize_documents,
+)
 
 try:  # shared fixtures (tests/ is on sys.path under pytest's default import mode)
     from test_data import _cache_env, cache_dir, make_docs, tok, write_jsonl  # noqa: F401
@@ -47,14 +55,24 @@ def test_jsonl_dir_glob_gzip_and_text_key(tmp_path, tok):
     expect = direct_stream(tok, docs_b + docs_a)  # sorted paths: 2.jsonl.gz before sub/1.jsonl
     n = len(expect) // 64
     assert np.array_equal(stream_tokens(one_source("jsonl", d, text_key="body"), tok, n), expect[: n * 64])
-    assert np.array_equal(stream_tokens(one_source("jsonl", f"{d}/**/*.jsonl*", text_key="body"), tok, n),
-                          expect[: n * 64])
+    assert np.array_equal(
+        stream_tokens(one_source("jsonl", f"{d}/**/*.jsonl*", text_key="body"), tok, n), expect[: n * 64]
+    )
 
 
 def test_malformed_jsonl_lines_are_counted_then_fatal(tmp_path, tok):
     good = make_docs(6)
-    lines = [json.dumps({"text": good[0]}), "{not json", json.dumps([1, 2]), "", json.dumps({"text": good[1]}),
-             json.dumps({"other": "x"}), json.dumps({"text": 5}), "   ", json.dumps({"text": good[2]})]
+    lines = [
+        json.dumps({"text": good[0]}),
+        "{not json",
+        json.dumps([1, 2]),
+        "",
+        json.dumps({"text": good[1]}),
+        json.dumps({"other": "x"}),
+        json.dumps({"text": 5}),
+        "   ",
+        json.dumps({"text": good[2]}),
+    ]
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     cfg = one_source("jsonl", path, max_bad_lines=4)
@@ -64,8 +82,15 @@ def test_malformed_jsonl_lines_are_counted_then_fatal(tmp_path, tok):
     got = torch.cat([next(loader).input_ids.flatten() for _ in range(len(expect) // 16)]).numpy()
     assert np.array_equal(got, expect[: len(got)])
     with pytest.raises(DataError, match=r"4 malformed lines.*max_bad_lines=3.*bad\.jsonl:2: invalid JSON"):
-        build_loader(one_source("jsonl", path, max_bad_lines=3), tok, seq_len=16, micro_batch_size=1,
-                     dp_rank=0, dp_size=1, seed=0)
+        build_loader(
+            one_source("jsonl", path, max_bad_lines=3),
+            tok,
+            seq_len=16,
+            micro_batch_size=1,
+            dp_rank=0,
+            dp_size=1,
+            seed=0,
+        )
 
 
 def test_parquet_reader_with_null_records(tmp_path, tok):
@@ -80,12 +105,27 @@ def test_parquet_reader_with_null_records(tmp_path, tok):
     n = len(expect) // 64
     assert np.array_equal(stream_tokens(cfg, tok, n), expect[: n * 64])
     with pytest.raises(DataError, match=r"null 'content'.*max_bad_lines=0"):
-        build_loader(one_source("parquet", tmp_path / "x.parquet", text_key="content", max_bad_lines=0,
-                                cache_dir=str(tmp_path / "hf")), tok, seq_len=8, micro_batch_size=1,
-                     dp_rank=0, dp_size=1, seed=0)
+        build_loader(
+            one_source(
+                "parquet", tmp_path / "x.parquet", text_key="content", max_bad_lines=0, cache_dir=str(tmp_path / "hf")
+            ),
+            tok,
+            seq_len=8,
+            micro_batch_size=1,
+            dp_rank=0,
+            dp_size=1,
+            seed=0,
+        )
     with pytest.raises(DataError, match=r"no column 'text'.*content"):
-        build_loader(one_source("parquet", tmp_path / "x.parquet", cache_dir=str(tmp_path / "hf")), tok,
-                     seq_len=8, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
+        build_loader(
+            one_source("parquet", tmp_path / "x.parquet", cache_dir=str(tmp_path / "hf")),
+            tok,
+            seq_len=8,
+            micro_batch_size=1,
+            dp_rank=0,
+            dp_size=1,
+            seed=0,
+        )
 
 
 def test_text_files_by_document_and_line(tmp_path, tok):
@@ -110,8 +150,12 @@ def test_hf_local_dataset_dir(tmp_path, tok, streaming):
     docs = make_docs(20)
     (tmp_path / "ds").mkdir()
     pq.write_table(pa.table({"text": docs}), tmp_path / "ds" / "train.parquet")
-    cfg = DataConfig(sources=[SourceConfig(kind="hf", path=str(tmp_path / "ds"), streaming=streaming)],
-                     valid_fraction=0.0, cache_dir=str(tmp_path / "hf"), shuffle_buffer=8)
+    cfg = DataConfig(
+        sources=[SourceConfig(kind="hf", path=str(tmp_path / "ds"), streaming=streaming)],
+        valid_fraction=0.0,
+        cache_dir=str(tmp_path / "hf"),
+        shuffle_buffer=8,
+    )
     kw = dict(seq_len=32, micro_batch_size=2, dp_rank=0, dp_size=1, seed=4)
     epoch = direct_stream(tok, docs)
     n = len(epoch) // 64 + 4  # crosses into the second epoch
@@ -125,19 +169,25 @@ def test_hf_local_dataset_dir(tmp_path, tok, streaming):
         next(part)
     resumed = build_loader(cfg, tok, **kw)
     resumed.load_state_dict(part.state_dict())
-    assert all(torch.equal(next(resumed).input_ids, b.input_ids) for b in ref[n - 7:])
+    assert all(torch.equal(next(resumed).input_ids, b.input_ids) for b in ref[n - 7 :])
 
 
 def test_hf_missing_local_path(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="nowhere/at/all"):
-        build_loader(DataConfig(sources=[SourceConfig(kind="hf", path=str(tmp_path / "nowhere/at/all"))]), tok,
-                     seq_len=8, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
+        build_loader(
+            DataConfig(sources=[SourceConfig(kind="hf", path=str(tmp_path / "nowhere/at/all"))]),
+            tok,
+            seq_len=8,
+            micro_batch_size=1,
+            dp_rank=0,
+            dp_size=1,
+            seed=0,
+        )
 
 
 # ---- Megatron indexed -------------------------------------------------------------------------------
 def test_megatron_roundtrip_equals_direct_tokenisation(tmp_path, tok):
-    from minimax_train.data.megatron import (merge_megatron_datasets, read_megatron_documents,
-                                             write_megatron_dataset)
+    from minimax_train.data.megatron import merge_megatron_datasets, read_megatron_documents, write_megatron_dataset
 
     docs = make_docs(30)
     jsonl = write_jsonl(tmp_path / "docs.jsonl", docs)
@@ -154,6 +204,7 @@ def test_megatron_roundtrip_equals_direct_tokenisation(tmp_path, tok):
     assert np.array_equal(stream_tokens(a, tok, n, seed=9), stream_tokens(b, tok, n, seed=9))
     # A Megatron document of several sequences (preprocess_data --split-sentences) reads as one.
     from minimax_train.data.megatron import _indexed_dataset_module
+
     idx = _indexed_dataset_module()
     builder = idx.IndexedDatasetBuilder(str(tmp_path / "mg" / "sent.bin"), dtype=np.int32)
     builder.add_document(np.array([5, 6, 7, 8, 9]), [2, 3])
@@ -163,8 +214,15 @@ def test_megatron_roundtrip_equals_direct_tokenisation(tmp_path, tok):
     with pytest.raises(DataError, match="uint16"):
         write_megatron_dataset(tmp_path / "mg" / "big", [[70000]], dtype=np.uint16)
     with pytest.raises(FileNotFoundError, match=r"missing.*nope\.bin"):
-        build_loader(DataConfig(sources=[SourceConfig(kind="megatron", path=str(tmp_path / "nope"))]), tok,
-                     seq_len=8, micro_batch_size=1, dp_rank=0, dp_size=1, seed=0)
+        build_loader(
+            DataConfig(sources=[SourceConfig(kind="megatron", path=str(tmp_path / "nope"))]),
+            tok,
+            seq_len=8,
+            micro_batch_size=1,
+            dp_rank=0,
+            dp_size=1,
+            seed=0,
+        )
 
 
 # ---- errors -----------------------------------------------------------------------------------------

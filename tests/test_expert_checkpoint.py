@@ -3,12 +3,12 @@
 every layout, as transformers' [E, 2I, H] (expert_parallel.standard_gate_up). So a trainer checkpoint written
 under one ep/etp/tp layout resumes under another and continues with the uninterrupted single-process run's
 losses (fp32, gloo), and export loads it with no special-casing."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
-
 from conftest import TINY, by_step, read_metrics
 from test_train_dp import _compare, _train_rank
 from util_dist import run_distributed
@@ -34,9 +34,16 @@ def _resumed_matches_reference(reference_run, run_dir, steps):
 def test_ep2_etp2_checkpoint_resumes_in_one_process_and_exports(reference_run, tmp_path):
     from minimax_train.export import load_checkpoint_model
     from minimax_train.tools.ckpt_tools import tensor_metadata
+
     ckpt = tmp_path / "ckpt"
-    steps = run_distributed(_train_rank, 4, TINY + EP2_ETP2 + [f"checkpoint.dir={ckpt}"], str(tmp_path / "a"),
-                            timeout=600, env=_stop_after(3))
+    steps = run_distributed(
+        _train_rank,
+        4,
+        TINY + EP2_ETP2 + [f"checkpoint.dir={ckpt}"],
+        str(tmp_path / "a"),
+        timeout=600,
+        env=_stop_after(3),
+    )
     assert steps == [3] * 4
     _resumed_matches_reference(reference_run, tmp_path / "a", range(1, 4))
     saved = ckpt / "step_00000003"
@@ -61,16 +68,24 @@ def test_single_process_checkpoint_resumes_at_ep2_etp2_then_at_tp4_etp2(referenc
     ckpt.mkdir()
     shutil.copytree(reference_run / "checkpoints" / "step_00000003", ckpt / "step_00000003")
     # 1 process -> ep=2 x etp=2 (tp=2, SP): steps 4..6, saved at 6
-    steps = run_distributed(_train_rank, 4, TINY + EP2_ETP2 + [f"checkpoint.dir={ckpt}"], str(tmp_path / "a"),
-                            timeout=600, env=_stop_after(6))
+    steps = run_distributed(
+        _train_rank,
+        4,
+        TINY + EP2_ETP2 + [f"checkpoint.dir={ckpt}"],
+        str(tmp_path / "a"),
+        timeout=600,
+        env=_stop_after(6),
+    )
     assert steps == [6] * 4
     _resumed_matches_reference(reference_run, tmp_path / "a", range(4, 7))
     # ep=2 x etp=2 -> etp=2 inside tp=4 with the experts FSDP-sharded over edp=2: steps 7..8
-    steps = run_distributed(_train_rank, 4, TINY + TP4_ETP2 + [f"checkpoint.dir={ckpt}"], str(tmp_path / "b"),
-                            timeout=600)
+    steps = run_distributed(
+        _train_rank, 4, TINY + TP4_ETP2 + [f"checkpoint.dir={ckpt}"], str(tmp_path / "b"), timeout=600
+    )
     assert steps == [8] * 4
     _resumed_matches_reference(reference_run, tmp_path / "b", range(7, 9))
     from minimax_train.tools.ckpt_tools import tensor_metadata
+
     md = tensor_metadata(ckpt / "step_00000008")  # 4 ranks (2 experts x half of I each) x (gate rows, up rows)
     assert md[GATE_UP]["shape"] == [4, 256, 64] and md[GATE_UP]["chunks"] == 8
 
@@ -84,10 +99,13 @@ def test_standard_gate_up_view_round_trip(tmp_path):
 
     from minimax_train.parallel.expert_parallel import standard_gate_up
     from minimax_train.tools.ckpt_tools import tensor_metadata
+
     torch.manual_seed(0)
     four = torch.randn(3, 2, 5, 4)
-    state = {"model": {"l.mlp.experts.gate_up_proj": four, "l.mlp.experts.down_proj": torch.randn(3, 4, 5)},
-             "optim": {"state": {"l.mlp.experts.gate_up_proj": {"exp_avg": four * 2, "step": torch.tensor(3.0)}}}}
+    state = {
+        "model": {"l.mlp.experts.gate_up_proj": four, "l.mlp.experts.down_proj": torch.randn(3, 4, 5)},
+        "optim": {"state": {"l.mlp.experts.gate_up_proj": {"exp_avg": four * 2, "step": torch.tensor(3.0)}}},
+    }
     with standard_gate_up(state) as st:
         assert st is state and state["model"]["l.mlp.experts.gate_up_proj"].shape == (3, 10, 4)
         dcp.save(state, checkpoint_id=str(tmp_path / "a"), no_dist=True)

@@ -8,6 +8,7 @@ the sum of the per-rank (lm_loss_sum + coef * aux) over distinct token holders. 
 over the token holders and expert gradients summed over edp must equal the reference's (expert ones on
 this rank's slice) within 1e-5 relative, over several SGD steps, for overlap chunks 1 and 4.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,9 +28,23 @@ LR = 0.02
 
 def _cfg(routing="dropless"):
     from minimax_train.model import ModelConfig
-    return ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=2, block_size=4,
-                       softmax_every=2, moe_routing=routing, capacity_factor=0.75, router_aux_loss_coef=0.01)
+
+    return ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        block_size=4,
+        softmax_every=2,
+        moe_routing=routing,
+        capacity_factor=0.75,
+        router_aux_loss_coef=0.01,
+    )
 
 
 # name: (world, parallel config, overlap chunks, routing, activation checkpointing)
@@ -68,14 +83,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _run_case(name, spec, rank, world):
     import torch.distributed as dist
+
     from minimax_train.model import MiniMaxForCausalLM
     from minimax_train.parallel.expert_parallel import apply_expert_parallel
     from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
 
     _, pkw, chunks, routing, ckpt = spec
     cfg = _cfg("capacity" if routing == "reject" else routing)
-    pm = ParallelMesh(ParallelConfig(**pkw), world_size=world, rank=rank, local_rank=0, device=torch.device("cpu"),
-                      model_cfg=cfg)
+    pm = ParallelMesh(
+        ParallelConfig(**pkw), world_size=world, rank=rank, local_rank=0, device=torch.device("cpu"), model_cfg=cfg
+    )
     sp = pm.cfg.sequence_parallel
     if routing == "reject":
         try:
@@ -146,9 +163,9 @@ def _run_case(name, spec, rank, world):
                 dist.all_reduce(gl, group=pm.edp_group)
                 full = rp[n].grad
                 if n.endswith("gate_up_proj"):
-                    want = full.view(full.shape[0], 2, -1, full.shape[-1])[e0:e0 + el, :, i0:i0 + il]
+                    want = full.view(full.shape[0], 2, -1, full.shape[-1])[e0 : e0 + el, :, i0 : i0 + il]
                 else:
-                    want = full[e0:e0 + el, :, i0:i0 + il]
+                    want = full[e0 : e0 + el, :, i0 : i0 + il]
                 err = _rel(gl.reshape(want.shape), want)
                 with torch.no_grad():
                     p.to_local().sub_(LR * gl)
@@ -168,6 +185,7 @@ def _run_case(name, spec, rank, world):
 
 def _worker(rank, world, port, names, outdir):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -177,6 +195,7 @@ def _worker(rank, world, port, names, outdir):
             results[name] = _run_case(name, CASES[name], rank, world)
         except Exception as e:  # report, keep the other ranks' collectives aligned as far as possible
             import traceback
+
             results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}
             break
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
@@ -192,6 +211,7 @@ def _free_port() -> int:
 
 def _spawn(world: int) -> list[dict]:
     import torch.multiprocessing as mp
+
     names = [n for n, c in CASES.items() if c[0] == world]
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, _free_port(), names, d), nprocs=world, join=True)
@@ -231,6 +251,7 @@ def test_single_process_chunks_equal_plain():
     """apply_expert_parallel in one process (no groups): K chunks equal the local dispatcher, both modes."""
     from minimax_train.model import MiniMaxForCausalLM
     from minimax_train.parallel.expert_parallel import ExpertGroups, apply_expert_parallel
+
     for routing in ("dropless", "capacity"):
         torch.manual_seed(0)
         ref = MiniMaxForCausalLM(_cfg(routing))
@@ -256,6 +277,7 @@ def test_capacity_reference_rule():
     """LocalDispatcher capacity: per expert the first C (token, slot) assignments are kept, C = ceil(f*T*k/E);
     dropless stays exact; a token whose slots are all dropped gets a zero MoE output."""
     from minimax_train.model.moe import MoE, capacity_keep, expert_capacity
+
     cfg = _cfg("capacity")
     moe = MoE(cfg)
     torch.manual_seed(3)

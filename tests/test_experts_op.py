@@ -1,5 +1,6 @@
 """ops.experts: the grouped expert FFN against a float64 per-expert reference, and its autocast casting
 (torch._grouped_mm is not on autocast's cast list, so grouped_linear casts like F.linear would)."""
+
 import torch
 import torch.nn.functional as F
 
@@ -9,7 +10,7 @@ from minimax_train.ops.experts import grouped_swiglu, to_autocast
 def _reference(x, counts, gu, dn):
     out, start = [], 0
     for e, n in enumerate(counts.tolist()):
-        xe = x[start:start + n]
+        xe = x[start : start + n]
         g, u = (xe @ gu[e].T).chunk(2, dim=-1)
         out.append((F.silu(g) * u) @ dn[e].T)
         start += n
@@ -51,4 +52,3 @@ def test_autocast_runs_the_experts_in_the_autocast_dtype_with_fp32_weight_gradie
     y.float().sum().backward()
     assert all(t.grad.dtype == torch.float32 for t in leaves)
     assert [t.dtype for t in to_autocast(*leaves)] == [torch.float32] * 3  # outside autocast: untouched
-

@@ -1,14 +1,22 @@
 """HF export/import: transformers loads our exports, round trips are bit-exact, bad checkpoints fail clearly."""
+
 import json
 
 import pytest
 import torch
+from hf_oracle import random_hf_model, tiny_hf_config
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, MiniMaxForQuestionAnswering, MiniMaxForSequenceClassification,
-                          MiniMaxForTokenClassification, MiniMaxModel, PreTrainedTokenizerFast, pipeline)
+from transformers import (
+    AutoModelForCausalLM,
+    MiniMaxForQuestionAnswering,
+    MiniMaxForSequenceClassification,
+    MiniMaxForTokenClassification,
+    MiniMaxModel,
+    PreTrainedTokenizerFast,
+    pipeline,
+)
 
-from hf_oracle import ours_from_hf, random_hf_model, tiny_hf_config
 from minimax_train.hf import CheckpointError, load_hf, save_hf
 from minimax_train.hf.io import read_safetensors_dir
 from minimax_train.model import MiniMaxForCausalLM, ModelConfig
@@ -20,14 +28,31 @@ def tiny_tokenizer():
         vocab[w] = i + 2
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="<unk>",
-                                   pad_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+    )
 
 
 def ours_random(**over):
-    kw = dict(vocab_size=99, hidden_size=32, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, num_local_experts=4, softmax_every=2, block_size=4, rope_theta=1e4,
-              eos_token_id=0, bos_token_id=0)
+    kw = dict(
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        softmax_every=2,
+        block_size=4,
+        rope_theta=1e4,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     kw.update(over)
     torch.manual_seed(0)
     return MiniMaxForCausalLM(ModelConfig(**kw)).eval()
@@ -39,8 +64,13 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
     files = sorted(p.name for p in (tmp_path / "hf").iterdir())
     assert "model.safetensors.index.json" in files and "config.json" in files and "generation_config.json" in files
     assert "tokenizer.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, experts_implementation="eager",
-                                              attn_implementation="eager", output_loading_info=True)
+    hf = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf",
+        dtype=torch.float32,
+        experts_implementation="eager",
+        attn_implementation="eager",
+        output_loading_info=True,
+    )
     hf, info = hf
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     ids = torch.randint(0, 99, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -48,8 +78,9 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
         assert (hf(input_ids=ids).logits - ours(ids).logits).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("cls", [MiniMaxModel, MiniMaxForSequenceClassification, MiniMaxForTokenClassification,
-                                 MiniMaxForQuestionAnswering])
+@pytest.mark.parametrize(
+    "cls", [MiniMaxModel, MiniMaxForSequenceClassification, MiniMaxForTokenClassification, MiniMaxForQuestionAnswering]
+)
 def test_export_loads_in_sibling_heads(tmp_path, cls):
     ours = ours_random()
     save_hf(ours, tmp_path / "hf")
@@ -107,9 +138,11 @@ def test_import_legacy_config_names(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     layer_types = cfg.pop("layer_types")
     cfg["attn_type_list"] = [1 if t == "full_attention" else 0 for t in layer_types]
-    for new, old in [("full_attn_alpha_factor", "layernorm_full_attention_alpha"),
-                     ("linear_attn_beta_factor", "layernorm_linear_attention_beta"),
-                     ("mlp_alpha_factor", "layernorm_mlp_alpha")]:
+    for new, old in [
+        ("full_attn_alpha_factor", "layernorm_full_attention_alpha"),
+        ("linear_attn_beta_factor", "layernorm_linear_attention_beta"),
+        ("mlp_alpha_factor", "layernorm_mlp_alpha"),
+    ]:
         cfg[old] = cfg.pop(new)
     cfg["postnorm"], cfg["shared_intermediate_size"] = True, 0
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
@@ -156,6 +189,7 @@ def test_missing_expert_is_named(exported):
 def test_wrong_shape_is_named(exported):
     def shrink(sd):
         sd["model.norm.weight"] = torch.ones(31)
+
     _edit_weights(exported, shrink)
     with pytest.raises(CheckpointError, match=r"model\.norm\.weight has shape \(31,\), config expects \(32,\)"):
         load_hf(exported)

@@ -1,5 +1,6 @@
 """model.init=deepnorm: Xavier normal per unfused projection with DeepNet gains (beta = (8N)^-1/4 on value,
 output and FFN projections, 1 on q, k, router, lm_head); fused tensors are initialised block by block."""
+
 import math
 
 import pytest
@@ -9,9 +10,19 @@ from minimax_train.model import MiniMaxForCausalLM, ModelConfig
 
 def test_deepnorm_stds_per_projection():
     h, n, d, inter, layers = 256, 4, 64, 512, 2
-    cfg = ModelConfig(vocab_size=64, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=n, num_key_value_heads=2, head_dim=d, num_local_experts=4,
-                      softmax_every=2, block_size=32, init="deepnorm")
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=h,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=n,
+        num_key_value_heads=2,
+        head_dim=d,
+        num_local_experts=4,
+        softmax_every=2,
+        block_size=32,
+        init="deepnorm",
+    )
     m = MiniMaxForCausalLM(cfg)
     beta = (8 * layers) ** -0.25
 

@@ -16,8 +16,10 @@ def _inputs(B, T, H, D, *, Dv=None, dtype=F64, seed=0, n_states=None, layer=(1, 
     k = torch.randn(B, T, H, D, generator=g, dtype=F64).mul(0.5).add(0.2).to(dtype)
     v = torch.randn(B, T, H, Dv, generator=g, dtype=F64).to(dtype)
     slopes = lightning_slopes(H, *layer)
-    s0 = None if n_states is None else torch.randn(n_states, H, D, Dv, generator=g, dtype=F64).to(
-        F64 if dtype == F64 else torch.float32
+    s0 = (
+        None
+        if n_states is None
+        else torch.randn(n_states, H, D, Dv, generator=g, dtype=F64).to(F64 if dtype == F64 else torch.float32)
     )
     return q, k, v, slopes, s0
 
@@ -43,10 +45,10 @@ def test_forward_matches_naive(B, T, H, D, bs, docs, with_state):
     cu = None if docs is None else _cu(docs)
     N = B if docs is None else len(docs)
     q, k, v, slopes, s0 = _inputs(B, T, H, D, n_states=N if with_state else None, seed=T + bs)
-    o, st = lightning_attention(q, k, v, slopes, cu_seqlens=cu, initial_state=s0, output_final_state=True,
-                                block_size=bs, backend="torch")
-    o_ref, st_ref = lightning_attention_naive(q, k, v, slopes, cu_seqlens=cu, initial_state=s0,
-                                              output_final_state=True)
+    o, st = lightning_attention(
+        q, k, v, slopes, cu_seqlens=cu, initial_state=s0, output_final_state=True, block_size=bs, backend="torch"
+    )
+    o_ref, st_ref = lightning_attention_naive(q, k, v, slopes, cu_seqlens=cu, initial_state=s0, output_final_state=True)
     assert o.dtype == F64 and st.shape == (N, H, D, D)
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(st, st_ref, rtol=1e-10, atol=1e-10)
@@ -60,15 +62,32 @@ def test_varlen_equals_separate_sequences_and_dv():
     docs = [5, 1, 11, 7]
     for layer in [(0, 4), (3, 4)]:
         q, k, v, slopes, s0 = _inputs(1, sum(docs), 2, 4, Dv=6, n_states=len(docs), layer=layer)
-        o, st = lightning_attention(q, k, v, slopes, cu_seqlens=_cu(docs), initial_state=s0,
-                                    output_final_state=True, block_size=4, backend="torch")
+        o, st = lightning_attention(
+            q,
+            k,
+            v,
+            slopes,
+            cu_seqlens=_cu(docs),
+            initial_state=s0,
+            output_final_state=True,
+            block_size=4,
+            backend="torch",
+        )
         start = 0
         for n, L in enumerate(docs):
             sl = slice(start, start + L)
-            o_n, st_n = lightning_attention(q[:, sl], k[:, sl], v[:, sl], slopes, initial_state=s0[n:n + 1],
-                                            output_final_state=True, block_size=4, backend="torch")
+            o_n, st_n = lightning_attention(
+                q[:, sl],
+                k[:, sl],
+                v[:, sl],
+                slopes,
+                initial_state=s0[n : n + 1],
+                output_final_state=True,
+                block_size=4,
+                backend="torch",
+            )
             torch.testing.assert_close(o[:, sl], o_n, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(st[n:n + 1], st_n, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(st[n : n + 1], st_n, rtol=1e-12, atol=1e-12)
             start += L
 
 
@@ -87,8 +106,9 @@ def test_gradients_match_naive(B, T, docs, with_state):
     dst = torch.randn(N, H, D, D, generator=g, dtype=F64)  # upstream gradient on the final state too
 
     def grads(fn, **kw):
-        o, st = fn(q, k, v, slopes, cu_seqlens=cu, initial_state=s0 if with_state else None,
-                   output_final_state=True, **kw)
+        o, st = fn(
+            q, k, v, slopes, cu_seqlens=cu, initial_state=s0 if with_state else None, output_final_state=True, **kw
+        )
         return torch.autograd.grad((o * do).sum() + (st * dst).sum(), leaves)
 
     got = grads(lightning_attention, block_size=4, backend="torch")
@@ -100,8 +120,20 @@ def test_gradients_match_naive(B, T, docs, with_state):
 def test_block_size_independence():
     docs = [3, 17, 1, 30, 13]
     q, k, v, slopes, s0 = _inputs(1, sum(docs), 3, 8, n_states=len(docs), seed=3)
-    outs = [lightning_attention(q, k, v, slopes, cu_seqlens=_cu(docs), initial_state=s0, output_final_state=True,
-                                block_size=bs, backend="torch") for bs in (1, 2, 5, 16, 64, 256)]
+    outs = [
+        lightning_attention(
+            q,
+            k,
+            v,
+            slopes,
+            cu_seqlens=_cu(docs),
+            initial_state=s0,
+            output_final_state=True,
+            block_size=bs,
+            backend="torch",
+        )
+        for bs in (1, 2, 5, 16, 64, 256)
+    ]
     for o, st in outs[1:]:
         torch.testing.assert_close(o, outs[0][0], rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(st, outs[0][1], rtol=1e-12, atol=1e-12)
@@ -110,36 +142,52 @@ def test_block_size_independence():
 def test_bf16_input_keeps_fp32_state():
     B, T, H, D = 2, 70, 2, 16
     q, k, v, slopes, s0 = _inputs(B, T, H, D, dtype=torch.bfloat16, n_states=B, layer=(3, 4), seed=5)
-    o, st = lightning_attention(q, k, v, slopes, initial_state=s0, output_final_state=True,
-                                block_size=16, backend="torch")
+    o, st = lightning_attention(
+        q, k, v, slopes, initial_state=s0, output_final_state=True, block_size=16, backend="torch"
+    )
     assert o.dtype == torch.bfloat16 and st.dtype == torch.float32
     # Same bf16 values upcast: the computation is the same fp32 one, only the output is rounded.
-    o32, st32 = lightning_attention(q.float(), k.float(), v.float(), slopes, initial_state=s0,
-                                    output_final_state=True, block_size=16, backend="torch")
+    o32, st32 = lightning_attention(
+        q.float(),
+        k.float(),
+        v.float(),
+        slopes,
+        initial_state=s0,
+        output_final_state=True,
+        block_size=16,
+        backend="torch",
+    )
     torch.testing.assert_close(st, st32, rtol=0, atol=0)
     torch.testing.assert_close(o.float(), o32, rtol=1e-2, atol=1e-2 * o32.abs().max().item())
     o64, st64 = lightning_attention_naive(q, k, v, slopes, initial_state=s0, output_final_state=True)
     assert ((st.double() - st64).abs().max() / st64.abs().max()).item() < 1e-5
     # Under autocast the op still keeps its state in fp32.
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, st_ac = lightning_attention(q, k, v, slopes, initial_state=s0, output_final_state=True,
-                                       block_size=16, backend="torch")
+        _, st_ac = lightning_attention(
+            q, k, v, slopes, initial_state=s0, output_final_state=True, block_size=16, backend="torch"
+        )
     torch.testing.assert_close(st_ac, st32, rtol=0, atol=0)
 
 
 def test_zero_length_document_and_errors():
     q, k, v, slopes, s0 = _inputs(1, 6, 2, 4, n_states=3)
     cu = torch.tensor([0, 2, 2, 6])
-    o, st = lightning_attention(q, k, v, slopes, cu_seqlens=cu, initial_state=s0, output_final_state=True,
-                                backend="torch")
-    o_ref, st_ref = lightning_attention_naive(q, k, v, slopes, cu_seqlens=cu, initial_state=s0,
-                                              output_final_state=True)
+    o, st = lightning_attention(
+        q, k, v, slopes, cu_seqlens=cu, initial_state=s0, output_final_state=True, backend="torch"
+    )
+    o_ref, st_ref = lightning_attention_naive(q, k, v, slopes, cu_seqlens=cu, initial_state=s0, output_final_state=True)
     torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(st, st_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(st[1], s0[1], rtol=0, atol=0)  # an empty document passes its state through
     with pytest.raises(ValueError, match="B == 1"):
-        lightning_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), slopes,
-                            cu_seqlens=cu, backend="torch")
+        lightning_attention(
+            q.expand(2, -1, -1, -1),
+            k.expand(2, -1, -1, -1),
+            v.expand(2, -1, -1, -1),
+            slopes,
+            cu_seqlens=cu,
+            backend="torch",
+        )
     with pytest.raises(ValueError, match="initial_state"):
         lightning_attention(q, k, v, slopes, cu_seqlens=cu, initial_state=s0[:2], backend="torch")
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -159,12 +207,21 @@ def test_auto_backend_on_cpu_is_torch():
 
 # ---------------------------------------------------------------- transformers parity
 
+
 def _hf_config(H=2, head_dim=16, L=4):
     from transformers import MiniMaxConfig
 
     return MiniMaxConfig(
-        vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=L, num_attention_heads=H,
-        num_key_value_heads=H, head_dim=head_dim, block_size=3, num_local_experts=4, num_experts_per_tok=2,
+        vocab_size=99,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=L,
+        num_attention_heads=H,
+        num_key_value_heads=H,
+        head_dim=head_dim,
+        block_size=3,
+        num_local_experts=4,
+        num_experts_per_tok=2,
         layer_types=["linear_attention"] * L,
     )
 
@@ -186,8 +243,9 @@ def test_legacy_slopes():
     expect = torch.tensor([2 ** (-8 * (h + 1) / 4) * (1 - 2 / 4 + 1e-5) for h in range(4)], dtype=F64)
     torch.testing.assert_close(s, expect, rtol=1e-6, atol=0)
     # last layer: the legacy factor is exactly 1e-5, transformers' is slightly larger
-    assert torch.allclose(lightning_slopes(2, 3, 4, legacy=True).double(),
-                          torch.tensor([2.0 ** -4, 2.0 ** -8], dtype=F64) * 1e-5, rtol=1e-6)
+    assert torch.allclose(
+        lightning_slopes(2, 3, 4, legacy=True).double(), torch.tensor([2.0**-4, 2.0**-8], dtype=F64) * 1e-5, rtol=1e-6
+    )
     assert torch.equal(lightning_slopes(2, 0, 1, legacy=True), lightning_slopes(2, 0, 1))  # one-layer guard
 
 
@@ -205,8 +263,15 @@ def test_layer_matches_transformers(layer_idx):
         # The layer around the op, as in minimax-architecture.md (silu on q, k, v; head-major interleave).
         u = torch.nn.functional.silu(layer.qkv_proj(x)).reshape(2, 11, H, 3 * d)
         q, k, v = u.split(d, dim=-1)
-        o, state = lightning_attention(q, k, v, lightning_slopes(H, layer_idx, cfg.num_hidden_layers),
-                                       output_final_state=True, block_size=4, backend="torch")
+        o, state = lightning_attention(
+            q,
+            k,
+            v,
+            lightning_slopes(H, layer_idx, cfg.num_hidden_layers),
+            output_final_state=True,
+            block_size=4,
+            backend="torch",
+        )
         y = layer.norm(o.reshape(2, 11, H * d))
         out = layer.out_proj(torch.sigmoid(layer.output_gate(x)) * y)
     assert (out - ref).abs().max().item() < 1e-5

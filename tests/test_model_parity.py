@@ -1,8 +1,9 @@
 """Our model equals transformers' MiniMaxForCausalLM on the same weights (float32, CPU)."""
+
 import pytest
 import torch
-
 from hf_oracle import ours_from_hf, random_hf_model, tiny_hf_config
+
 from minimax_train.hf.convert import hf_to_ours
 
 CONFIGS = {
@@ -10,8 +11,10 @@ CONFIGS = {
     "block_divides": dict(block_size=4),  # T=16 divisible by 4, not by 3
     "gqa4_top1": dict(num_attention_heads=4, num_key_value_heads=1, num_experts_per_tok=1),
     "mha_gelu": dict(num_key_value_heads=4, hidden_act="gelu"),
-    "linear_first_6": dict(num_hidden_layers=6, layer_types=["linear_attention"] * 3 + ["full_attention"]
-                           + ["linear_attention", "full_attention"]),
+    "linear_first_6": dict(
+        num_hidden_layers=6,
+        layer_types=["linear_attention"] * 3 + ["full_attention"] + ["linear_attention", "full_attention"],
+    ),
     "sliding": dict(sliding_window=5),
     "tied": dict(tie_word_embeddings=True),
 }

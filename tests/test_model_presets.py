@@ -1,4 +1,5 @@
 """The shipped model presets build valid configs; the full-size one has MiniMax-Text-01's parameter count."""
+
 from pathlib import Path
 
 import pytest
@@ -42,13 +43,16 @@ def test_flops_follow_6n_for_dense_parts():
     assert abs(f - approx) / approx < 0.02
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("num_key_value_heads", 3, "must divide num_attention_heads"),
-    ("layer_types", ["full_attention"], "has 1 entries"),
-    ("hidden_act", "swish2", "unsupported"),
-    ("rotary_dim", 7, "must be even"),
-    ("moe_routing", "random", "dropless or capacity"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("num_key_value_heads", 3, "must divide num_attention_heads"),
+        ("layer_types", ["full_attention"], "has 1 entries"),
+        ("hidden_act", "swish2", "unsupported"),
+        ("rotary_dim", 7, "must be even"),
+        ("moe_routing", "random", "dropless or capacity"),
+    ],
+)
 def test_invalid_model_config_names_the_key(key, value, match):
     with pytest.raises(ValueError, match=rf"model\.{key}: .*{match}"):
         ModelConfig(**{key: value})

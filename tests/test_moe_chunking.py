@@ -1,22 +1,34 @@
 """train.moe_chunk_tokens: the norm + MoE sublayer over checkpointed token chunks gives the same loss and
 gradients as the whole micro-batch at once (every activation-checkpointing mode), while only one chunk's
 expert activations are alive at a time; capacity routing is refused with a clear message."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY, by_step, read_metrics
 from util_memory import peak_live_bytes
+
 from minimax_train.config import ConfigError
 from minimax_train.model import MiniMaxForCausalLM, ModelConfig
 
 
 def _model(**kw):
     kw = {"softmax_every": 2, **kw}
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=4,
-                      block_size=32, rope_theta=1e4, max_position_embeddings=4096, **kw)
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_local_experts=4,
+        block_size=32,
+        rope_theta=1e4,
+        max_position_embeddings=4096,
+        **kw,
+    )
     torch.manual_seed(0)
     return MiniMaxForCausalLM(cfg)
 
@@ -70,12 +82,14 @@ def test_capacity_routing_is_refused():
     with pytest.raises(ValueError, match="moe_routing=dropless"):
         _model(moe_routing="capacity").set_activation_checkpointing("none", 16)
     from conftest import compose_job
+
     with pytest.raises(ConfigError, match="train.moe_chunk_tokens=16 needs model.moe_routing=dropless"):
         compose_job("train.moe_chunk_tokens=16", "model.moe_routing=capacity")
 
 
 def test_trainer_with_moe_chunks_matches_reference(reference_run, tmp_path):
     from conftest import run_train
+
     run_train(tmp_path, *TINY, "train.moe_chunk_tokens=16")
     ref, got = by_step(read_metrics(reference_run)), by_step(read_metrics(tmp_path))
     for step in ref:

@@ -20,11 +20,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from tests.slurm.cluster import (PROBE_SCRIPT, TORCHRUN_SCRIPT, LAUNCH_ENV_VARS,  # noqa: F401
-                                     slurm_cluster, wait_for_files)
+    from tests.slurm.cluster import LAUNCH_ENV_VARS, PROBE_SCRIPT, TORCHRUN_SCRIPT, slurm_cluster, wait_for_files  # noqa: F401
 except ImportError:  # pytest put tests/ (not the repo root) on sys.path
-    from slurm.cluster import (PROBE_SCRIPT, TORCHRUN_SCRIPT, LAUNCH_ENV_VARS,  # noqa: F401
-                               slurm_cluster, wait_for_files)
+    from slurm.cluster import LAUNCH_ENV_VARS, PROBE_SCRIPT, TORCHRUN_SCRIPT, slurm_cluster, wait_for_files  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +33,17 @@ def _ranks(ckpt_dir: Path, suffix: str = "", world: int = 2) -> list[dict]:
 
 @pytest.mark.timeout(240)
 def test_two_node_allreduce(slurm_cluster):
-    job = slurm_cluster.launch(["probe.flag=1"], nodes=2, entry=PROBE_SCRIPT, job_name="allreduce",
-                               wait=True, timeout=180)
+    job = slurm_cluster.launch(
+        ["probe.flag=1"], nodes=2, entry=PROBE_SCRIPT, job_name="allreduce", wait=True, timeout=180
+    )
     diag = lambda: slurm_cluster.diagnose(job)  # noqa: E731
     assert job.returncode == 0, diag()
     assert job.state == "COMPLETED", diag()
     ckpt = job.run_dir / "checkpoints"
     ranks = _ranks(ckpt)
-    assert [r["sum"] for r in ranks] == [3.0, 3.0], diag()          # 1 + 2
+    assert [r["sum"] for r in ranks] == [3.0, 3.0], diag()  # 1 + 2
     assert {r["world_size"] for r in ranks} == {2}
-    assert {r["node"] for r in ranks} == {"n1", "n2"}, diag()      # one rank per node
+    assert {r["node"] for r in ranks} == {"n1", "n2"}, diag()  # one rank per node
     assert {r["local_rank"] for r in ranks} == {0}
     assert {r["job_id"] for r in ranks} == {str(job.job_id)}
     for r in ranks:  # user override kept, run dir + checkpoint dir added
@@ -56,8 +55,15 @@ def test_two_node_allreduce(slurm_cluster):
 @pytest.mark.timeout(240)
 def test_exit_code_propagates(slurm_cluster):
     # the real `sbatch --wait` (polls slowly: up to ~30 s after the job ends)
-    job = slurm_cluster.launch([], nodes=2, entry=PROBE_SCRIPT, job_name="fails", sbatch_wait=True,
-                               timeout=180, env={"PROBE_MODE": "fail", "PROBE_EXIT_CODE": "3"})
+    job = slurm_cluster.launch(
+        [],
+        nodes=2,
+        entry=PROBE_SCRIPT,
+        job_name="fails",
+        sbatch_wait=True,
+        timeout=180,
+        env={"PROBE_MODE": "fail", "PROBE_EXIT_CODE": "3"},
+    )
     diag = lambda: slurm_cluster.diagnose(job)  # noqa: E731
     # torchrun turns a worker failure into 1; srun --kill-on-bad-exit then stops the
     # other node (143 if its torchrun gets SIGTERM first). The worker's code is in the log.
@@ -70,8 +76,9 @@ def test_exit_code_propagates(slurm_cluster):
 
 @pytest.mark.timeout(300)
 def test_preempt_requeue_resume(slurm_cluster):
-    job = slurm_cluster.launch([], nodes=2, entry=PROBE_SCRIPT, job_name="preempt",
-                               env={"PROBE_MODE": "preempt", "PROBE_WAIT_S": "200"})
+    job = slurm_cluster.launch(
+        [], nodes=2, entry=PROBE_SCRIPT, job_name="preempt", env={"PROBE_MODE": "preempt", "PROBE_WAIT_S": "200"}
+    )
     ckpt = job.run_dir / "checkpoints"
     wait_for_files([ckpt / "rank0.started.json", ckpt / "rank1.started.json"], 120, slurm_cluster, job)
     slurm_cluster.preempt(job)  # scancel --signal=USR1 --batch, like --signal=B:USR1@120
@@ -83,7 +90,7 @@ def test_preempt_requeue_resume(slurm_cluster):
     assert {r["signal"] for r in signalled} == {"SIGUSR1"}, diag()
     assert {r["restart_count"] for r in signalled} == {0}
     final = _ranks(ckpt)
-    assert {r["restart_count"] for r in final} == {1}, diag()        # the requeued run finished
+    assert {r["restart_count"] for r in final} == {1}, diag()  # the requeued run finished
     assert [r["sum"] for r in final] == [3.0, 3.0]
     log = job.output()  # --open-mode=append: both runs in one log
     assert "restart=0" in log and "restart=1" in log and "requeueing job" in log, diag()
@@ -92,8 +99,14 @@ def test_preempt_requeue_resume(slurm_cluster):
 def _run_torchrun_sh(tmp_path, env, **kw):
     full_env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_VARS and not k.startswith("SLURM_")}
     full_env.update(NPROC_PER_NODE="2", MINIMAX_ENTRY=str(PROBE_SCRIPT), **env)
-    return subprocess.Popen(["bash", str(TORCHRUN_SCRIPT), f"checkpoint.dir={tmp_path}"], env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        ["bash", str(TORCHRUN_SCRIPT), f"checkpoint.dir={tmp_path}"],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 @pytest.mark.timeout(120)

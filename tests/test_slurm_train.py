@@ -2,13 +2,13 @@
 a 2-node data-parallel job gives the single-process losses, and a job preempted mid-run (SIGUSR1 to the
 batch shell, as --signal=B:USR1@T does) checkpoints, is requeued, resumes and ends at the loss of an
 uninterrupted run."""
+
 from __future__ import annotations
 
 import re
 import time
 
 import pytest
-
 from conftest import TINY, by_step, read_metrics, run_train
 from test_train_dp import _compare
 
@@ -20,7 +20,9 @@ except ImportError:  # pytest put tests/ (not the repo root) on sys.path
 pytestmark = pytest.mark.slow
 
 LONG = [o for o in TINY if not o.startswith(("train.steps", "checkpoint.interval"))] + [
-    "train.steps=30", "checkpoint.interval=4"]
+    "train.steps=30",
+    "checkpoint.interval=4",
+]
 
 
 @pytest.mark.timeout(400)

@@ -5,29 +5,43 @@ Two process launches (gloo, CPU): one of 2 ranks runs every tp=2 case (tp, tp+SP
 embeddings, TP + expert_parallel.py) and the checkpoint test, one of 4 ranks runs tp=2 x dp=2 (FSDP2),
 tp=4 with replicated KV heads, and the dp=4 reload. The single-process references run in the pytest
 process. Every row packs several documents (cu_seqlens), one of them crossing a lightning block."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from util_dist import run_distributed
 
 STEPS = 6
 LR = 3e-3
 TOL = 1e-5
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, softmax_every=2,
-            block_size=16, rope_theta=10000.0, router_aux_loss_coef=0.01)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    softmax_every=2,
+    block_size=16,
+    rope_theta=10000.0,
+    router_aux_loss_coef=0.01,
+)
 
 
 def make_config(**overrides):
     from minimax_train.model.config import ModelConfig
+
     return ModelConfig(**{**TINY, **overrides})
 
 
 def make_model(cfg):
     from minimax_train.model.transformer import MiniMaxForCausalLM
+
     torch.manual_seed(1234)
     return MiniMaxForCausalLM(cfg)
 
@@ -55,7 +69,7 @@ def micro_batches(rows_per_mb: int):
         cu = [0]
         for r in range(n):
             cu += [r * t + 5, r * t + 16, (r + 1) * t]
-        out.append((ids[i:i + n], labels[i:i + n], torch.tensor(cu, dtype=torch.int32)))
+        out.append((ids[i : i + n], labels[i : i + n], torch.tensor(cu, dtype=torch.int32)))
     return out
 
 
@@ -69,6 +83,7 @@ def train(model, mbs, steps, *, dp: int = 1, dp_group=None, n_mb_total: int | No
     Returns per-step objective values (summed over dp), aux losses, expert loads, first-step gradients,
     final parameters (full tensors), and each step's (lm_loss_sum, num_loss_tokens) of the first micro-batch."""
     import torch.distributed as dist
+
     coef = model.config.router_aux_loss_coef
     n_mb_total = n_mb_total or len(mbs)
     global_tokens = float(sum(int((lab != -100).sum()) for _, lab, _ in mbs))
@@ -142,8 +157,10 @@ def assert_matches(got: dict, ref: dict, what: str, *, grads: bool = True):
 
 # ---- rank functions -------------------------------------------------------------------------------------------
 
+
 def _tp_case(mesh, cfg_overrides, sp, steps=STEPS):
     from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
+
     model = make_model(make_config(**cfg_overrides))
     apply_tensor_parallel(model, mesh, sequence_parallel=sp)
     mbs = micro_batches(2)
@@ -190,8 +207,11 @@ def _ranks_2(ckpt_dir: str):
 
     # composition with expert parallelism: TP/SP for everything but the experts, which
     # apply_expert_parallel shards (etp = tp, or ep = tp) and dispatches
-    for name, pkw in (("etp2", dict(tp=2, etp=2, sequence_parallel=True)), ("ep2", dict(tp=2, ep=2)),
-                      ("ep2_sp", dict(tp=2, ep=2, sequence_parallel=True))):
+    for name, pkw in (
+        ("etp2", dict(tp=2, etp=2, sequence_parallel=True)),
+        ("ep2", dict(tp=2, ep=2)),
+        ("ep2_sp", dict(tp=2, ep=2, sequence_parallel=True)),
+    ):
         out[f"with_{name}"] = _tp_with_expert_parallel(pkw)
     return out
 
@@ -199,13 +219,20 @@ def _ranks_2(ckpt_dir: str):
 def _tp_with_expert_parallel(pkw):
     """One step's objective and gradients of TP (experts=False) + apply_expert_parallel."""
     import torch.distributed as dist
+
     from minimax_train.parallel.expert_parallel import apply_expert_parallel
     from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
     from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
 
     cfg = make_config()
-    pm = ParallelMesh(ParallelConfig(**pkw), world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=0,
-                      device=torch.device("cpu"), model_cfg=cfg)
+    pm = ParallelMesh(
+        ParallelConfig(**pkw),
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        local_rank=0,
+        device=torch.device("cpu"),
+        model_cfg=cfg,
+    )
     model = make_model(cfg)
     apply_tensor_parallel(model, pm.device_mesh["tp"], sequence_parallel=pm.cfg.sequence_parallel, experts=False)
     apply_expert_parallel(model, pm)
@@ -267,6 +294,7 @@ def _ranks_4(ckpt_dir: str):
 
 
 # ---- tests --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
@@ -344,8 +372,14 @@ def test_dcp_checkpoint_tp2_dp2_loads_into_dp4_and_tp1(four_ranks):
 
 
 def test_tp4_replicated_kv_heads(four_ranks, ref_base):
-    ref3 = dict(ref_base, loss=ref_base["loss"][:3], aux=ref_base["aux"][:3], load=ref_base["load"][:3],
-                grad_norm=ref_base["grad_norm"][:3], params={})
+    ref3 = dict(
+        ref_base,
+        loss=ref_base["loss"][:3],
+        aux=ref_base["aux"][:3],
+        load=ref_base["load"][:3],
+        grad_norm=ref_base["grad_norm"][:3],
+        params={},
+    )
     for rank, res in enumerate(four_ranks):
         got = res["tp4_kv2"]  # 3 steps: losses, aux, expert loads and first-step gradients
         assert_matches(got, ref3, f"tp4 rank {rank}")

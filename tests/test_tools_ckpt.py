@@ -3,6 +3,7 @@ the tensor shapes; convert validates a target layout and writes a lossless conso
 shapes for every layout) that resumes in the trainer exactly like the original, and rewrites a legacy
 [E, 2, I, H] expert gate/up checkpoint in the standard form; export-hf is minimax_train.export; import-hf gives
 a step-0 checkpoint holding the HF weights that the trainer resumes; bad input ends with a one-line error."""
+
 from __future__ import annotations
 
 import shutil
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, compose_job, run_train
+
 from minimax_train.tools import ckpt_tools as C
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,6 +30,7 @@ def run(tmp_path_factory) -> Path:
 
 def _train_in_process(run_dir: Path, ckpt_dir: Path, steps: int):
     from minimax_train.train.loop import train
+
     job = compose_job(*TINY, f"train.steps={steps}", f"checkpoint.dir={ckpt_dir}", "checkpoint.interval=0")
     return train(job, run_dir)
 
@@ -36,6 +38,7 @@ def _train_in_process(run_dir: Path, ckpt_dir: Path, steps: int):
 def test_inspect_reports_step_tokens_layout_and_shapes(run, capsys):
     from minimax_train.model import MiniMaxForCausalLM
     from minimax_train.model.config import ModelConfig
+
     info = C.inspect_checkpoint(run / "checkpoints")
     assert info["path"].endswith("step_00000008") and info["step"] == 8 and info["tokens"] == 8 * 4 * 64
     assert info["siblings"] == ["step_00000003", "step_00000006", "step_00000008"]
@@ -73,11 +76,13 @@ def test_legacy_4d_gate_up_checkpoint_is_flagged_and_converted(run, tmp_path, ca
     src = run / "checkpoints" / "step_00000008"
     sd = C.load_full_state(src)
     gate_up = [(sd["model"], k) for k in sd["model"] if k.endswith(C.GATE_UP)]
-    gate_up += [(st, m) for k, st in sd["optim"]["state"].items() if k.endswith(C.GATE_UP)
-                for m in ("exp_avg", "exp_avg_sq")]
+    gate_up += [
+        (st, m) for k, st in sd["optim"]["state"].items() if k.endswith(C.GATE_UP) for m in ("exp_avg", "exp_avg_sq")
+    ]
     for d, k in gate_up:
         d[k] = d[k].unflatten(1, (2, -1)).contiguous()
     from minimax_train.train.checkpoint import read_meta
+
     legacy = C._save_dcp_step(sd, read_meta(src), C.read_config(src), tmp_path / "legacy", src.name, overwrite=False)
     assert C.tensor_metadata(legacy)["model.model.layers.0.mlp.experts.gate_up_proj"]["shape"] == [4, 2, 128, 64]
     assert C.main(["inspect", str(legacy)]) == 0 and "LEGACY" in capsys.readouterr().out
@@ -120,6 +125,7 @@ def test_export_hf_is_the_export_command_and_import_hf_resumes(run, tmp_path):
     from minimax_train.export import load_checkpoint_model
     from minimax_train.export import main as export_main
     from minimax_train.hf import load_hf
+
     assert C.main(["export-hf", str(run / "checkpoints"), "--out", str(tmp_path / "hf")]) == 0
     assert export_main(["--checkpoint", str(run / "checkpoints"), "--out", str(tmp_path / "hf_ref")]) == 0
     a, b = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "hf_ref" / "model.safetensors")
@@ -137,15 +143,21 @@ def test_export_hf_is_the_export_command_and_import_hf_resumes(run, tmp_path):
     assert C.main(argv) == 2  # refuses to overwrite without --overwrite
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["inspect", "/no/such/ckpt"], "does not exist"),
-    (["convert", "CKPT", "--out", "OUT", "--world", "4", "--tp", "3"], "parallel.tp=3 does not divide the world size 4"),
-    (["convert", "CKPT", "--out", "OUT", "--tp", "2"], "give its --world"),
-    (["convert", "CKPT", "--out", "OUT", "--world", "8", "--tp", "1"], "not divisible by dp=8"),
-    (["convert", "CKPT", "--out", "OUT", "--world", "3", "--cp", "3"], "divisible by 2*parallel.cp=6"),
-    (["export-hf", "/no/such/ckpt", "--out", "OUT"], "does not exist"),
-    (["import-hf", "CKPT", "--out", "OUT"], "not a MiniMax checkpoint"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["inspect", "/no/such/ckpt"], "does not exist"),
+        (
+            ["convert", "CKPT", "--out", "OUT", "--world", "4", "--tp", "3"],
+            "parallel.tp=3 does not divide the world size 4",
+        ),
+        (["convert", "CKPT", "--out", "OUT", "--tp", "2"], "give its --world"),
+        (["convert", "CKPT", "--out", "OUT", "--world", "8", "--tp", "1"], "not divisible by dp=8"),
+        (["convert", "CKPT", "--out", "OUT", "--world", "3", "--cp", "3"], "divisible by 2*parallel.cp=6"),
+        (["export-hf", "/no/such/ckpt", "--out", "OUT"], "does not exist"),
+        (["import-hf", "CKPT", "--out", "OUT"], "not a MiniMax checkpoint"),
+    ],
+)
 def test_bad_input_is_one_clear_line(run, tmp_path, capsys, argv, needle):
     argv = [a.replace("CKPT", str(run / "checkpoints")).replace("OUT", str(tmp_path / "out")) for a in argv]
     assert C.main(argv) == 2
@@ -154,9 +166,11 @@ def test_bad_input_is_one_clear_line(run, tmp_path, capsys, argv, needle):
 
 
 def test_script_help_and_missing_checkpoint():
-    ok = subprocess.run([sys.executable, "tools/ckpt.py", "convert", "--help"], cwd=REPO, capture_output=True,
-                        text=True)
+    ok = subprocess.run(
+        [sys.executable, "tools/ckpt.py", "convert", "--help"], cwd=REPO, capture_output=True, text=True
+    )
     assert ok.returncode == 0 and "reshard" in ok.stdout
-    bad = subprocess.run([sys.executable, "tools/ckpt.py", "inspect", "/no/such"], cwd=REPO, capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [sys.executable, "tools/ckpt.py", "inspect", "/no/such"], cwd=REPO, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr

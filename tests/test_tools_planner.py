@@ -3,6 +3,7 @@ layout is one the trainer's resolve_layout accepts, the activation model equals 
 the total is within 15% of the measured peak memory of CPU training steps and of the recorded GPU runs
 (tests/data/gpu_peak_memory.json), the worked MiniMax-Text-01 plans exist, and bad input ends with a one-line
 error."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _workload(name="minimax_text_01", seq=1 << 20, batch=16 << 20, gpus=256, kind="h100", **kw):
-    return P.Workload(P.load_model_config(name), seq_len=seq, global_batch_tokens=batch, num_gpus=gpus,
-                      gpu=P.gpu_spec(kind), model_name=name, **kw)
+    return P.Workload(
+        P.load_model_config(name),
+        seq_len=seq,
+        global_batch_tokens=batch,
+        num_gpus=gpus,
+        gpu=P.gpu_spec(kind),
+        model_name=name,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny", "minimax_1b", "minimax_text_01"])
@@ -43,8 +51,20 @@ def test_parameter_split_matches_count_params(name):
 
 def test_time_uses_the_trainers_flop_counter():
     w = _workload()
-    lay = P.Layout(tp=8, cp=16, dp=2, ep=8, etp=1, edp=32, engine="fsdp2", zero_stage=3, grad_sync="micro", ac="full",
-                   micro_batch_rows=1, accum=8)
+    lay = P.Layout(
+        tp=8,
+        cp=16,
+        dp=2,
+        ep=8,
+        etp=1,
+        edp=32,
+        engine="fsdp2",
+        zero_stage=3,
+        grad_sync="micro",
+        ac="full",
+        micro_batch_rows=1,
+        accum=8,
+    )
     t = P.estimate_time(w, lay)
     per_gpu = train_flops_per_token(w.model, w.seq_len) * w.global_batch_tokens / w.num_gpus
     assert t.model_tflops_per_gpu * 1e12 * t.step == pytest.approx(per_gpu)
@@ -54,12 +74,14 @@ def test_time_uses_the_trainers_flop_counter():
 
 def test_enumerated_layouts_are_valid_for_the_trainer():
     from minimax_train.parallel.mesh import ParallelConfig, resolve_layout
+
     w = _workload("minimax_1b", seq=8192, batch=64 * 8192, gpus=16)
     seen = 0
     for lay in P.enumerate_layouts(w):
         seen += 1
-        got = resolve_layout(ParallelConfig(tp=lay.tp, cp=lay.cp, ep=lay.ep, etp=lay.etp,
-                                            sequence_parallel=lay.tp > 1), 16, w.model)
+        got = resolve_layout(
+            ParallelConfig(tp=lay.tp, cp=lay.cp, ep=lay.ep, etp=lay.etp, sequence_parallel=lay.tp > 1), 16, w.model
+        )
         assert (got.dp, got.edp) == (lay.dp, lay.edp)
         assert w.seq_len % (2 * lay.cp) == 0 and w.rows % lay.dp == 0
         assert lay.micro_batch_rows * lay.accum * lay.dp == w.rows
@@ -86,6 +108,7 @@ def test_activation_model_equals_saved_tensors():
     tensors autograd actually saves for backward, for two sequence lengths."""
     from minimax_train.model.transformer import MiniMaxForCausalLM
     from minimax_train.tools.memcheck import VALIDATION_MODEL, MeasureSpec, _batch, saved_tensor_bytes
+
     cfg = ModelConfig(**VALIDATION_MODEL)
     torch.manual_seed(0)
     model = MiniMaxForCausalLM(cfg)
@@ -93,8 +116,16 @@ def test_activation_model_equals_saved_tensors():
     for seq in (128, 384):
         spec = MeasureSpec("x", seq_len=seq, micro_batch_size=2, docs_per_row=3)
         measured = saved_tensor_bytes(model, _batch(spec, cfg.vocab_size, 0, 0, 0))
-        w = P.Workload(cfg, seq_len=seq, global_batch_tokens=2 * seq, num_gpus=1, gpu=cpu, precision="fp32",
-                       kernels="reference", optimizer="foreach")
+        w = P.Workload(
+            cfg,
+            seq_len=seq,
+            global_batch_tokens=2 * seq,
+            num_gpus=1,
+            gpu=cpu,
+            precision="fp32",
+            kernels="reference",
+            optimizer="foreach",
+        )
         act = P.activation_memory(w, P.Layout(1, 1, 1, 1, 1, 1, "fsdp2", 3, "step", "none", 2, 1))
         est = act["layers"] + act["final"] + act["loss_saved"]
         assert est == pytest.approx(measured, rel=0.05), (seq, est, measured)
@@ -104,6 +135,7 @@ def test_estimate_within_15_percent_of_measured_cpu_peak():
     """The issue's check on CPU (no GPU here): peak RSS growth of real training steps (the trainer's model build,
     FSDP2 / tensor parallelism, forward_backward, AdamW) in 4 layouts vs the planner's total."""
     from minimax_train.tools.memcheck import format_validation, validate_cpu
+
     rows = validate_cpu()
     print(format_validation(rows))
     assert [r["name"] for r in rows] == ["1 process", "dp=2 FSDP2, full AC", "tp=2 + SP", "dp=2 FSDP2, micro sync"]
@@ -121,10 +153,19 @@ def test_estimate_within_15_percent_of_measured_gpu_peak(run):
     as tools/bench_layouts.py computes it) for each recorded GPU run stays within 15% of its measured peak."""
     lay = P.Layout(**run["layout"])
     world = lay.tp * lay.cp * lay.dp
-    w = P.Workload(P.load_model_config(run["preset"]), seq_len=run["seq_len"],
-                   global_batch_tokens=run["rows"] * run["seq_len"], num_gpus=world, gpu=P.gpu_spec("h100"),
-                   precision="bf16", kernels="gpu", optimizer="fused", model_name=run["preset"],
-                   loss_chunk_tokens=run["loss_chunk_tokens"], moe_chunk_tokens=run["moe_chunk_tokens"])
+    w = P.Workload(
+        P.load_model_config(run["preset"]),
+        seq_len=run["seq_len"],
+        global_batch_tokens=run["rows"] * run["seq_len"],
+        num_gpus=world,
+        gpu=P.gpu_spec("h100"),
+        precision="bf16",
+        kernels="gpu",
+        optimizer="fused",
+        model_name=run["preset"],
+        loss_chunk_tokens=run["loss_chunk_tokens"],
+        moe_chunk_tokens=run["moe_chunk_tokens"],
+    )
     est = P.estimate_memory(w, lay).total / 1e9
     assert abs(est / run["measured_gb"] - 1) <= 0.15, (run["name"], est, run["measured_gb"])
 
@@ -147,8 +188,7 @@ def test_worked_plan_minimax_text_01_1m_context(gpus):
 
 
 def test_more_gpus_shrink_the_per_gpu_memory_of_a_fixed_layout():
-    lay = dict(tp=8, cp=16, ep=8, etp=1, engine="fsdp2", zero_stage=3, grad_sync="micro", ac="full",
-               micro_batch_rows=1)
+    lay = dict(tp=8, cp=16, ep=8, etp=1, engine="fsdp2", zero_stage=3, grad_sync="micro", ac="full", micro_batch_rows=1)
     small = P.estimate_memory(_workload(gpus=256), P.Layout(dp=2, edp=32, accum=8, **lay))
     big = P.estimate_memory(_workload(gpus=1024), P.Layout(dp=8, edp=128, accum=2, **lay))
     assert big.optimizer < small.optimizer and big.parameters < small.parameters
@@ -156,22 +196,44 @@ def test_more_gpus_shrink_the_per_gpu_memory_of_a_fixed_layout():
 
 
 def test_cli_json_and_fixed_layout(capsys):
-    rc = P.main(["--model", "minimax_1b", "--seq-len", "8K", "--global-batch", "512K", "--gpus", "8", "--tp", "2",
-                 "--engine", "fsdp2", "--ac", "none,full", "--json", "--top", "2"])
+    rc = P.main(
+        [
+            "--model",
+            "minimax_1b",
+            "--seq-len",
+            "8K",
+            "--global-batch",
+            "512K",
+            "--gpus",
+            "8",
+            "--tp",
+            "2",
+            "--engine",
+            "fsdp2",
+            "--ac",
+            "none,full",
+            "--json",
+            "--top",
+            "2",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and len(out["plans"]) == 2
     assert all(p["layout"]["tp"] == 2 and p["layout"]["engine"] == "fsdp2" for p in out["plans"])
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--model", "nope"], "unknown model preset 'nope'"),
-    (["--gpus", "256", "--tp", "3"], "parallel.tp=3 does not divide the GPU count 256"),
-    (["--model", "tiny", "--seq-len", "1M", "--gpus", "8"], "exceeds the model's max_position_embeddings"),
-    (["--seq-len", "1M", "--global-batch", "1.5M"], "not a whole number of rows"),
-    (["--gpu", "b300"], "unknown GPU kind 'b300'"),
-    (["--gpus", "8", "--tp", "8", "--cp", "1", "--ep", "3", "--etp", "1"], "parallel.ep=3"),
-    (["--seq-len", "lots"], "is not a number"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--model", "nope"], "unknown model preset 'nope'"),
+        (["--gpus", "256", "--tp", "3"], "parallel.tp=3 does not divide the GPU count 256"),
+        (["--model", "tiny", "--seq-len", "1M", "--gpus", "8"], "exceeds the model's max_position_embeddings"),
+        (["--seq-len", "1M", "--global-batch", "1.5M"], "not a whole number of rows"),
+        (["--gpu", "b300"], "unknown GPU kind 'b300'"),
+        (["--gpus", "8", "--tp", "8", "--cp", "1", "--ep", "3", "--etp", "1"], "parallel.ep=3"),
+        (["--seq-len", "lots"], "is not a number"),
+    ],
+)
 def test_cli_bad_input_is_one_clear_line(capsys, argv, needle):
     assert P.main(argv) == 2
     err = capsys.readouterr().err
@@ -187,6 +249,7 @@ def test_cli_nothing_fits_exits_1_with_the_closest_plans(capsys):
 def test_script_help_and_error_exit_codes():
     ok = subprocess.run([sys.executable, "tools/plan_layout.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0 and "--validate-cpu" in ok.stdout
-    bad = subprocess.run([sys.executable, "tools/plan_layout.py", "--model", "nope"], cwd=REPO, capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [sys.executable, "tools/plan_layout.py", "--model", "nope"], cwd=REPO, capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "unknown model preset" in bad.stderr

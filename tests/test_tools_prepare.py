@@ -2,6 +2,7 @@
 through the trainer's loader exactly as a direct tokenisation (and as the loader reading the raw corpus);
 the Arrow output holds the same tokens; worker count does not change the output; the summary counts
 documents, tokens and skipped records; bad input ends with a one-line error."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def _loader_tokens(source: SourceConfig, seq_len: int = 96) -> np.ndarray:
 
 def test_megatron_round_trip_through_the_trainers_loader(corpus, tmp_path):
     path, texts = corpus
-    cfg = PR.PrepareConfig(input=str(path), out=str(tmp_path / "mg" / "corpus"), workers=2, batch_docs=7,
-                           progress=False)
+    cfg = PR.PrepareConfig(
+        input=str(path), out=str(tmp_path / "mg" / "corpus"), workers=2, batch_docs=7, progress=False
+    )
     info = PR.prepare(cfg)
     assert info["documents"] == 60 and info["skipped_empty"] == 1 and info["skipped_malformed"] == 2
     tok = load_tokenizer(DataConfig())
@@ -74,12 +76,16 @@ def test_megatron_round_trip_through_the_trainers_loader(corpus, tmp_path):
 def test_workers_do_not_change_the_output_and_arrow_holds_the_same_tokens(corpus, tmp_path):
     path, texts = corpus
     one = PR.prepare(PR.PrepareConfig(input=str(path), out=str(tmp_path / "w1"), workers=1, progress=False))
-    two = PR.prepare(PR.PrepareConfig(input=str(path), out=str(tmp_path / "w2"), workers=2, batch_docs=5,
-                                      progress=False))
+    two = PR.prepare(
+        PR.PrepareConfig(input=str(path), out=str(tmp_path / "w2"), workers=2, batch_docs=5, progress=False)
+    )
     for ext in (".bin", ".idx"):
         assert Path(one["output"] + ext).read_bytes() == Path(two["output"] + ext).read_bytes()
-    arrow = PR.prepare(PR.PrepareConfig(input=str(path), out=str(tmp_path / "arrow"), format="arrow", workers=2,
-                                        progress=False, add_eos=False))
+    arrow = PR.prepare(
+        PR.PrepareConfig(
+            input=str(path), out=str(tmp_path / "arrow"), format="arrow", workers=2, progress=False, add_eos=False
+        )
+    )
     direct = tokenize_documents(load_tokenizer(DataConfig(add_eos=False)), texts, add_eos=False)
     got = PR.read_prepared(arrow["output"], "arrow")
     assert len(got) == 60 and all(np.array_equal(a, b) for a, b in zip(got, direct))
@@ -91,26 +97,32 @@ def test_text_directory_and_limit(tmp_path):
     d.mkdir()
     for i in range(5):
         (d / f"doc{i}.txt").write_text(f"file {i}\n" * (i + 1))
-    info = PR.prepare(PR.PrepareConfig(input=str(d), kind="text", out=str(tmp_path / "t"), limit=3, progress=False,
-                                       workers=1))
+    info = PR.prepare(
+        PR.PrepareConfig(input=str(d), kind="text", out=str(tmp_path / "t"), limit=3, progress=False, workers=1)
+    )
     assert info["documents"] == 3
     text = PR.format_summary(info)
     assert "documents 3" in text and "length histogram" in text
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--input", "/no/such.jsonl", "--out", "OUT"], "does not exist"),
-    (["--input", "CORPUS", "--out", "OUT", "--tokenizer", "/no/tok"], "unknown tokenizer"),
-    (["--input", "CORPUS", "--out", "OUT", "--text-key", "body"], "no documents"),
-    (["--input", "CORPUS", "--out", "EXISTING"], "output exists"),
-    (["--input", "CORPUS", "--out", "OUT", "--workers", "0"], "must be positive"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--input", "/no/such.jsonl", "--out", "OUT"], "does not exist"),
+        (["--input", "CORPUS", "--out", "OUT", "--tokenizer", "/no/tok"], "unknown tokenizer"),
+        (["--input", "CORPUS", "--out", "OUT", "--text-key", "body"], "no documents"),
+        (["--input", "CORPUS", "--out", "EXISTING"], "output exists"),
+        (["--input", "CORPUS", "--out", "OUT", "--workers", "0"], "must be positive"),
+    ],
+)
 def test_bad_input_is_one_clear_line(corpus, tmp_path, capsys, argv, needle):
     path, _ = corpus
     existing = tmp_path / "existing"
     Path(str(existing) + ".bin").write_bytes(b"x")
-    argv = [a.replace("CORPUS", str(path)).replace("OUT", str(tmp_path / "out")).replace("EXISTING", str(existing))
-            for a in argv]
+    argv = [
+        a.replace("CORPUS", str(path)).replace("OUT", str(tmp_path / "out")).replace("EXISTING", str(existing))
+        for a in argv
+    ]
     assert PR.main(argv + ["--quiet"]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.startswith("prepare_data: error:") and "Traceback" not in err
@@ -124,6 +136,17 @@ def test_cli_progress_bar_and_summary(corpus, tmp_path, capsys):
 
 
 def test_script_exits_2_on_a_missing_file(tmp_path):
-    bad = subprocess.run([sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "nope.jsonl"), "--out",
-                          str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "tools/prepare_data.py",
+            "--input",
+            str(tmp_path / "nope.jsonl"),
+            "--out",
+            str(tmp_path / "d"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "does not exist" in bad.stderr

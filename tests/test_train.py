@@ -1,6 +1,7 @@
 """End to end on CPU: a fresh run learns and writes its outputs; HF export loads in transformers and
 generates; init_from_hf; NaN steps are skipped and counted; W&B offline keeps its run id across resumes;
 data problems give clear errors or counted skips."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY, by_step, compose_job, read_metrics, run_train
 
-METRIC_KEYS = {"step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s",
-               "tflops_per_device", "mfu", "max_memory_gb", "expert_load_imbalance"}
+METRIC_KEYS = {
+    "step",
+    "loss",
+    "lm_loss",
+    "aux_loss",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "tflops_per_device",
+    "mfu",
+    "max_memory_gb",
+    "expert_load_imbalance",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +57,7 @@ def test_export_loads_in_transformers_and_generates(fresh_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from minimax_train.export import load_checkpoint_model, main
+
     out = tmp_path / "hf"
     assert main(["--checkpoint", str(fresh_run / "checkpoints"), "--out", str(out)]) == 0
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -64,9 +77,15 @@ def test_export_loads_in_transformers_and_generates(fresh_run, tmp_path):
 
 def test_init_from_hf_starts_from_the_exported_weights(fresh_run, tmp_path):
     from minimax_train.export import export
+
     hf_dir = export(fresh_run / "checkpoints", tmp_path / "hf")
-    run_train(tmp_path / "r", "train.steps=2", "train.eval_interval=0", "optim.warmup_steps=1",
-              f"checkpoint.init_from_hf={hf_dir}")
+    run_train(
+        tmp_path / "r",
+        "train.steps=2",
+        "train.eval_interval=0",
+        "optim.warmup_steps=1",
+        f"checkpoint.init_from_hf={hf_dir}",
+    )
     recs = read_metrics(tmp_path / "r")
     fresh = read_metrics(fresh_run)
     assert recs[0]["loss"] < fresh[0]["loss"] - 1.0  # starts where the exported model was, not at ln(V)
@@ -90,12 +109,18 @@ def test_consecutive_nan_steps_stop_with_a_clear_message(tmp_path):
 def test_wandb_offline_writes_a_run_and_keeps_its_id_on_resume(tmp_path):
     ckpt = tmp_path / "ckpt"
     short = [o for o in TINY if not o.startswith("train.steps")]
-    common = [*short, "logging.wandb.mode=offline", "logging.wandb.project=test", "logging.wandb.tags=[a,b]",
-              f"checkpoint.dir={ckpt}"]
+    common = [
+        *short,
+        "logging.wandb.mode=offline",
+        "logging.wandb.project=test",
+        "logging.wandb.tags=[a,b]",
+        f"checkpoint.dir={ckpt}",
+    ]
     run_train(tmp_path / "a", *common, "train.steps=3")
     runs = list((tmp_path / "a" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     from minimax_train.train.checkpoint import latest_checkpoint, read_meta
+
     run_id = read_meta(latest_checkpoint(ckpt))["meta"]["wandb_run_id"]
     assert run_id and runs[0].name.endswith(run_id)
     run_train(tmp_path / "b", *common, "train.steps=5")
@@ -111,12 +136,14 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
 
 
 def _docs(n: int) -> list[str]:
-    return [json.dumps({"text": f"document {i}: " + " ".join(f"word{j % 50}" for j in range(i, i + 200))})
-            for i in range(n)]
+    return [
+        json.dumps({"text": f"document {i}: " + " ".join(f"word{j % 50}" for j in range(i, i + 200))}) for i in range(n)
+    ]
 
 
 def _train_inproc(tmp_path, *overrides):
     from minimax_train.train import train
+
     job = compose_job(*TINY, "train.steps=2", "checkpoint.interval=0", "checkpoint.save_final=false", *overrides)
     return train(job, tmp_path / "run")
 
@@ -129,22 +156,30 @@ def test_malformed_lines_are_counted_and_skipped(tmp_path, caplog):
     assert any("3 malformed records skipped" in r.message for r in caplog.records)
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("too_many_bad", "max_bad_lines"),
-    ("empty", "empty"),
-    ("missing", "does not exist"),
-    ("tokenizer", "unknown tokenizer"),
-    ("no_valid", "train.eval_interval=0"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("too_many_bad", "max_bad_lines"),
+        ("empty", "empty"),
+        ("missing", "does not exist"),
+        ("tokenizer", "unknown tokenizer"),
+        ("no_valid", "train.eval_interval=0"),
+    ],
+)
 def test_data_errors_are_clear(tmp_path, case, needle):
     from minimax_train.data import DataError
+
     good = _jsonl(tmp_path / "good.jsonl", _docs(40))
-    ov = {"too_many_bad": [f"data.sources.0.path={_jsonl(tmp_path / 'b.jsonl', _docs(5) + ['{bad'] * 4)}",
-                           "data.max_bad_lines=2"],
-          "empty": [f"data.sources.0.path={_jsonl(tmp_path / 'e.jsonl', [''])}"],
-          "missing": [f"data.sources.0.path={tmp_path / 'nope.jsonl'}"],
-          "tokenizer": [f"data.sources.0.path={good}", f"data.tokenizer={tmp_path / 'no_tokenizer'}"],
-          "no_valid": [f"data.sources.0.path={good}", "data.valid_fraction=0", "train.eval_interval=1"]}[case]
+    ov = {
+        "too_many_bad": [
+            f"data.sources.0.path={_jsonl(tmp_path / 'b.jsonl', _docs(5) + ['{bad'] * 4)}",
+            "data.max_bad_lines=2",
+        ],
+        "empty": [f"data.sources.0.path={_jsonl(tmp_path / 'e.jsonl', [''])}"],
+        "missing": [f"data.sources.0.path={tmp_path / 'nope.jsonl'}"],
+        "tokenizer": [f"data.sources.0.path={good}", f"data.tokenizer={tmp_path / 'no_tokenizer'}"],
+        "no_valid": [f"data.sources.0.path={good}", "data.valid_fraction=0", "train.eval_interval=1"],
+    }[case]
     base = ["data=jsonl", "data.tokenizer=embedded"]
     with pytest.raises((DataError, FileNotFoundError)) as e:
         _train_inproc(tmp_path, *base, *ov)
@@ -152,14 +187,20 @@ def test_data_errors_are_clear(tmp_path, case, needle):
 
 
 def test_cli_data_error_exit_code(tmp_path):
-    p = run_train(tmp_path / "r", "data=jsonl", "data.tokenizer=embedded",
-                  f"data.sources.0.path={tmp_path / 'missing.jsonl'}", check=False)
+    p = run_train(
+        tmp_path / "r",
+        "data=jsonl",
+        "data.tokenizer=embedded",
+        f"data.sources.0.path={tmp_path / 'missing.jsonl'}",
+        check=False,
+    )
     assert p.returncode == 2 and "missing.jsonl" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_profile_window_writes_a_trace_and_an_op_table(tmp_path):
     """logging.profile_start/profile_steps: the op table holds the model's ops, the trace is gzipped JSON."""
     import gzip
+
     _train_inproc(tmp_path, "train.steps=3", "logging.profile_start=2", "logging.profile_steps=1")
     prof = tmp_path / "run" / "profile"
     ops = (prof / "rank0_ops.txt").read_text()

@@ -4,6 +4,7 @@ export to transformers, and reject layouts other than pure data parallelism.
 
 DeepSpeed JIT-compiles a small comm extension on its first initialisation (about 30 s): TORCH_EXTENSIONS_DIR
 points at a persistent cache so that happens once per machine."""
+
 from __future__ import annotations
 
 import os
@@ -42,6 +43,7 @@ def test_deepspeed_zero_matches_single_process(stage, reference_run, tmp_path):
 
         from minimax_train.export import export, load_checkpoint_model
         from minimax_train.hf import load_hf
+
         model, job, path = load_checkpoint_model(run_dir / "checkpoints")
         ref, _, _ = load_checkpoint_model(reference_run / "checkpoints")
         assert path.name == "step_00000008" and job.parallel.engine == "deepspeed"
@@ -92,12 +94,16 @@ def test_deepspeed_cross_engine_resume(reference_run, tmp_path):
     _compare({s: ref[s] for s in (7, 8)}, by_step(read_metrics(run_dir)))
 
 
-@pytest.mark.parametrize("override,match", [
-    ("parallel.tp=2", "data parallelism only"),
-    ("parallel.ep=2", "data parallelism only"),
-    ("parallel.zero_stage=0", "zero_stage 1, 2 or 3"),
-])
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("parallel.tp=2", "data parallelism only"),
+        ("parallel.ep=2", "data parallelism only"),
+        ("parallel.zero_stage=0", "zero_stage 1, 2 or 3"),
+    ],
+)
 def test_deepspeed_rejects_model_parallel_layouts(override, match):
     from minimax_train.config import ConfigError
+
     with pytest.raises(ConfigError, match=match):
         compose_job(*TINY, "parallel=deepspeed", override)

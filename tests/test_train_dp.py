@@ -1,5 +1,6 @@
 """Data parallelism is exact: 2 gloo processes (FSDP2) give the losses and gradient norms of one process
 with the same global batch (fp32 tolerance)."""
+
 from __future__ import annotations
 
 import shutil
@@ -7,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, TINY, by_step, cli_env, compose_job, read_metrics
 from util_dist import free_port, run_distributed
 
@@ -38,20 +38,38 @@ def test_dp2_fsdp_matches_single_process(reference_run, tmp_path):
     _compare(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
     # checkpoints of the sharded run are complete and loadable in one process (export path)
     from minimax_train.export import load_checkpoint_model
+
     model, job, path = load_checkpoint_model(run_dir / "checkpoints")
     assert path.name == "step_00000008"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (REPO / ".venv/bin/torchrun").exists(),
-                    reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not (REPO / ".venv/bin/torchrun").exists(), reason="torchrun not installed"
+)
 def test_torchrun_cli_dp2_matches_single_process(reference_run, tmp_path):
     """The real entry point under torchrun: rank 0 owns the Hydra run dir; the losses match dp=1."""
     run_dir = tmp_path / "tr"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
-           f"--master-port={free_port()}", "-m", "minimax_train.train", f"hydra.run.dir={run_dir}", *TINY]
-    p = subprocess.run(cmd, cwd=tmp_path, env=cli_env(OMP_NUM_THREADS=1, PYTHONPATH=str(REPO)),
-                       capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc-per-node=2",
+        f"--master-port={free_port()}",
+        "-m",
+        "minimax_train.train",
+        f"hydra.run.dir={run_dir}",
+        *TINY,
+    ]
+    p = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=cli_env(OMP_NUM_THREADS=1, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     _compare(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
     assert (run_dir / "config_resolved.yaml").exists() and (run_dir / ".hydra" / "config.yaml").exists()
@@ -70,11 +88,22 @@ def _grads_rank(overrides):
     mesh = ParallelMesh.from_env(job.parallel, device="cpu", model_cfg=job.model)
     accum = job.train.global_batch_size // (job.train.micro_batch_size * mesh.dp_size)
     engine, _ = build_engine(job, mesh, accum=accum)
-    loader = build_loader(job.data, load_tokenizer(job.data), seq_len=job.train.seq_len,
-                          micro_batch_size=job.train.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=mesh.dp_size,
-                          seed=job.train.seed)
-    fb = forward_backward(engine.model, [next(loader) for _ in range(accum)], mesh=mesh,
-                          coef=job.model.router_aux_loss_coef, engine=engine)
+    loader = build_loader(
+        job.data,
+        load_tokenizer(job.data),
+        seq_len=job.train.seq_len,
+        micro_batch_size=job.train.micro_batch_size,
+        dp_rank=mesh.dp_rank,
+        dp_size=mesh.dp_size,
+        seed=job.train.seed,
+    )
+    fb = forward_backward(
+        engine.model,
+        [next(loader) for _ in range(accum)],
+        mesh=mesh,
+        coef=job.model.router_aux_loss_coef,
+        engine=engine,
+    )
     model = engine.module
     if is_sharded(model):
         # the root (embedding, norm, lm_head) must stay unsharded between forward and backward: the
@@ -82,10 +111,13 @@ def _grads_rank(overrides):
         assert model._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is None
     if engine.name == "deepspeed":
         from deepspeed.utils import safe_get_full_grad
+
         grads = {name: safe_get_full_grad(p) for name, p in model.named_parameters()}
     else:
-        grads = {name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                 for name, p in model.named_parameters()}
+        grads = {
+            name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            for name, p in model.named_parameters()
+        }
     engine.close()
     return {name: g.detach().double().clone() for name, g in grads.items()}, fb.global_tokens
 
@@ -126,6 +158,7 @@ def test_resume_single_process_checkpoint_on_two_ranks(reference_run, tmp_path):
 def _packed_batch(vocab_size):
     """Two rows of 32 tokens: one document across the first 20 tokens, one of 12, one of 32."""
     import torch
+
     return torch.arange(64).reshape(2, 32) % vocab_size, torch.tensor([0, 20, 32, 64], dtype=torch.int32)
 
 
@@ -165,6 +198,7 @@ def test_fsdp2_bf16_parameters_packed_input():
     import torch
 
     from minimax_train.model import MiniMaxForCausalLM
+
     got = run_distributed(_bf16_fsdp_rank, 2, TINY, timeout=240)
     logits, built, weights = got[0]
     assert built == 1, f"RoPE tables built {built} times for one sequence (the per-sequence cache was lost)"

@@ -1,9 +1,9 @@
 """The trainer under model parallelism: tensor (+ sequence), context and expert parallel layouts of the
 same job give the single-process run's losses and gradient norms (fp32, gloo), step by step."""
+
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY, by_step, read_metrics
 from test_train_dp import _compare, _train_rank
 from util_dist import run_distributed
@@ -26,8 +26,16 @@ SLOW_LAYOUTS = {
     "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "ep2_etp2_tp2_sp": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "parallel.sequence_parallel=true"]),
     # issue 9's 8-GPU composition, on 8 gloo processes: tp=2 x cp=2 x dp=2, experts ep=4 folded over dp x cp
-    "tp2_cp2_ep4_overlap_8proc": (8, ["parallel.tp=2", "parallel.cp=2", "parallel.ep=4", "parallel.sequence_parallel=true",
-                                      "parallel.moe_overlap_chunks=2"]),
+    "tp2_cp2_ep4_overlap_8proc": (
+        8,
+        [
+            "parallel.tp=2",
+            "parallel.cp=2",
+            "parallel.ep=4",
+            "parallel.sequence_parallel=true",
+            "parallel.moe_overlap_chunks=2",
+        ],
+    ),
 }
 
 
@@ -45,6 +53,7 @@ def test_parallel_layout_matches_single_process(name, reference_run, tmp_path):
     run_dir = _run(name, world, extra, reference_run, tmp_path)
     # the checkpoint of the sharded run loads into one process (the export path) with every tensor
     from minimax_train.export import load_checkpoint_model
+
     model, job, path = load_checkpoint_model(run_dir / "checkpoints")
     ref_model, _, _ = load_checkpoint_model(reference_run / "checkpoints")
     assert path.name == "step_00000008"
@@ -69,6 +78,7 @@ def test_resume_tp2_checkpoint_at_dp2(reference_run, tmp_path):
     first = TINY + ["parallel.tp=2", f"checkpoint.dir={ckpt}"]
     run_distributed(_train_rank, 2, first, str(run_dir / "a"), timeout=600)
     import shutil
+
     for step_dir in sorted(ckpt.glob("step_*")):
         if step_dir.name != "step_00000003":
             shutil.rmtree(step_dir)
@@ -86,6 +96,7 @@ def test_resume_tp2_dp2_checkpoint_at_dp4(reference_run, tmp_path):
     steps 4..8."""
     first = _run("tp2_dp2", 4, ["parallel.tp=2"], reference_run, tmp_path)
     import shutil
+
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     shutil.copytree(first / "checkpoints" / "step_00000003", ckpt / "step_00000003")

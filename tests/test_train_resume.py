@@ -1,5 +1,6 @@
 """Crash, preemption and resume: a resumed run's losses equal an uninterrupted run's, step by step
 (exactly, on CPU)."""
+
 from __future__ import annotations
 
 import signal
@@ -65,10 +66,18 @@ def test_preemption_signal_saves_and_exits_cleanly(tmp_path):
     """An external SIGUSR1 (slurm's warning before preemption / time limit) mid-run: checkpoint at the current
     step, exit 0; the same command then continues from there."""
     ckpt = tmp_path / "ckpt"
-    overrides = [o for o in TINY if not o.startswith("train.steps")] + [f"checkpoint.dir={ckpt}",
-                                                                         "checkpoint.interval=0"]
-    cmd = [sys.executable, "-m", "minimax_train.train", f"hydra.run.dir={tmp_path / 'a'}", *overrides,
-           "train.steps=400"]
+    overrides = [o for o in TINY if not o.startswith("train.steps")] + [
+        f"checkpoint.dir={ckpt}",
+        "checkpoint.interval=0",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "minimax_train.train",
+        f"hydra.run.dir={tmp_path / 'a'}",
+        *overrides,
+        "train.steps=400",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while len(read_metrics(tmp_path / "a")) < 2:
@@ -98,9 +107,15 @@ def test_sigterm_on_one_tp_rank_stops_every_rank(tmp_path):
     save the same step and exit cleanly (no rank left waiting in a collective)."""
     from test_train_dp import _train_rank
     from util_dist import run_distributed
+
     ckpt = tmp_path / "ckpt"
-    steps = run_distributed(_train_rank, 2, [*TINY, "parallel.tp=2", f"checkpoint.dir={ckpt}",
-                                             "checkpoint.interval=0"], str(tmp_path / "a"), timeout=120,
-                            env={"MINIMAX_TRAIN_FAULTS": "sigterm@2"})
+    steps = run_distributed(
+        _train_rank,
+        2,
+        [*TINY, "parallel.tp=2", f"checkpoint.dir={ckpt}", "checkpoint.interval=0"],
+        str(tmp_path / "a"),
+        timeout=120,
+        env={"MINIMAX_TRAIN_FAULTS": "sigterm@2"},
+    )
     assert steps == [3, 3]
     assert complete_steps(ckpt) == [3]

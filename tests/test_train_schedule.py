@@ -1,4 +1,5 @@
 """Learning-rate schedules, parameter groups and the float64 gradient norm."""
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ def test_wsd_warmup_stable_decay(style):
 
 def test_param_groups_exclude_1d_from_weight_decay():
     from minimax_train.model import MiniMaxForCausalLM, ModelConfig
+
     model = MiniMaxForCausalLM(ModelConfig())
     g = param_groups(model, 0.1)
     assert g[0]["weight_decay"] == 0.1 and g[1]["weight_decay"] == 0.0

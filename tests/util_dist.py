@@ -8,6 +8,7 @@ LOCAL_WORLD_SIZE) and, with init=True (default), an initialised gloo default pro
 destroyed afterwards if fn left it alive. `fn` must be importable (a module-level function) and its
 return value picklable. A failure on any rank raises RuntimeError with that rank's traceback; a hang
 is killed after `timeout` seconds. Reusable by the parallel suites (tp/cp/ep equivalence tests)."""
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,8 @@ import pickle
 import socket
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.multiprocessing as mp
 
@@ -27,12 +29,21 @@ def free_port() -> int:
 
 
 def _child(fn, rank, world, port, init, threads, env, queue, args, kwargs):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+        }
+    )
     os.environ.update(env or {})
     try:
         import torch
         import torch.distributed as dist
+
         if threads:
             torch.set_num_threads(threads)
         if init:
@@ -46,13 +57,25 @@ def _child(fn, rank, world, port, init, threads, env, queue, args, kwargs):
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 300.0, init: bool = True,
-                    threads: int | None = 1, env: dict[str, str] | None = None, **kwargs) -> list[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args,
+    timeout: float = 300.0,
+    init: bool = True,
+    threads: int | None = 1,
+    env: dict[str, str] | None = None,
+    **kwargs,
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, init, threads, env, queue, args, kwargs),
-                         daemon=False) for r in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_child, args=(fn, r, world_size, port, init, threads, env, queue, args, kwargs), daemon=False
+        )
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -62,13 +85,18 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         while len(results) + len(errors) < world_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"run_distributed: {world_size - len(results) - len(errors)} rank(s) did not "
-                                   f"finish within {timeout:.0f}s (finished: {sorted(results)}, failed: {sorted(errors)})")
+                raise TimeoutError(
+                    f"run_distributed: {world_size - len(results) - len(errors)} rank(s) did not "
+                    f"finish within {timeout:.0f}s (finished: {sorted(results)}, failed: {sorted(errors)})"
+                )
             try:
                 rank, ok, value = queue.get(timeout=min(remaining, 1.0))
             except Exception:  # queue.Empty: check for ranks that died without reporting
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results
-                        and r not in errors]
+                dead = [
+                    r
+                    for r, p in enumerate(procs)
+                    if p.exitcode not in (None, 0) and r not in results and r not in errors
+                ]
                 if dead:
                     # give a dying rank's own report a moment to arrive
                     time.sleep(0.5)

@@ -1,4 +1,5 @@
 """Peak live tensor bytes of a CPU computation, forward and backward (for memory tests of chunking)."""
+
 from __future__ import annotations
 
 import torch

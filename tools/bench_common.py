@@ -3,6 +3,7 @@ device calibration (copy bandwidth, bf16 matmul peak), guarded runs that turn a 
 reason, markdown tables, JSON output with finite numbers only, and the clean exit of spawned ranks.
 
 Nothing here asserts a speed: the scripts print tables and ratios (design.md, "Testing conventions")."""
+
 from __future__ import annotations
 
 import gc
@@ -14,8 +15,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -34,6 +36,7 @@ except Exception:  # pragma: no cover - the benchmarks must still start if the t
 # ---------------------------------------------------------------------------------------------------
 # device
 # ---------------------------------------------------------------------------------------------------
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -80,6 +83,7 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     import resource
+
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb * (1 if sys.platform == "darwin" else 1024) / 1e9
 
@@ -90,6 +94,7 @@ def free_memory_gb(device: torch.device) -> float:
         return free / 1e9
     try:
         import psutil  # noqa: F401
+
         return psutil.virtual_memory().available / 1e9
     except Exception:
         return float("inf")
@@ -105,8 +110,8 @@ def versions() -> dict[str, Any]:
     """Versions of everything a number depends on (None where a package is absent); read from the installed
     distributions' metadata, so nothing heavy (megatron) is imported just to print a version."""
     from importlib import metadata
-    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda": torch.version.cuda}
+
+    out: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     for dist in ("triton", "fla-core", "transformers", "megatron-core", "nv-grouped-gemm"):
         try:
             out[dist] = metadata.version(dist)
@@ -118,6 +123,7 @@ def versions() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 # guarded execution
 # ---------------------------------------------------------------------------------------------------
+
 
 def one_line(e: BaseException, limit: int = 220) -> str:
     """A failure as one line: the exception type and the first line of its message."""
@@ -155,6 +161,7 @@ def guarded(fn: Callable[[], Any], device: Optional[torch.device] = None, verbos
 # timing
 # ---------------------------------------------------------------------------------------------------
 
+
 class _L2Flush:
     """Writes a 256 MB buffer before each timed call so that small inputs are not served from L2 (50 MB on H100)."""
 
@@ -166,8 +173,16 @@ class _L2Flush:
             self.buf.zero_()
 
 
-def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, min_iters: int = 3,
-            max_iters: int = 30, budget_s: float = 1.0, flush_l2: bool = True) -> dict[str, float]:
+def time_fn(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    min_iters: int = 3,
+    max_iters: int = 30,
+    budget_s: float = 1.0,
+    flush_l2: bool = True,
+) -> dict[str, float]:
     """Median / min milliseconds of fn() over N timed calls after `warmup` untimed ones.
 
     CUDA: one pair of events around each call (the L2 flush happens before the start event); CPU:
@@ -208,6 +223,7 @@ def time_fn(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2, min
 # calibration
 # ---------------------------------------------------------------------------------------------------
 
+
 def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None) -> dict[str, float]:
     """Device-to-device copy of nbytes (default 2 GiB on GPU, 64 MiB on CPU); counts read + write."""
     if nbytes is None:
@@ -216,15 +232,15 @@ def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None) -
     src = torch.randn(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
     dst = torch.empty_like(src)
     moved = 2 * src.numel() * src.element_size()
-    t = time_fn(lambda: dst.copy_(src), device, warmup=2, min_iters=5, max_iters=20, budget_s=0.5,
-                flush_l2=False)
-    del src, dst
+    t = time_fn(lambda: dst.copy_(src), device, warmup=2, min_iters=5, max_iters=20, budget_s=0.5, flush_l2=False)
+    src = dst = None
     cleanup(device)
     return {"bytes": moved, "ms": t["ms"], "tb_per_s": moved / (t["ms"] * 1e-3) / 1e12}
 
 
-def measure_matmul_peak(device: torch.device, n: Optional[int] = None,
-                        dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+def measure_matmul_peak(
+    device: torch.device, n: Optional[int] = None, dtype: Optional[torch.dtype] = None
+) -> dict[str, float]:
     """n x n x n matmul (default 8192 bf16 on GPU, 512 fp32 on CPU): achieved TFLOP/s."""
     if n is None:
         n = 8192 if device.type == "cuda" else 512
@@ -233,17 +249,23 @@ def measure_matmul_peak(device: torch.device, n: Optional[int] = None,
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     c = torch.empty(n, n, dtype=dtype, device=device)
-    t = time_fn(lambda: torch.matmul(a, b, out=c), device, warmup=3, min_iters=5, max_iters=30, budget_s=0.5,
-                flush_l2=False)
-    del a, b, c
+    t = time_fn(
+        lambda: torch.matmul(a, b, out=c), device, warmup=3, min_iters=5, max_iters=30, budget_s=0.5, flush_l2=False
+    )
+    a = b = c = None
     cleanup(device)
-    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "ms": t["ms"],
-            "tflops": 2.0 * n ** 3 / (t["ms"] * 1e-3) / 1e12}
+    return {
+        "n": n,
+        "dtype": str(dtype).replace("torch.", ""),
+        "ms": t["ms"],
+        "tflops": 2.0 * n**3 / (t["ms"] * 1e-3) / 1e12,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------------------------------
+
 
 def fmt(x: Any, digits: int = 3) -> str:
     """Compact number formatting for tables: 3 significant digits, '-' for None."""
@@ -258,7 +280,7 @@ def fmt(x: Any, digits: int = 3) -> str:
             return str(x)
         if x == 0:
             return "0"
-        if abs(x) >= 10 ** digits:
+        if abs(x) >= 10**digits:
             return f"{x:,.0f}"
         return f"{x:.{digits}g}" if abs(x) >= 1e-3 else f"{x:.2e}"
     return str(x)
@@ -309,6 +331,7 @@ def write_json(path: Optional[str], obj: Any) -> None:
 
 def reproduce_command(argv: Optional[Sequence[str]] = None) -> str:
     import shlex
+
     argv = sys.argv if argv is None else argv
     script = os.path.relpath(os.path.abspath(argv[0]), os.getcwd()) if argv else "?"
     return " ".join(["python", shlex.quote(script), *(shlex.quote(a) for a in argv[1:])])
@@ -338,6 +361,7 @@ def parse_int_list(s: str) -> list[int]:
 # ---------------------------------------------------------------------------------------------------
 # distributed teardown
 # ---------------------------------------------------------------------------------------------------
+
 
 def exit_spawned_rank() -> None:
     """End a torch.multiprocessing.spawn child that finished cleanly without interpreter finalization: gloo's

@@ -21,6 +21,7 @@ tokens/s counts the whole row (T tokens per step over the cp group); peak memory
 torch.cuda.max_memory_allocated over ranks (CPU: the largest process max RSS). Prints a table (rank 0) and
 writes JSON with --json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench_common import exit_spawned_rank  # noqa: E402
+
 from minimax_train.parallel.mesh import process_group_teardown  # noqa: E402
 
 
@@ -43,8 +45,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", default="lightning,model", help="lightning, model or both (comma-separated)")
     p.add_argument("--seqlens", default="32768,131072,262144,524288,1048576")
-    p.add_argument("--impls", default="plus,serial", help="lasp implementations: plus, serial (lightning mode "
-                   "also runs 'local', the no-communication floor)")
+    p.add_argument(
+        "--impls",
+        default="plus,serial",
+        help="lasp implementations: plus, serial (lightning mode also runs 'local', the no-communication floor)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--iters", type=int, default=5)
@@ -52,8 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--doc-len", type=int, default=0, help="0: one document per row; else mean document length")
     p.add_argument("--nproc", type=int, default=4, help="processes to spawn when not launched by torchrun")
     p.add_argument("--json", default=None, help="write the results here (rank 0)")
-    p.add_argument("--profile", action="store_true", help="after timing, profile one step of each case and print "
-                   "the top ops by self time (rank 0)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one step of each case and print the top ops by self time (rank 0)",
+    )
     # lightning mode
     p.add_argument("--heads", type=int, default=8, help="lightning heads on one rank (64 heads / tp 8 = 8)")
     p.add_argument("--head-dim", type=int, default=128)
@@ -80,8 +88,11 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------
 def _device(args):
     if args.device == "auto":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
+        return (
+            torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            if torch.cuda.is_available()
             else torch.device("cpu")
+        )
     if args.device == "cuda":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
@@ -102,6 +113,7 @@ def _peak_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
@@ -144,14 +156,18 @@ def _timed(step, args, device, label=""):
 def _profile_once(step, device, label):
     """One more step under torch.profiler; rank 0 prints where the time goes (the top ops by self time)."""
     from torch.profiler import ProfilerActivity, profile
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         step()
         _sync(device)
     if not dist.is_initialized() or dist.get_rank() == 0:
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"--- profile {label} (rank 0, one step) ---\n"
-              + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+        print(
+            f"--- profile {label} (rank 0, one step) ---\n"
+            + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60),
+            flush=True,
+        )
 
 
 def _guarded(fn, device):
@@ -182,19 +198,29 @@ def bench_lightning(args, T, impl, group, device, dtype):
     seq = build_cp_sequence(_doc_bounds(T, args.doc_len).to(device), 1, T, rank, cp, device=device)
     n = T // cp
     g = torch.Generator(device=device).manual_seed(rank)
-    q, k, v = (torch.nn.functional.silu(torch.randn(n, H, D, device=device, generator=g)).to(dtype)
-               .requires_grad_(True) for _ in range(3))
+    q, k, v = (
+        torch.nn.functional.silu(torch.randn(n, H, D, device=device, generator=g)).to(dtype).requires_grad_(True)
+        for _ in range(3)
+    )
     do = torch.randn(n, H, D, device=device, dtype=dtype, generator=g)
     slopes = lightning_slopes(H, 0, 8).to(device)
 
     def step():
         if impl == "local":
-            o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens,
-                                       block_size=args.block_size, backend=args.lightning_backend)
+            o, _ = lightning_attention(
+                q[None],
+                k[None],
+                v[None],
+                slopes,
+                cu_seqlens=seq.cu_seqlens,
+                block_size=args.block_size,
+                backend=args.lightning_backend,
+            )
             o = o[0]
         else:
-            o = lasp_attention(q, k, v, slopes, seq, group, block_size=args.block_size, mode=impl,
-                               backend=args.lightning_backend)
+            o = lasp_attention(
+                q, k, v, slopes, seq, group, block_size=args.block_size, mode=impl, backend=args.lightning_backend
+            )
         o.backward(do)
         q.grad = k.grad = v.grad = None
 
@@ -204,22 +230,35 @@ def bench_lightning(args, T, impl, group, device, dtype):
 def bench_model(args, T, impl, group, device, dtype):
     from minimax_train.model.config import ModelConfig
     from minimax_train.model.transformer import MiniMaxForCausalLM
-    from minimax_train.parallel.context_parallel import (apply_context_parallel, cp_loss_for_backward,
-                                                         shard_for_context_parallel)
+    from minimax_train.parallel.context_parallel import (
+        apply_context_parallel,
+        cp_loss_for_backward,
+        shard_for_context_parallel,
+    )
 
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
-                      num_hidden_layers=args.layers, num_attention_heads=args.model_heads,
-                      num_key_value_heads=args.kv_heads, head_dim=args.model_head_dim,
-                      num_local_experts=args.experts, num_experts_per_tok=args.topk,
-                      softmax_every=args.softmax_every, block_size=args.block_size, max_position_embeddings=T)
+    cfg = ModelConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.model_heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.model_head_dim,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.topk,
+        softmax_every=args.softmax_every,
+        block_size=args.block_size,
+        max_position_embeddings=T,
+    )
     torch.manual_seed(0)
     model = MiniMaxForCausalLM(cfg).to(device=device, dtype=dtype)
     for m in model.modules():  # keep the decay rates in fp32 (the lightning op's state math is fp32)
         if hasattr(m, "slopes"):
             m.slopes = m.slopes.float()
-    apply_context_parallel(model, group, lasp=impl, attention_backend=args.attention_backend,
-                           lightning_backend=args.lightning_backend)
+    apply_context_parallel(
+        model, group, lasp=impl, attention_backend=args.attention_backend, lightning_backend=args.lightning_backend
+    )
     model.set_activation_checkpointing(args.checkpoint, args.moe_chunk)
     model.loss_chunk_tokens = args.loss_chunk
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -240,10 +279,7 @@ def bench_model(args, T, impl, group, device, dtype):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    try:
-        return _timed(step, args, device, f"model T={T} {impl}")
-    finally:
-        del model, opt
+    return _timed(step, args, device, f"model T={T} {impl}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,25 +309,45 @@ def run(args):
                     sec, gib = res
                     row[impl] = {"ms": sec * 1e3, "tokens_per_s": T / sec, "peak_gib": gib}
                 if rank == 0:
-                    print(f"  {mode:9s} T={T:>8d} {impl:6s} "
-                          + ("OOM" if res is None else f"{res[0] * 1e3:10.2f} ms  {T / res[0]:12.0f} tok/s  "
-                                                       f"{res[1]:7.2f} GiB"), flush=True)
+                    print(
+                        f"  {mode:9s} T={T:>8d} {impl:6s} "
+                        + (
+                            "OOM"
+                            if res is None
+                            else f"{res[0] * 1e3:10.2f} ms  {T / res[0]:12.0f} tok/s  {res[1]:7.2f} GiB"
+                        ),
+                        flush=True,
+                    )
             results.append(row)
     if rank == 0:
         print_table(results, cp, device, args)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"cp": cp, "device": str(device), "dtype": args.dtype, "doc_len": args.doc_len,
-                           "args": vars(args), "results": results}, f, indent=1)
+                json.dump(
+                    {
+                        "cp": cp,
+                        "device": str(device),
+                        "dtype": args.dtype,
+                        "doc_len": args.doc_len,
+                        "args": vars(args),
+                        "results": results,
+                    },
+                    f,
+                    indent=1,
+                )
     return results
 
 
 def print_table(results, cp, device, args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\ncontext parallel cp={cp} on {name}, {args.dtype}, "
-          f"{'one document per row' if args.doc_len <= 0 else f'documents ~{args.doc_len} tokens'}")
-    head = f"{'mode':9s} {'seqlen':>8s} {'impl':6s} {'ms/step':>10s} {'tokens/s':>12s} {'peak GiB/GPU':>12s} " \
-           f"{'speedup vs serial':>18s}"
+    print(
+        f"\ncontext parallel cp={cp} on {name}, {args.dtype}, "
+        f"{'one document per row' if args.doc_len <= 0 else f'documents ~{args.doc_len} tokens'}"
+    )
+    head = (
+        f"{'mode':9s} {'seqlen':>8s} {'impl':6s} {'ms/step':>10s} {'tokens/s':>12s} {'peak GiB/GPU':>12s} "
+        f"{'speedup vs serial':>18s}"
+    )
     print(head)
     print("-" * len(head))
     for row in results:
@@ -304,14 +360,23 @@ def print_table(results, cp, device, args):
                 print(f"{row['mode']:9s} {row['seqlen']:>8d} {impl:6s} {'OOM':>10s}")
                 continue
             sp = f"{base['ms'] / r['ms']:.2f}x" if base else "-"
-            print(f"{row['mode']:9s} {row['seqlen']:>8d} {impl:6s} {r['ms']:10.2f} {r['tokens_per_s']:12.0f} "
-                  f"{r['peak_gib']:12.2f} {sp:>18s}")
+            print(
+                f"{row['mode']:9s} {row['seqlen']:>8d} {impl:6s} {r['ms']:10.2f} {r['tokens_per_s']:12.0f} "
+                f"{r['peak_gib']:12.2f} {sp:>18s}"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
 def _spawned(rank, world, port, args):
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+        }
+    )
     if args.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     _main_in_process(args)
@@ -338,7 +403,9 @@ def main(argv=None):
         _main_in_process(args)
         return
     import socket
+
     import torch.multiprocessing as mp
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

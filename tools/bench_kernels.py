@@ -27,20 +27,36 @@ read, o written; fwd+bwd also dO read and dq, dk, dv written; in the kernel's dt
 bandwidth; floor ms (FLOPs) = FLOPs / measured bf16 matmul rate; x floor = ms / max(both floors).
 A case that fails or does not fit prints its reason in the note column instead of stopping the run.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-from bench_common import (cleanup, detect_peak_tflops, device_name, fmt, fmt_tokens, free_memory_gb,  # noqa: E402
-                          guarded, markdown_table, measure_copy_bandwidth, measure_matmul_peak, parse_int_list,
-                          reproduce_command, resolve_device, time_fn, versions, write_json)
+from bench_common import (  # noqa: E402
+    cleanup,
+    detect_peak_tflops,
+    device_name,
+    fmt,
+    fmt_tokens,
+    free_memory_gb,
+    guarded,
+    markdown_table,
+    measure_copy_bandwidth,
+    measure_matmul_peak,
+    parse_int_list,
+    reproduce_command,
+    resolve_device,
+    time_fn,
+    versions,
+    write_json,
+)
 
 PASSES = ("fwd", "fwd+bwd")
 
@@ -48,6 +64,7 @@ PASSES = ("fwd", "fwd+bwd")
 # ---------------------------------------------------------------------------------------------------
 # arguments
 # ---------------------------------------------------------------------------------------------------
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,9 +84,12 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=None, help="kv heads (default 8)")
     p.add_argument("--softmax-seq", default=None, help="token counts (default 8K,32K,128K)")
     p.add_argument("--softmax-docs", type=int, default=4)
-    p.add_argument("--softmax-impls", default=None,
-                   help="flex-docs,flex-1doc,sdpa-flash,sdpa-cudnn,sdpa-efficient,torch-docs,sdpa-math "
-                        "(default: flex-docs,flex-1doc,sdpa-flash on GPU; all on CPU)")
+    p.add_argument(
+        "--softmax-impls",
+        default=None,
+        help="flex-docs,flex-1doc,sdpa-flash,sdpa-cudnn,sdpa-efficient,torch-docs,sdpa-math "
+        "(default: flex-docs,flex-1doc,sdpa-flash on GPU; all on CPU)",
+    )
     # experts
     p.add_argument("--experts", default=None, help="local expert counts E (default 4,32: EP=8 and EP=1)")
     p.add_argument("--hidden", type=int, default=None, help="model width H (default 6144)")
@@ -92,16 +112,22 @@ def parse_args(argv=None):
     if not gpu and not a.tiny:
         print("note: --device cpu runs the --tiny shapes")
     a.tiny = tiny
-    d = dict(heads="2" if tiny else "8", head_dim=16 if tiny else 128,
-             seq="256,1024" if tiny else "8K,32K,128K,512K,1M",
-             lightning_impls="ours,fla,torch" if not gpu else "ours,fla",
-             softmax_heads=4 if tiny else 64, kv_heads=2 if tiny else 8,
-             softmax_seq="256,512" if tiny else "8K,32K,128K",
-             softmax_impls=("flex-docs,flex-1doc,torch-docs,sdpa-math" if not gpu
-                            else "flex-docs,flex-1doc,sdpa-flash"),
-             experts="4" if tiny else "4,32", hidden=64 if tiny else 6144, ffn=128 if tiny else 9216,
-             expert_tokens=256 if tiny else 8192, dtype="bf16" if gpu else "fp32",
-             budget=0.2 if not gpu else 1.0)
+    d = dict(
+        heads="2" if tiny else "8",
+        head_dim=16 if tiny else 128,
+        seq="256,1024" if tiny else "8K,32K,128K,512K,1M",
+        lightning_impls="ours,fla,torch" if not gpu else "ours,fla",
+        softmax_heads=4 if tiny else 64,
+        kv_heads=2 if tiny else 8,
+        softmax_seq="256,512" if tiny else "8K,32K,128K",
+        softmax_impls=("flex-docs,flex-1doc,torch-docs,sdpa-math" if not gpu else "flex-docs,flex-1doc,sdpa-flash"),
+        experts="4" if tiny else "4,32",
+        hidden=64 if tiny else 6144,
+        ffn=128 if tiny else 9216,
+        expert_tokens=256 if tiny else 8192,
+        dtype="bf16" if gpu else "fp32",
+        budget=0.2 if not gpu else 1.0,
+    )
     for k, v in d.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -118,6 +144,7 @@ def parse_args(argv=None):
 # helpers
 # ---------------------------------------------------------------------------------------------------
 
+
 def uneven_lengths(total: int, n: int, gen: torch.Generator, min_len: int = 1) -> list[int]:
     """n positive lengths summing to total, uneven (Gamma(2) proportions), each >= min_len where possible."""
     n = max(1, min(n, total))
@@ -133,9 +160,11 @@ def uneven_lengths(total: int, n: int, gen: torch.Generator, min_len: int = 1) -
 
 def _grad_fn(fn: Callable, inputs: tuple, grad_out: torch.Tensor) -> Callable:
     """fwd+bwd closure: forward, then torch.autograd.grad (no .grad accumulation in the timing)."""
+
     def run():
         out = fn(*inputs)
         return torch.autograd.grad(out, inputs, grad_out)
+
     return run
 
 
@@ -143,6 +172,7 @@ def _fwd_fn(fn: Callable, inputs: tuple) -> Callable:
     def run():
         with torch.no_grad():
             return fn(*inputs)
+
     return run
 
 
@@ -166,11 +196,33 @@ class Bench:
         f = flops / (self.mm * 1e12) * 1e3 if (flops and self.mm) else None
         return b, f
 
-    def record(self, section: str, impl: str, pas: str, shape: dict, fn_builder: Callable[[], Callable],
-               nbytes: Optional[float], flops: Optional[float], note: str = "", skip: Optional[str] = None):
+    def record(
+        self,
+        section: str,
+        impl: str,
+        pas: str,
+        shape: dict,
+        fn_builder: Callable[[], Callable],
+        nbytes: Optional[float],
+        flops: Optional[float],
+        note: str = "",
+        skip: Optional[str] = None,
+    ):
         """Time fn_builder()() (or record why not) and append a row."""
-        row = {"section": section, "impl": impl, "pass": pas, **shape, "bytes": nbytes, "flops": flops,
-               "ms": None, "min_ms": None, "iters": None, "tb_per_s": None, "tflops": None, "note": note}
+        row = {
+            "section": section,
+            "impl": impl,
+            "pass": pas,
+            **shape,
+            "bytes": nbytes,
+            "flops": flops,
+            "ms": None,
+            "min_ms": None,
+            "iters": None,
+            "tb_per_s": None,
+            "tflops": None,
+            "note": note,
+        }
         row["floor_bytes_ms"], row["floor_flops_ms"] = self.floors(nbytes, flops)
         if skip:
             row["status"] = "skipped"
@@ -184,10 +236,17 @@ class Bench:
                     fn, more = fn
                     extra.append(more)
                 try:
-                    return time_fn(fn, self.dev, warmup=self.a.warmup, min_iters=3, max_iters=self.a.max_iters,
-                                   budget_s=self.a.budget)
+                    return time_fn(
+                        fn,
+                        self.dev,
+                        warmup=self.a.warmup,
+                        min_iters=3,
+                        max_iters=self.a.max_iters,
+                        budget_s=self.a.budget,
+                    )
                 finally:
                     del fn
+
             t, err = guarded(go, self.dev, self.a.verbose)
             if extra and extra[0]:
                 row["note"] = f"{row['note']}; {extra[0]}" if row["note"] else extra[0]
@@ -209,9 +268,13 @@ class Bench:
         cleanup(self.dev)
         self.rows.append(row)
         status = row["ms"] if row["status"] == "ok" else row["note"]
-        print(f"  {section:9s} {impl:12s} {pas:7s} "
-              + " ".join(f"{k}={v}" for k, v in shape.items()) + f"  ->  {fmt(status)}"
-              + (" ms" if row["status"] == "ok" else ""), flush=True)
+        print(
+            f"  {section:9s} {impl:12s} {pas:7s} "
+            + " ".join(f"{k}={v}" for k, v in shape.items())
+            + f"  ->  {fmt(status)}"
+            + (" ms" if row["status"] == "ok" else ""),
+            flush=True,
+        )
         return row
 
 
@@ -227,10 +290,12 @@ def _fits(need_bytes: float, device: torch.device, headroom: float = 0.92) -> Op
 # lightning attention
 # ---------------------------------------------------------------------------------------------------
 
+
 def lightning_flops(T: int, H: int, d: int) -> float:
     """Forward FLOPs of the chunked lightning kernel, the per-head term of model/flops.py (chunk C):
     intra-chunk QK^T and (.)V over the causal half of a chunk, plus q @ S and the state update."""
     from minimax_train.model.flops import LIGHTNING_CHUNK
+
     C = min(LIGHTNING_CHUNK, T)
     return float(T) * H * (2.0 * 2 * d * (C + 1) / 2 + 2.0 * 2 * d * d)
 
@@ -238,6 +303,7 @@ def lightning_flops(T: int, H: int, d: int) -> float:
 def bench_lightning(b: Bench):
     a, dev = b.a, b.dev
     from minimax_train.ops.lightning import _fla_chunk_simple_gla, lightning_attention, lightning_slopes
+
     chunk_simple_gla = _fla_chunk_simple_gla()
     impls = [s.strip() for s in a.lightning_impls.split(",") if s.strip()]
     esize = torch.empty((), dtype=a.dt).element_size()
@@ -274,6 +340,7 @@ def bench_lightning(b: Bench):
                         # fresh random non-zero inputs (MiniMax feeds silu-activated q, k, v)
                         q, k, v = (F.silu(torch.randn(1, T, H, d, device=dev, dtype=a.dt)) for _ in range(3))
                         if impl == "ours":
+
                             def f(q, k, v):
                                 return lightning_attention(q, k, v, slopes, cu_seqlens=cu, backend="fla")[0]
                         elif impl == "fla":
@@ -282,18 +349,22 @@ def bench_lightning(b: Bench):
                             def f(q, k, v):
                                 return chunk_simple_gla(q, k, v, g_gamma=g, scale=1.0, cu_seqlens=cu)[0]
                         else:
+
                             def f(q, k, v):
                                 return lightning_attention(q, k, v, slopes, cu_seqlens=cu, backend="torch")[0]
+
                         if not bwd:
                             return _fwd_fn(f, (q, k, v))
                         q, k, v = (x.requires_grad_() for x in (q, k, v))
                         return _grad_fn(f, (q, k, v), torch.randn(1, T, H, d, device=dev, dtype=a.dt))
+
                     b.record("lightning", impl, pas, shape, build, nbytes, flops, note=note, skip=skip)
 
 
 # ---------------------------------------------------------------------------------------------------
 # softmax attention
 # ---------------------------------------------------------------------------------------------------
+
 
 def softmax_flops(lens: list[int], Hq: int, d: int) -> float:
     """Forward FLOPs of causal attention within documents (QK^T and PV over the visible half)."""
@@ -302,13 +373,19 @@ def softmax_flops(lens: list[int], Hq: int, d: int) -> float:
 
 def _sdpa_backend(name: str):
     from torch.nn.attention import SDPBackend
-    return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa-math": SDPBackend.MATH}[name]
+
+    return {
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa-math": SDPBackend.MATH,
+    }[name]
 
 
 def bench_softmax(b: Bench):
     a, dev = b.a, b.dev
     from minimax_train.ops.attention import varlen_attention
+
     for name in ("recompile_limit", "cache_size_limit"):  # one compiled graph per length / pass / mask
         try:
             setattr(torch._dynamo.config, name, 64)
@@ -317,7 +394,7 @@ def bench_softmax(b: Bench):
     impls = [s.strip() for s in a.softmax_impls.split(",") if s.strip()]
     Hq, Hkv, d = a.softmax_heads, a.kv_heads, a.head_dim
     esize = torch.empty((), dtype=a.dt).element_size()
-    scale = d ** -0.5
+    scale = d**-0.5
     for T in parse_int_list(a.softmax_seq):
         gen = torch.Generator().manual_seed(a.seed + 7 * T)
         lens_docs = uneven_lengths(T, a.softmax_docs, gen, min_len=min(T, 128))
@@ -356,6 +433,7 @@ def bench_softmax(b: Bench):
                 def build(impl=impl, lens=lens, bwd=bwd):
                     if impl.startswith("sdpa-"):
                         from torch.nn.attention import sdpa_kernel
+
                         backend = _sdpa_backend(impl)
                         q = torch.randn(1, Hq, T, d, device=dev, dtype=a.dt)
                         k, v = (torch.randn(1, Hkv, T, d, device=dev, dtype=a.dt) for _ in range(2))
@@ -363,42 +441,55 @@ def bench_softmax(b: Bench):
 
                         def f(q, k, v):
                             with sdpa_kernel([backend]):
-                                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                                      enable_gqa=rep > 1)
+                                return F.scaled_dot_product_attention(
+                                    q, k, v, is_causal=True, scale=scale, enable_gqa=rep > 1
+                                )
+
                         how = ""
                         if rep > 1:  # a backend without native GQA: repeat the kv heads (counted in the time)
                             qs, ks, vs = q[:, :, :256], k[:, :, :256], v[:, :, :256]
                             _, err = guarded(lambda: f(qs, ks, vs), dev)
                             if err:
+
                                 def f(q, k, v):
                                     with sdpa_kernel([backend]):
                                         return F.scaled_dot_product_attention(
-                                            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                            is_causal=True, scale=scale)
+                                            q,
+                                            k.repeat_interleave(rep, 1),
+                                            v.repeat_interleave(rep, 1),
+                                            is_causal=True,
+                                            scale=scale,
+                                        )
+
                                 how = f"kv heads repeated (enable_gqa failed: {err[:80]})"
                         do_shape = (1, Hq, T, d)
                     else:
                         backend = "flex" if impl.startswith("flex") else "torch"
-                        doc = torch.cat([torch.full((L,), i, dtype=torch.int32, device=dev)
-                                         for i, L in enumerate(lens)])
+                        doc = torch.cat(
+                            [torch.full((L,), i, dtype=torch.int32, device=dev) for i, L in enumerate(lens)]
+                        )
                         pos = torch.arange(T, dtype=torch.int32, device=dev)
                         q = torch.randn(T, Hq, d, device=dev, dtype=a.dt)
                         k, v = (torch.randn(T, Hkv, d, device=dev, dtype=a.dt) for _ in range(2))
 
                         def f(q, k, v):
-                            return varlen_attention(q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos,
-                                                    scale=scale, backend=backend)
+                            return varlen_attention(
+                                q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=scale, backend=backend
+                            )
+
                         do_shape, how = (T, Hq, d), ""
                     if not bwd:
                         return _fwd_fn(f, (q, k, v)), how
                     q, k, v = (x.requires_grad_() for x in (q, k, v))
                     return _grad_fn(f, (q, k, v), torch.randn(*do_shape, device=dev, dtype=a.dt)), how
+
                 b.record("softmax", impl, pas, shape, build, nbytes, flops, note=note, skip=skip)
 
 
 # ---------------------------------------------------------------------------------------------------
 # experts
 # ---------------------------------------------------------------------------------------------------
+
 
 def uneven_counts(N: int, E: int, gen: torch.Generator) -> list[int]:
     """Tokens per expert for N routed rows over E experts: skewed (Gamma(1) weights), every expert non-empty."""
@@ -410,7 +501,8 @@ def uneven_counts(N: int, E: int, gen: torch.Generator) -> list[int]:
 
 def bench_experts(b: Bench):
     a, dev = b.a, b.dev
-    from minimax_train.ops.experts import use_grouped_mm, grouped_swiglu
+    from minimax_train.ops.experts import grouped_swiglu, use_grouped_mm
+
     H, I, k = a.hidden, a.ffn, a.topk
     N = a.expert_tokens * k
     esize = torch.empty((), dtype=a.dt).element_size()
@@ -429,44 +521,53 @@ def bench_experts(b: Bench):
                 if impl not in ("ours", "loop", "dense"):
                     print(f"unknown expert impl {impl!r}; use ours, loop, dense")
                     continue
-                note = {"loop": "one F.linear per expert (SequentialMLP pattern)",
-                        "dense": "one [N,H]x[H,3I] matmul, same FLOPs, no activation"}.get(impl, "")
+                note = {
+                    "loop": "one F.linear per expert (SequentialMLP pattern)",
+                    "dense": "one [N,H]x[H,3I] matmul, same FLOPs, no activation",
+                }.get(impl, "")
 
                 def build(impl=impl, bwd=bwd):
                     x = torch.randn(N, H, device=dev, dtype=a.dt)
                     counts_t = torch.tensor(counts, device=dev)
                     if impl == "dense":
-                        w = torch.randn(H, 3 * I, device=dev, dtype=a.dt) * H ** -0.5
+                        w = torch.randn(H, 3 * I, device=dev, dtype=a.dt) * H**-0.5
                         f, ins = (lambda x, w: x @ w), (x, w)
                         out_shape = (N, 3 * I)
                     else:
-                        gu = torch.randn(E, 2 * I, H, device=dev, dtype=a.dt) * H ** -0.5
-                        dn = torch.randn(E, H, I, device=dev, dtype=a.dt) * I ** -0.5
+                        gu = torch.randn(E, 2 * I, H, device=dev, dtype=a.dt) * H**-0.5
+                        dn = torch.randn(E, H, I, device=dev, dtype=a.dt) * I**-0.5
                         out_shape = (N, H)
                         if impl == "ours":
+
                             def f(x, gu, dn):
                                 return grouped_swiglu(x, counts_t, gu, dn, counts_cpu=counts)
                         else:
+
                             def f(x, gu, dn):
                                 outs = []
                                 for e, part in enumerate(x.split(counts)):
                                     g, u = F.linear(part, gu[e]).chunk(2, dim=-1)
                                     outs.append(F.linear(F.silu(g) * u, dn[e]))
                                 return torch.cat(outs)
+
                         ins = (x, gu, dn)
                     if not bwd:
                         return _fwd_fn(f, ins)
                     ins = tuple(t.requires_grad_() for t in ins)
                     return _grad_fn(f, ins, torch.randn(*out_shape, device=dev, dtype=a.dt))
+
                 if impl == "ours":
                     probe = torch.empty(1, device=dev, dtype=a.dt)
-                    note = "torch._grouped_mm" if use_grouped_mm(probe) else "loop fallback (grouped_mm needs CUDA bf16)"
+                    note = (
+                        "torch._grouped_mm" if use_grouped_mm(probe) else "loop fallback (grouped_mm needs CUDA bf16)"
+                    )
                 b.record("experts", impl, pas, shape, build, None, flops, note=note, skip=fit)
 
 
 # ---------------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------------
+
 
 def _ms(r):
     return r["ms"] if r["status"] == "ok" else None
@@ -476,25 +577,87 @@ def print_tables(b: Bench, meta: dict):
     rows = [r for r in b.rows if r.get("impl") != "-"]
     mm = meta["calibration"].get("matmul") or {}
     print("\n## Kernel benchmark")
-    print(f"device: {meta['device']} | dtype {meta['dtype']} | copy {fmt(b.bw)} TB/s (read+write) | matmul "
-          f"{fmt(b.mm)} TFLOP/s ({mm.get('n')}^3 {mm.get('dtype')}) | nominal peak {fmt(meta['peak_tflops'])} TFLOP/s")
+    print(
+        f"device: {meta['device']} | dtype {meta['dtype']} | copy {fmt(b.bw)} TB/s (read+write) | matmul "
+        f"{fmt(b.mm)} TFLOP/s ({mm.get('n')}^3 {mm.get('dtype')}) | nominal peak {fmt(meta['peak_tflops'])} TFLOP/s"
+    )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
     lt = [r for r in rows if r["section"] == "lightning"]
     if lt:
         print("\n### Lightning attention (ours = lightning_attention(backend='fla'), fla = chunk_simple_gla direct)")
-        print(markdown_table(
-            ["H", "T", "docs", "pass", "impl", "ms", "TB/s", "TFLOP/s", "floor ms (bytes)", "floor ms (FLOPs)",
-             "x floor", "note"],
-            [[r["H"], fmt_tokens(r["T"]), r["docs"], r["pass"], r["impl"], _ms(r), r["tb_per_s"], r["tflops"],
-              r["floor_bytes_ms"], r["floor_flops_ms"], r.get("x_floor"), r["note"]] for r in lt]))
+        print(
+            markdown_table(
+                [
+                    "H",
+                    "T",
+                    "docs",
+                    "pass",
+                    "impl",
+                    "ms",
+                    "TB/s",
+                    "TFLOP/s",
+                    "floor ms (bytes)",
+                    "floor ms (FLOPs)",
+                    "x floor",
+                    "note",
+                ],
+                [
+                    [
+                        r["H"],
+                        fmt_tokens(r["T"]),
+                        r["docs"],
+                        r["pass"],
+                        r["impl"],
+                        _ms(r),
+                        r["tb_per_s"],
+                        r["tflops"],
+                        r["floor_bytes_ms"],
+                        r["floor_flops_ms"],
+                        r.get("x_floor"),
+                        r["note"],
+                    ]
+                    for r in lt
+                ],
+            )
+        )
     st = [r for r in rows if r["section"] == "softmax"]
     if st:
         print("\n### Softmax attention, causal, GQA (TFLOP/s counts only the visible (document, causal) pairs)")
-        print(markdown_table(
-            ["Hq/Hkv", "T", "docs", "pass", "impl", "ms", "TFLOP/s", "TB/s", "floor ms (bytes)", "floor ms (FLOPs)",
-             "x floor", "note"],
-            [[f"{r['Hq']}/{r['Hkv']}", fmt_tokens(r["T"]), r["docs"], r["pass"], r["impl"], _ms(r), r["tflops"],
-              r["tb_per_s"], r["floor_bytes_ms"], r["floor_flops_ms"], r.get("x_floor"), r["note"]] for r in st]))
+        print(
+            markdown_table(
+                [
+                    "Hq/Hkv",
+                    "T",
+                    "docs",
+                    "pass",
+                    "impl",
+                    "ms",
+                    "TFLOP/s",
+                    "TB/s",
+                    "floor ms (bytes)",
+                    "floor ms (FLOPs)",
+                    "x floor",
+                    "note",
+                ],
+                [
+                    [
+                        f"{r['Hq']}/{r['Hkv']}",
+                        fmt_tokens(r["T"]),
+                        r["docs"],
+                        r["pass"],
+                        r["impl"],
+                        _ms(r),
+                        r["tflops"],
+                        r["tb_per_s"],
+                        r["floor_bytes_ms"],
+                        r["floor_flops_ms"],
+                        r.get("x_floor"),
+                        r["note"],
+                    ]
+                    for r in st
+                ],
+            )
+        )
     et = [r for r in rows if r["section"] == "experts"]
     if et:
         dense = {(r["E"], r["pass"]): _ms(r) for r in et if r["impl"] == "dense"}
@@ -502,15 +665,49 @@ def print_tables(b: Bench, meta: dict):
             dm = dense.get((r["E"], r["pass"]))
             r["x_dense"] = (_ms(r) / dm) if (_ms(r) and dm) else None
         print("\n### Experts: SwiGLU over E local experts, uneven counts (FLOPs 6*rows*H*I forward)")
-        print(markdown_table(
-            ["E", "H x I", "rows", "counts", "pass", "impl", "ms", "TFLOP/s", "floor ms (FLOPs)", "x floor",
-             "x dense", "note"],
-            [[r["E"], f"{r['H']}x{r['I']}", r["rows"], r["counts"], r["pass"], r["impl"], _ms(r), r["tflops"],
-              r["floor_flops_ms"], r.get("x_floor"), r["x_dense"], r["note"]] for r in et]))
+        print(
+            markdown_table(
+                [
+                    "E",
+                    "H x I",
+                    "rows",
+                    "counts",
+                    "pass",
+                    "impl",
+                    "ms",
+                    "TFLOP/s",
+                    "floor ms (FLOPs)",
+                    "x floor",
+                    "x dense",
+                    "note",
+                ],
+                [
+                    [
+                        r["E"],
+                        f"{r['H']}x{r['I']}",
+                        r["rows"],
+                        r["counts"],
+                        r["pass"],
+                        r["impl"],
+                        _ms(r),
+                        r["tflops"],
+                        r["floor_flops_ms"],
+                        r.get("x_floor"),
+                        r["x_dense"],
+                        r["note"],
+                    ]
+                    for r in et
+                ],
+            )
+        )
     summary = []
-    for sec, ours_impl, ref_impl in (("lightning", "ours", "fla"), ("softmax", "flex-1doc", "sdpa-flash"),
-                                     ("softmax", "flex-docs", "flex-1doc"), ("experts", "ours", "dense"),
-                                     ("experts", "ours", "loop")):
+    for sec, ours_impl, ref_impl in (
+        ("lightning", "ours", "fla"),
+        ("softmax", "flex-1doc", "sdpa-flash"),
+        ("softmax", "flex-docs", "flex-1doc"),
+        ("experts", "ours", "dense"),
+        ("experts", "ours", "loop"),
+    ):
         keyed = {}
         for r in rows:
             if r["section"] == sec and r["impl"] in (ours_impl, ref_impl) and r["status"] == "ok":
@@ -519,14 +716,28 @@ def print_tables(b: Bench, meta: dict):
         for key, pair in keyed.items():
             if ours_impl in pair and ref_impl in pair:
                 o, f = pair[ours_impl], pair[ref_impl]
-                shape = ", ".join(f"{k}={fmt_tokens(v) if k == 'T' else v}"
-                                  for k, v in zip(("H", "Hq", "E", "T"), key[:4]) if v is not None)
-                summary.append([sec, shape, key[4], f"{ours_impl} / {ref_impl}", o["ms"], f["ms"],
-                                f"{o['ms'] / f['ms']:.2f}", o.get("x_floor")])
+                shape = ", ".join(
+                    f"{k}={fmt_tokens(v) if k == 'T' else v}"
+                    for k, v in zip(("H", "Hq", "E", "T"), key[:4])
+                    if v is not None
+                )
+                summary.append(
+                    [
+                        sec,
+                        shape,
+                        key[4],
+                        f"{ours_impl} / {ref_impl}",
+                        o["ms"],
+                        f["ms"],
+                        f"{o['ms'] / f['ms']:.2f}",
+                        o.get("x_floor"),
+                    ]
+                )
     if summary:
         print("\n### Summary: ours against the reference kernel (ratio < 1: ours faster)")
-        print(markdown_table(["section", "shape", "pass", "pair", "ours ms", "ref ms", "ratio", "ours x floor"],
-                             summary))
+        print(
+            markdown_table(["section", "shape", "pass", "pair", "ours ms", "ref ms", "ratio", "ours x floor"], summary)
+        )
     bad = [r for r in rows if r["status"] != "ok"]
     print(f"\n{len(rows) - len(bad)} cases timed, {len(bad)} skipped or failed (reasons in the note column).")
     for r in b.rows:
@@ -542,10 +753,17 @@ def main(argv=None):
     b = Bench(a)
     print(f"calibrating on {device_name(a.device)} ...", flush=True)
     calib = b.calibrate()
-    meta = {"device": device_name(a.device), "dtype": a.dtype, "versions": versions(), "calibration": calib,
-            "copy_tb_per_s": b.bw, "matmul_tflops": b.mm,
-            "peak_tflops": detect_peak_tflops(a.device, a.peak_tflops), "tiny": a.tiny,
-            "command": reproduce_command()}
+    meta = {
+        "device": device_name(a.device),
+        "dtype": a.dtype,
+        "versions": versions(),
+        "calibration": calib,
+        "copy_tb_per_s": b.bw,
+        "matmul_tflops": b.mm,
+        "peak_tflops": detect_peak_tflops(a.device, a.peak_tflops),
+        "tiny": a.tiny,
+        "command": reproduce_command(),
+    }
     sections = {"lightning": bench_lightning, "softmax": bench_softmax, "experts": bench_experts}
     try:
         for s in a.section_list:

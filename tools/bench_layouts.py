@@ -16,6 +16,7 @@ and the Hydra overrides come from planner.Layout.overrides(), so the run and the
 same thing. Every run uses the same global batch (--rows rows of --seq-len tokens), micro-batch
 --micro rows, --steps optimiser steps, of which the first --warmup are not timed. CPU smoke mode:
 --device cpu (gloo, fp32; memory is then peak RSS, not comparable with the planner's tensor bytes)."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,14 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import REPO, fmt, fmt_pct, markdown_table, median, reproduce_command, write_json  # noqa: E402
-from bench_train import (_free_port, bench_overrides, build_model_config, corpus_overrides, run_trainer,  # noqa: E402
-                         single_document_corpus)
+from bench_train import (  # noqa: E402
+    _free_port,
+    bench_overrides,
+    build_model_config,
+    corpus_overrides,
+    run_trainer,
+    single_document_corpus,
+)
 
 DEFAULT_LAYOUTS = ("1gpu:1:", "tp2:2:tp=2", "tp4:4:tp=4", "dp4:4:", "tp2dp2:4:tp=2")
 
@@ -64,13 +71,22 @@ def parse_layout(text: str, default_ac: str):
         world = int(world)
     except ValueError:
         raise SystemExit(f"--layout {text!r}: expected NAME:GPUS:SETTINGS, e.g. tp2:2:tp=2") from None
-    kw: dict[str, Any] = {"tp": 1, "cp": 1, "ep": 1, "etp": None, "ac": default_ac, "engine": "fsdp2", "zero": 3,
-                          "lasp": "plus"}
+    kw: dict[str, Any] = {
+        "tp": 1,
+        "cp": 1,
+        "ep": 1,
+        "etp": None,
+        "ac": default_ac,
+        "engine": "fsdp2",
+        "zero": 3,
+        "lasp": "plus",
+    }
     for item in filter(None, settings.split(",")):
         k, _, v = item.partition("=")
         if k not in kw or not v:
-            raise SystemExit(f"--layout {text!r}: unknown setting {item!r}; use tp, cp, ep, etp, ac, engine, zero, "
-                             f"lasp")
+            raise SystemExit(
+                f"--layout {text!r}: unknown setting {item!r}; use tp, cp, ep, etp, ac, engine, zero, lasp"
+            )
         kw[k] = v if k in ("ac", "engine", "lasp") else int(v)
     if kw["etp"] is None:
         kw["etp"] = kw["tp"] if kw["ep"] == 1 else 1  # the trainer's default: experts follow tp when ep == 1
@@ -81,35 +97,83 @@ def parse_layout(text: str, default_ac: str):
 
 def planner_layout(kw: dict, world: int, rows: int, micro: int):
     from minimax_train.tools.planner import Layout
+
     dp = world // (kw["tp"] * kw["cp"])
     if rows % (dp * micro):
         raise SystemExit(f"--rows {rows} is not a multiple of dp ({dp}) x --micro ({micro})")
-    return Layout(tp=kw["tp"], cp=kw["cp"], dp=dp, ep=kw["ep"], etp=kw["etp"], edp=world // (kw["ep"] * kw["etp"]),
-                  engine=kw["engine"], zero_stage=kw["zero"] if kw["engine"] == "deepspeed" else 3,
-                  grad_sync="step", ac=kw["ac"], micro_batch_rows=micro, accum=rows // (dp * micro))
+    return Layout(
+        tp=kw["tp"],
+        cp=kw["cp"],
+        dp=dp,
+        ep=kw["ep"],
+        etp=kw["etp"],
+        edp=world // (kw["ep"] * kw["etp"]),
+        engine=kw["engine"],
+        zero_stage=kw["zero"] if kw["engine"] == "deepspeed" else 3,
+        grad_sync="step",
+        ac=kw["ac"],
+        micro_batch_rows=micro,
+        accum=rows // (dp * micro),
+    )
 
 
-def run_layout(a, name: str, world: int, lay, model_hydra: list[str], corpus: Path, work: Path,
-               lasp: str = "plus", devices: str | None = None) -> dict[str, Any]:
+def run_layout(
+    a,
+    name: str,
+    world: int,
+    lay,
+    model_hydra: list[str],
+    corpus: Path,
+    work: Path,
+    lasp: str = "plus",
+    devices: str | None = None,
+) -> dict[str, Any]:
     """One trainer run under torchrun; `devices` (e.g. "1") restricts it to those GPUs (CUDA_VISIBLE_DEVICES)."""
     run_dir = work / name
     cmd = ["env", f"CUDA_VISIBLE_DEVICES={devices}"] if devices else []
-    cmd += [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-            f"--master-port={_free_port()}", "-m", "minimax_train.train", f"model={a.preset}", *model_hydra,
-            *bench_overrides(a.device, a.seq_len, a.steps), *corpus_overrides(corpus),
-            f"train.global_batch_size={a.rows}", f"train.micro_batch_size={a.micro}",
-            f"train.moe_chunk_tokens={a.moe_chunk}", f"train.loss_chunk_tokens={a.loss_chunk}",
-            *lay.overrides().split(), f"parallel.lasp={lasp}", *a.trainer_arg, f"hydra.run.dir={run_dir}"]
-    res: dict[str, Any] = {"name": name, "gpus": world, "layout": lay.short(),
-                           "command": " ".join(shlex.quote(c) for c in cmd)}
+    cmd += [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={world}",
+        f"--master-port={_free_port()}",
+        "-m",
+        "minimax_train.train",
+        f"model={a.preset}",
+        *model_hydra,
+        *bench_overrides(a.device, a.seq_len, a.steps),
+        *corpus_overrides(corpus),
+        f"train.global_batch_size={a.rows}",
+        f"train.micro_batch_size={a.micro}",
+        f"train.moe_chunk_tokens={a.moe_chunk}",
+        f"train.loss_chunk_tokens={a.loss_chunk}",
+        *lay.overrides().split(),
+        f"parallel.lasp={lasp}",
+        *a.trainer_arg,
+        f"hydra.run.dir={run_dir}",
+    ]
+    res: dict[str, Any] = {
+        "name": name,
+        "gpus": world,
+        "layout": lay.short(),
+        "command": " ".join(shlex.quote(c) for c in cmd),
+    }
     recs, timed = run_trainer(cmd, run_dir, work / "logs" / f"{name}.log", a.timeout, a.warmup, res)
     if res.get("status") == "failed":
         return res
     tps = median([r["tokens_per_s"] for r in timed])
     mfus = [r["mfu"] for r in timed if r.get("mfu") is not None]
-    res.update(status="ok", tokens_per_s=tps, tokens_per_s_per_gpu=tps / world, mfu=median(mfus) if mfus else None,
-               peak_mem_gb=max(r["max_memory_gb"] for r in recs), step_s=median([r["step_time_s"] for r in timed]),
-               losses=[r["loss"] for r in recs], grad_norms=[r["grad_norm"] for r in recs])
+    res.update(
+        status="ok",
+        tokens_per_s=tps,
+        tokens_per_s_per_gpu=tps / world,
+        mfu=median(mfus) if mfus else None,
+        peak_mem_gb=max(r["max_memory_gb"] for r in recs),
+        step_s=median([r["step_time_s"] for r in timed]),
+        losses=[r["loss"] for r in recs],
+        grad_norms=[r["grad_norm"] for r in recs],
+    )
     return res
 
 
@@ -117,6 +181,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     from minimax_train.model.flops import count_params
     from minimax_train.tools.planner import Workload, estimate_memory, gpu_spec
+
     over = {}
     for kv in a.override:
         k, _, v = kv.partition("=")
@@ -128,17 +193,27 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     corpus = single_document_corpus((a.steps + 1) * a.rows * a.seq_len)
     n = count_params(cfg)
-    print(f"# bench_layouts: {a.preset} ({n.total / 1e9:.2f}B params, {n.active / 1e9:.2f}B active), seq {a.seq_len}, "
-          f"global batch {a.rows} rows, micro {a.micro}, steps {a.steps} (timed after {a.warmup}), ac {a.ac}",
-          flush=True)
+    print(
+        f"# bench_layouts: {a.preset} ({n.total / 1e9:.2f}B params, {n.active / 1e9:.2f}B active), seq {a.seq_len}, "
+        f"global batch {a.rows} rows, micro {a.micro}, steps {a.steps} (timed after {a.warmup}), ac {a.ac}",
+        flush=True,
+    )
     results = []
     for name, world, kw in layouts:
         lay = planner_layout(kw, world, a.rows, a.micro)
-        w = Workload(cfg, seq_len=a.seq_len, global_batch_tokens=a.rows * a.seq_len, num_gpus=world,
-                     gpu=gpu_spec(a.gpu), precision="bf16" if a.device == "cuda" else "fp32",
-                     kernels="gpu" if a.device == "cuda" else "reference",
-                     optimizer="fused" if a.device == "cuda" else "foreach", model_name=a.preset,
-                     loss_chunk_tokens=a.loss_chunk, moe_chunk_tokens=a.moe_chunk)
+        w = Workload(
+            cfg,
+            seq_len=a.seq_len,
+            global_batch_tokens=a.rows * a.seq_len,
+            num_gpus=world,
+            gpu=gpu_spec(a.gpu),
+            precision="bf16" if a.device == "cuda" else "fp32",
+            kernels="gpu" if a.device == "cuda" else "reference",
+            optimizer="fused" if a.device == "cuda" else "foreach",
+            model_name=a.preset,
+            loss_chunk_tokens=a.loss_chunk,
+            moe_chunk_tokens=a.moe_chunk,
+        )
         res = run_layout(a, name, world, lay, model_hydra, corpus, work, kw["lasp"])
         res["estimate_gb"] = estimate_memory(w, lay).total / 1e9
         if res["status"] == "ok":
@@ -152,13 +227,40 @@ def main(argv=None) -> int:
             rows.append([r["name"], r["gpus"], "failed: " + r["reason"][:80], "", "", "", "", "", "", "", ""])
             continue
         eff = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"] if base else None
-        rows.append([r["name"], r["gpus"], fmt(r["tokens_per_s"] / 1e3), fmt(r["tokens_per_s_per_gpu"] / 1e3),
-                     fmt_pct(eff), fmt_pct(r["mfu"]), fmt(r["step_s"] * 1e3), fmt(r["peak_mem_gb"]),
-                     fmt(r["estimate_gb"]), f"{r['estimate_error']:+.1%}",
-                     f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}"])
-    print(markdown_table(["layout", "GPUs", "ktok/s", "ktok/s/GPU", "scaling eff", "MFU", "step ms",
-                          "peak GB (measured)", "planner GB", "planner error", "loss first -> last"], rows))
-    print(f"\nlayouts: " + "; ".join(f"{r['name']} = {r['layout']}" for r in results))
+        rows.append(
+            [
+                r["name"],
+                r["gpus"],
+                fmt(r["tokens_per_s"] / 1e3),
+                fmt(r["tokens_per_s_per_gpu"] / 1e3),
+                fmt_pct(eff),
+                fmt_pct(r["mfu"]),
+                fmt(r["step_s"] * 1e3),
+                fmt(r["peak_mem_gb"]),
+                fmt(r["estimate_gb"]),
+                f"{r['estimate_error']:+.1%}",
+                f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}",
+            ]
+        )
+    print(
+        markdown_table(
+            [
+                "layout",
+                "GPUs",
+                "ktok/s",
+                "ktok/s/GPU",
+                "scaling eff",
+                "MFU",
+                "step ms",
+                "peak GB (measured)",
+                "planner GB",
+                "planner error",
+                "loss first -> last",
+            ],
+            rows,
+        )
+    )
+    print("\nlayouts: " + "; ".join(f"{r['name']} = {r['layout']}" for r in results))
     print(f"reproduce: {reproduce_command()}")
     write_json(a.out, {"args": vars(a), "results": results})
     return 0 if all(r["status"] == "ok" for r in results) else 1

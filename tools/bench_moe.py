@@ -21,6 +21,7 @@ Columns (times are the slowest rank's mean per iteration):
                 save (a transfer can only hide behind as much computation as the step has, and vice versa);
                 this is the column that measures the overlap where the all-to-all outweighs the compute
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench_common import exit_spawned_rank  # noqa: E402
+
 from minimax_train.parallel.mesh import process_group_teardown  # noqa: E402
 
 
@@ -58,9 +60,15 @@ def parse_args(argv=None):
     p.add_argument("--check", action="store_true", help="also compare outputs and gradients of every K to K=1")
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
-    defaults = dict(hidden=6144 if gpu else 64, inter=9216 if gpu else 128, experts=32 if gpu else 8,
-                    tokens=8192 if gpu else 256, dtype="bf16" if gpu else "fp32", iters=20 if gpu else 5,
-                    warmup=5 if gpu else 2)
+    defaults = dict(
+        hidden=6144 if gpu else 64,
+        inter=9216 if gpu else 128,
+        experts=32 if gpu else 8,
+        tokens=8192 if gpu else 256,
+        dtype="bf16" if gpu else "fp32",
+        iters=20 if gpu else 5,
+        warmup=5 if gpu else 2,
+    )
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -102,18 +110,27 @@ def check(moe, x, gy, chunk_list, dev) -> None:
         x.grad = None
         out, _, _ = moe(x)
         out.backward(gy)
-        got[k] = [out.detach().float(), x.grad.float(), moe.experts.gate_up_proj.grad.float(),
-                  moe.experts.down_proj.grad.float(), moe.gate.weight.grad.float()]
+        got[k] = [
+            out.detach().float(),
+            x.grad.float(),
+            moe.experts.gate_up_proj.grad.float(),
+            moe.experts.down_proj.grad.float(),
+            moe.gate.weight.grad.float(),
+        ]
     x.grad = None
     moe.zero_grad(set_to_none=True)
     for k in sorted(got):
         if k == 1:
             continue
-        errs = [_max_over_ranks(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item(), dev)
-                for a, b in zip(got[k], got[1])]
+        errs = [
+            _max_over_ranks(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item(), dev)
+            for a, b in zip(got[k], got[1])
+        ]
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"check K={k} vs K=1 (max |diff| / max |ref|): out {errs[0]:.1e}, dx {errs[1]:.1e}, "
-                  f"d gate_up {errs[2]:.1e}, d down {errs[3]:.1e}, d router {errs[4]:.1e}")
+            print(
+                f"check K={k} vs K=1 (max |diff| / max |ref|): out {errs[0]:.1e}, dx {errs[1]:.1e}, "
+                f"d gate_up {errs[2]:.1e}, d down {errs[3]:.1e}, d router {errs[4]:.1e}"
+            )
 
 
 def run(a) -> None:
@@ -121,9 +138,9 @@ def run(a) -> None:
 
     from minimax_train.model.config import ModelConfig
     from minimax_train.model.moe import MoE
-    from minimax_train.parallel.moe_experts import swiglu_backward_input, swiglu_forward, weight_grad
     from minimax_train.parallel.expert_parallel import apply_expert_parallel, expert_groups
     from minimax_train.parallel.moe_dispatch import _a2a
+    from minimax_train.parallel.moe_experts import swiglu_backward_input, swiglu_forward, weight_grad
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -137,9 +154,17 @@ def run(a) -> None:
     ep = a.ep or world // a.etp
     if world % (ep * a.etp):
         raise SystemExit(f"ep {ep} x etp {a.etp} does not divide the world size {world}")
-    cfg = ModelConfig(hidden_size=a.hidden, intermediate_size=a.inter, num_local_experts=a.experts,
-                      num_experts_per_tok=a.topk, moe_routing=a.routing, capacity_factor=a.capacity_factor,
-                      num_attention_heads=1, num_key_value_heads=1, num_hidden_layers=1)
+    cfg = ModelConfig(
+        hidden_size=a.hidden,
+        intermediate_size=a.inter,
+        num_local_experts=a.experts,
+        num_experts_per_tok=a.topk,
+        moe_routing=a.routing,
+        capacity_factor=a.capacity_factor,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        num_hidden_layers=1,
+    )
     with torch.device("meta"):
         moe = MoE(cfg)
     if world > 1:
@@ -148,6 +173,7 @@ def run(a) -> None:
         g.mesh = None  # plain local tensors: the full experts never exist on one rank here
     else:
         from minimax_train.parallel.expert_parallel import ExpertGroups
+
         g = ExpertGroups()
 
     captured = {}
@@ -213,12 +239,16 @@ def run(a) -> None:
     if rank == 0:
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (gloo)"
         el, il = a.experts // ep, a.inter // a.etp
-        print(f"MoE layer: hidden {a.hidden}, {a.experts} experts of {a.inter} (ep {ep}: {el} per rank; etp {a.etp}: "
-              f"I {il} per rank), top-{a.topk}, {a.tokens} tokens/rank, {a.dtype}, {a.routing}"
-              f"{' sp' if a.sequence_parallel else ''}; {world} x {name}")
-        print(f"rows per rank: sent up to {int(send_max)}, received up to {int(recv_max)} "
-              f"({int(send_max) * a.hidden * (2 if dtype == torch.bfloat16 else 4) / 2**20:.1f} MiB per transfer); "
-              f"a2a alone {a2a_ms:.2f} ms, experts alone {expert_ms:.2f} ms (fwd+bwd)")
+        print(
+            f"MoE layer: hidden {a.hidden}, {a.experts} experts of {a.inter} (ep {ep}: {el} per rank; etp {a.etp}: "
+            f"I {il} per rank), top-{a.topk}, {a.tokens} tokens/rank, {a.dtype}, {a.routing}"
+            f"{' sp' if a.sequence_parallel else ''}; {world} x {name}"
+        )
+        print(
+            f"rows per rank: sent up to {int(send_max)}, received up to {int(recv_max)} "
+            f"({int(send_max) * a.hidden * (2 if dtype == torch.bfloat16 else 4) / 2**20:.1f} MiB per transfer); "
+            f"a2a alone {a2a_ms:.2f} ms, experts alone {expert_ms:.2f} ms (fwd+bwd)"
+        )
         base = step_ms[a.chunk_list[0]] if 1 not in step_ms else step_ms[1]
         non_comm = base - a2a_ms
         hdr = f"{'K':>3} | {'step ms':>9} | {'vs K=1':>7} | {'a2a ms':>8} | {'a2a share':>9} | {'exposed ms':>10} | {'hidden':>7} | {'of hideable':>11}"
@@ -230,13 +260,16 @@ def run(a) -> None:
             share = a2a_ms / base if base > 0 else 0.0
             hideable = min(a2a_ms, non_comm)
             of_hideable = (base - step_ms[k]) / hideable if hideable > 0 else 0.0
-            print(f"{k:>3} | {step_ms[k]:>9.2f} | {base / step_ms[k]:>6.2f}x | {a2a_ms:>8.2f} | {share:>8.1%} | "
-                  f"{exposed:>10.2f} | {hidden:>6.1%} | {of_hideable:>10.1%}")
+            print(
+                f"{k:>3} | {step_ms[k]:>9.2f} | {base / step_ms[k]:>6.2f}x | {a2a_ms:>8.2f} | {share:>8.1%} | "
+                f"{exposed:>10.2f} | {hidden:>6.1%} | {of_hideable:>10.1%}"
+            )
 
 
 def _spawned(rank, world, port, a):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo" if a.device == "cpu" else "nccl", rank=rank, world_size=world)
     with process_group_teardown():
@@ -257,6 +290,7 @@ def main(argv=None):
         import socket
 
         import torch.multiprocessing as mp
+
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Checkpoint tools: inspect, convert, export-hf, import-hf (`tools/ckpt.py --help`). The logic lives in
 minimax_train/tools/ckpt_tools.py."""
+
 import os
 import sys
 

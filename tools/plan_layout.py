@@ -2,6 +2,7 @@
 """Plan a parallel layout: memory per GPU and step time for every valid (tp, cp, ep, etp, dp, engine, stage,
 activation checkpointing, micro-batch) on N GPUs. `tools/plan_layout.py --help`; the model of memory and
 time is documented in minimax_train/tools/planner.py."""
+
 import os
 import sys
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Plot runs' metrics.jsonl as PNG charts (`tools/plot_metrics.py --help`). The logic lives in
 minimax_train/tools/plots.py."""
+
 import os
 import sys
 

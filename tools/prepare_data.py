@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Tokenise a corpus into a Megatron indexed dataset (.bin/.idx) or an Arrow dataset: `tools/prepare_data.py
 --help`. The logic lives in minimax_train/tools/prepare.py."""
+
 import os
 import sys
 

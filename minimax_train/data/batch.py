@@ -1,4 +1,5 @@
 """PackedBatch: a micro-batch of packed rows, and its construction from rows."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,9 +25,13 @@ class PackedBatch:
     def max_seqlen(self) -> int:
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
 
-    def to(self, device, non_blocking: bool = False) -> "PackedBatch":
-        return PackedBatch(*(t.to(device, non_blocking=non_blocking) for t in
-                             (self.input_ids, self.labels, self.position_ids, self.cu_seqlens)))
+    def to(self, device, non_blocking: bool = False) -> PackedBatch:
+        return PackedBatch(
+            *(
+                t.to(device, non_blocking=non_blocking)
+                for t in (self.input_ids, self.labels, self.position_ids, self.cu_seqlens)
+            )
+        )
 
 
 def collate(rows: list[Row], seq_len: int, pad_id: int) -> PackedBatch:

@@ -2,6 +2,7 @@
 
 Plain dataclasses with OmegaConf-friendly types (no unions except Optional), so the trainer's
 Hydra schema can embed DataConfig as is."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

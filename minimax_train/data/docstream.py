@@ -8,6 +8,7 @@ the order or the machine.
 
 Position (epoch, pos) is a raw index into the epoch's order, counting documents that are skipped
 (held out for the other split, empty, malformed): seeking to it reproduces the stream exactly."""
+
 from __future__ import annotations
 
 import hashlib
@@ -54,11 +55,15 @@ class DocStream:
         self.batch, self.shuffle_buffer = cfg.tokenize_batch, cfg.shuffle_buffer
         label = source.label
         if source.num_docs == 0:
-            raise DataError(f"{label}: empty dataset (no documents"
-                            + (f"; {source.bad_records} malformed records skipped)" if source.bad_records else ")"))
+            raise DataError(
+                f"{label}: empty dataset (no documents"
+                + (f"; {source.bad_records} malformed records skipped)" if source.bad_records else ")")
+            )
         if self.finite and self.valid_fraction == 0:
-            raise DataError(f"{label}: split 'valid' is empty because data.valid_fraction=0; "
-                            f"set valid_fraction > 0 or skip evaluation")
+            raise DataError(
+                f"{label}: split 'valid' is empty because data.valid_fraction=0; "
+                f"set valid_fraction > 0 or skip evaluation"
+            )
         # The hash rule alone can hold out nothing from a small source (232 files at 1% does, by
         # chance): there, hold out at least the document with the lowest score. Needs every score,
         # which is cheap only for small sources; large ones (expected >= 20 held out) skip this.
@@ -82,8 +87,10 @@ class DocStream:
 
     def _no_valid_msg(self) -> str:
         n = f" of {self.source.num_docs}" if self.source.num_docs is not None else ""
-        return (f"{self.source.label}: split 'valid' is empty: data.valid_fraction={self.valid_fraction} "
-                f"held out none{n} documents; raise valid_fraction or skip evaluation")
+        return (
+            f"{self.source.label}: split 'valid' is empty: data.valid_fraction={self.valid_fraction} "
+            f"held out none{n} documents; raise valid_fraction or skip evaluation"
+        )
 
     def _scores(self) -> np.ndarray:
         """holdout_score of every document; nan for malformed or empty ones."""
@@ -131,8 +138,10 @@ class DocStream:
     def _end_epoch(self) -> None:
         if self._kept_this_epoch == 0:
             n = f"{self.source.num_docs} " if self.source.num_docs is not None else ""
-            raise DataError(f"{self.source.label}: no documents for the train split (all {n}documents are "
-                            f"empty, malformed or held out by data.valid_fraction={self.valid_fraction})")
+            raise DataError(
+                f"{self.source.label}: no documents for the train split (all {n}documents are "
+                f"empty, malformed or held out by data.valid_fraction={self.valid_fraction})"
+            )
         self.seek(self.epoch + 1, 0)
 
     def _fill(self) -> bool:
@@ -155,7 +164,9 @@ class DocStream:
             if self._it is None:
                 seed = None
                 if self.shuffle:  # a 32-bit seed for the streaming shuffle
-                    seed = int(np.random.SeedSequence(_seed_words(self.seed, self.index, self.epoch)).generate_state(1)[0])
+                    seed = int(
+                        np.random.SeedSequence(_seed_words(self.seed, self.index, self.epoch)).generate_state(1)[0]
+                    )
                 self._it = iter(self.source.stream(seed, self.shuffle_buffer))
                 for _ in itertools.islice(self._it, lo):
                     pass
@@ -180,8 +191,9 @@ class DocStream:
                 if n is None and self.epoch == 0 and p not in self._bad_positions:
                     self._bad_positions.add(p)
                     self.source.count_bad()
-            elif _is_empty(d) or (self._valid_ids is None and self.valid_fraction > 0
-                                  and is_held_out(d, self.threshold) != self.finite):
+            elif _is_empty(d) or (
+                self._valid_ids is None and self.valid_fraction > 0 and is_held_out(d, self.threshold) != self.finite
+            ):
                 self._remember(i, None)
             else:
                 todo_k.append(k)

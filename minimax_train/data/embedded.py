@@ -9,6 +9,7 @@ that includes a hash of the corpus, so a different Python (different stdlib) nev
 another tokenizer. The build writes a temp dir and renames it into place: several processes may
 race on first use; one rename wins and the others discard their copy (same content anyway, since
 BPE training is deterministic)."""
+
 from __future__ import annotations
 
 import functools
@@ -97,9 +98,14 @@ def _build(target: Path, docs: list[tuple[str, str]], digest: str) -> None:
             for rel, text in docs:
                 f.write(json.dumps({"text": text, "path": rel}, ensure_ascii=False) + "\n")
         _train_tokenizer([t for _, t in docs]).save_pretrained(str(tmp / TOKENIZER_DIR))
-        meta = {"version": _BUILD_VERSION, "corpus_sha256": digest, "documents": len(docs),
-                "bytes": sum(len(t.encode()) for _, t in docs), "vocab_size": EMBEDDED_VOCAB_SIZE,
-                "stdlib": sysconfig.get_paths()["stdlib"]}
+        meta = {
+            "version": _BUILD_VERSION,
+            "corpus_sha256": digest,
+            "documents": len(docs),
+            "bytes": sum(len(t.encode()) for _, t in docs),
+            "vocab_size": EMBEDDED_VOCAB_SIZE,
+            "stdlib": sysconfig.get_paths()["stdlib"],
+        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, target)  # atomic; fails if another process got there first
@@ -111,7 +117,7 @@ def _build(target: Path, docs: list[tuple[str, str]], digest: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ensure(root: str) -> Path:
     docs = stdlib_documents()
     h = hashlib.sha256(_BUILD_VERSION.encode())

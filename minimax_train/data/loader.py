@@ -6,6 +6,7 @@ in the same steps: rank r's j-th micro-batch holds global rows r + dp*(j*mbs + k
 
 State is saved at a group boundary (a multiple of dp_size global rows), identical on all ranks,
 so it reloads into any dp_size that divides the number of global rows consumed."""
+
 from __future__ import annotations
 
 import json
@@ -67,24 +68,39 @@ def _fingerprint(cfg: DataConfig) -> str:
 class PackedLoader:
     """Iterator of PackedBatch for one rank (see the module docstring for the row assignment)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, *, seq_len: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, seed: int, split: str):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        *,
+        seq_len: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        seed: int,
+        split: str,
+    ):
         self.cfg, self.seq_len, self.mbs = cfg, seq_len, micro_batch_size
         self.dp_rank, self.dp_size, self.seed, self.split = dp_rank, dp_size, seed, split
         self.finite = split == "valid"
         self.pad_id = pad_token_id(tokenizer)
         self.sources = [open_source(s, cfg, i) for i, s in enumerate(cfg.sources)]
-        streams = [DocStream(src, tokenizer, cfg, split=split, seed=seed, index=i)
-                   for i, src in enumerate(self.sources)]
+        streams = [
+            DocStream(src, tokenizer, cfg, split=split, seed=seed, index=i) for i, src in enumerate(self.sources)
+        ]
         self._stream = GlobalRows([RowPacker(d, seq_len) for d in streams], [s.weight for s in cfg.sources])
         self.rows = 0  # global rows consumed (a multiple of dp_size between batches)
         self._initial = self.state_dict()
 
     @property
     def stats(self) -> dict:
-        return {"sources": [{"label": s.label, "documents": s.num_docs, "bad_records": s.bad_records}
-                            for s in self.sources],
-                "rows_per_source": list(self._stream.blender.taken), "global_rows": self.rows}
+        return {
+            "sources": [
+                {"label": s.label, "documents": s.num_docs, "bad_records": s.bad_records} for s in self.sources
+            ],
+            "rows_per_source": list(self._stream.blender.taken),
+            "global_rows": self.rows,
+        }
 
     def __iter__(self):
         if self.finite:  # each pass over a finite split starts from its beginning
@@ -106,9 +122,15 @@ class PackedLoader:
     def state_dict(self) -> dict:
         b = self._stream.blender
         return {
-            "version": STATE_VERSION, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
-            "rows": self.rows, "sources": [p.state_dict() for p in self._stream.packers],
-            "taken": list(b.taken), "exhausted": list(b.exhausted), "fingerprint": _fingerprint(self.cfg),
+            "version": STATE_VERSION,
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "rows": self.rows,
+            "sources": [p.state_dict() for p in self._stream.packers],
+            "taken": list(b.taken),
+            "exhausted": list(b.exhausted),
+            "fingerprint": _fingerprint(self.cfg),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -116,17 +138,21 @@ class PackedLoader:
             raise DataError(f"data loader state version {sd.get('version')!r}, expected {STATE_VERSION}")
         for key, mine in (("split", self.split), ("seq_len", self.seq_len), ("seed", self.seed)):
             if sd[key] != mine:
-                raise DataError(f"data loader state was saved with {key}={sd[key]!r}, this loader has "
-                                f"{key}={mine!r}: exact resume is impossible")
+                raise DataError(
+                    f"data loader state was saved with {key}={sd[key]!r}, this loader has "
+                    f"{key}={mine!r}: exact resume is impossible"
+                )
         if len(sd["sources"]) != len(self._stream.packers):
-            raise DataError(f"data loader state has {len(sd['sources'])} sources, the config has "
-                            f"{len(self._stream.packers)}")
+            raise DataError(
+                f"data loader state has {len(sd['sources'])} sources, the config has {len(self._stream.packers)}"
+            )
         if sd["rows"] % self.dp_size:
-            raise DataError(f"data loader state is at global row {sd['rows']}, not a multiple of "
-                            f"dp_size={self.dp_size}: resume with a dp size that divides it")
+            raise DataError(
+                f"data loader state is at global row {sd['rows']}, not a multiple of "
+                f"dp_size={self.dp_size}: resume with a dp size that divides it"
+            )
         if sd.get("fingerprint") != _fingerprint(self.cfg):
-            log.warning("data config differs from the one the loader state was saved with; "
-                        "positions are reused as is")
+            log.warning("data config differs from the one the loader state was saved with; positions are reused as is")
         for p, s in zip(self._stream.packers, sd["sources"]):
             p.load_state_dict(s)
         b = self._stream.blender
@@ -135,8 +161,17 @@ class PackedLoader:
         self.rows = int(sd["rows"])
 
 
-def build_loader(cfg: DataConfig, tokenizer, *, seq_len: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int, split: str = "train") -> PackedLoader:
+def build_loader(
+    cfg: DataConfig,
+    tokenizer,
+    *,
+    seq_len: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    split: str = "train",
+) -> PackedLoader:
     """Loader of PackedBatch for one data-parallel rank: infinite for "train" (each epoch
     reshuffled from seed), one finite pass over the held-out documents for "valid" (padded with
     no-loss rows to a whole number of micro-batches on every rank)."""
@@ -144,7 +179,17 @@ def build_loader(cfg: DataConfig, tokenizer, *, seq_len: int, micro_batch_size: 
     if split not in SPLITS:
         raise DataError(f"split={split!r} is not one of {', '.join(SPLITS)}")
     if seq_len < 1 or micro_batch_size < 1 or dp_size < 1 or not (0 <= dp_rank < dp_size):
-        raise DataError(f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
-                        f"dp_rank={dp_rank}, dp_size={dp_size}")
-    return PackedLoader(cfg, tokenizer, seq_len=seq_len, micro_batch_size=micro_batch_size,
-                        dp_rank=dp_rank, dp_size=dp_size, seed=seed, split=split)
+        raise DataError(
+            f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
+            f"dp_rank={dp_rank}, dp_size={dp_size}"
+        )
+    return PackedLoader(
+        cfg,
+        tokenizer,
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=seed,
+        split=split,
+    )

@@ -6,11 +6,12 @@ tokenisation, write `tokenize_documents(tok, texts, add_eos)` with write_megatro
 
 megatron-core is imported lazily: its package import takes several seconds (it pulls in the
 whole core), and only runs that read or write these files should pay for it."""
+
 from __future__ import annotations
 
 import os
 import warnings
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -54,8 +55,10 @@ def write_megatron_dataset(path_prefix: str, token_lists: Iterable, dtype=None) 
     for i, toks in enumerate(token_lists):
         arr = np.asarray(toks, dtype=np.int64)
         if len(arr) and (arr.min() < info.min or arr.max() > info.max):
-            raise DataError(f"document {i}: token ids outside {np.dtype(dtype).name} range "
-                            f"[{info.min}, {info.max}]: choose a wider dtype")
+            raise DataError(
+                f"document {i}: token ids outside {np.dtype(dtype).name} range "
+                f"[{info.min}, {info.max}]: choose a wider dtype"
+            )
         builder.add_document(arr.astype(dtype), [len(arr)])
     builder.finalize(idx_mod.get_idx_path(path_prefix))
     return path_prefix
@@ -90,8 +93,10 @@ class MegatronSource(DocSource):
         prefix = strip_prefix(path)
         missing = [p for p in (prefix + ".bin", prefix + ".idx") if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{label}: Megatron indexed dataset not found: missing "
-                                    f"{', '.join(map(repr, missing))} (path is the prefix without .bin/.idx)")
+            raise FileNotFoundError(
+                f"{label}: Megatron indexed dataset not found: missing "
+                f"{', '.join(map(repr, missing))} (path is the prefix without .bin/.idx)"
+            )
         idx_mod = _indexed_dataset_module()
         self.ds = idx_mod.IndexedDataset(prefix, mmap=True)
         # A Megatron "document" may hold several sequences (sentences); we pack documents.

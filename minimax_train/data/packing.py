@@ -3,6 +3,7 @@
 Documents are concatenated in stream order; a document that does not fit the rest of a row
 continues at the start of the next row as a new segment (positions restart there). Only a finite
 stream's last row can be short (the batch builder pads it)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class RowPacker:
             epoch, pos, toks = self._cur
             take = min(need, len(toks) - self._offset)
             if materialize:
-                pieces.append(toks[self._offset:self._offset + take])
+                pieces.append(toks[self._offset : self._offset + take])
             seglens.append(take)
             self._offset += take
             need -= take

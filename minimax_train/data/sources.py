@@ -2,16 +2,18 @@
 
 A source yields text (str) or, when pre-tokenised, token arrays; None marks a malformed record,
 which the document stream skips (sources count them and fail past data.max_bad_lines)."""
+
 from __future__ import annotations
 
 import glob
-from array import array
 import gzip
 import json
 import logging
 import mmap
 import os
-from typing import Iterator, Optional
+from array import array
+from collections.abc import Iterator
+from typing import Optional
 
 import numpy as np
 
@@ -99,8 +101,9 @@ class JsonlSource(DocSource):
         if bad:
             shown = "; ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
             if len(bad) > max_bad_lines:
-                raise DataError(f"{label}: {len(bad)} malformed lines, more than data.max_bad_lines="
-                                f"{max_bad_lines}: {shown}")
+                raise DataError(
+                    f"{label}: {len(bad)} malformed lines, more than data.max_bad_lines={max_bad_lines}: {shown}"
+                )
             log.warning("%s: skipped %d malformed lines: %s", label, len(bad), shown)
         self._offsets = np.frombuffer(offsets, dtype=np.int64) if offsets else np.zeros(0, np.int64)
         self._file_ids = np.frombuffer(file_ids, dtype=np.int32) if file_ids else np.zeros(0, np.int32)
@@ -138,7 +141,7 @@ class JsonlSource(DocSource):
             buf = self._buffer(int(self._file_ids[i]))
             start = int(self._offsets[i])
             end = buf.find(b"\n", start)
-            out.append(json.loads(buf[start: end if end >= 0 else len(buf)])[self.text_key])
+            out.append(json.loads(buf[start : end if end >= 0 else len(buf)])[self.text_key])
         return out
 
 
@@ -163,8 +166,10 @@ class ArrowSource(DocSource):
         # Nulls are the only malformed value a typed string column can hold: count them up front.
         self.bad_records = int(self.ds.data.column(text_key).null_count)
         if self.bad_records > max_bad_lines:
-            raise DataError(f"{label}: {self.bad_records} records with a null {text_key!r}, more than "
-                            f"data.max_bad_lines={max_bad_lines}")
+            raise DataError(
+                f"{label}: {self.bad_records} records with a null {text_key!r}, more than "
+                f"data.max_bad_lines={max_bad_lines}"
+            )
         if self.bad_records:
             log.warning("%s: skipping %d records with a null %r", label, self.bad_records, text_key)
 
@@ -191,8 +196,9 @@ class StreamingSource(DocSource):
     def count_bad(self) -> None:
         self.bad_records += 1
         if self.bad_records > self.max_bad:
-            raise DataError(f"{self.label}: more than data.max_bad_lines={self.max_bad} records "
-                            f"without a string {self.text_key!r}")
+            raise DataError(
+                f"{self.label}: more than data.max_bad_lines={self.max_bad} records without a string {self.text_key!r}"
+            )
 
 
 def _buffer_shuffle(items: Iterator, seed: int, size: int) -> Iterator:
@@ -244,8 +250,14 @@ def open_source(src: SourceConfig, cfg: DataConfig, index: int) -> DocSource:
         looks_local = src.path.startswith((".", "/", "~")) or src.path.count("/") > 1
         if looks_local and not os.path.exists(os.path.expanduser(src.path)):
             raise FileNotFoundError(f"{label}: local dataset path {src.path!r} does not exist")
-        ds = _load_dataset(label, os.path.expanduser(src.path), src.name, split=src.split,
-                           streaming=src.streaming, cache_dir=cfg.cache_dir)
+        ds = _load_dataset(
+            label,
+            os.path.expanduser(src.path),
+            src.name,
+            split=src.split,
+            streaming=src.streaming,
+            cache_dir=cfg.cache_dir,
+        )
         cls = StreamingSource if src.streaming else ArrowSource
         return cls(ds, src.text_key, cfg.max_bad_lines, label)
     raise DataError(f"data.sources[{index}].kind={src.kind!r} is unknown")

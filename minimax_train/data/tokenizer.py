@@ -1,4 +1,5 @@
 """Loading a tokenizer by name, and the one tokenisation rule every source and tool shares."""
+
 from __future__ import annotations
 
 import os
@@ -11,9 +12,11 @@ from .config import DataConfig, DataError
 # Names a raw tokenizer.json may use for its end-of-document token (it carries no metadata).
 _EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eos|>")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-ACCEPTED = ("'embedded', a local tokenizer directory (tokenizer.json + tokenizer_config.json, "
-            "loadable by transformers.AutoTokenizer), a tokenizer.json file, or a hub id already "
-            "downloaded into the local Hugging Face cache")
+ACCEPTED = (
+    "'embedded', a local tokenizer directory (tokenizer.json + tokenizer_config.json, "
+    "loadable by transformers.AutoTokenizer), a tokenizer.json file, or a hub id already "
+    "downloaded into the local Hugging Face cache"
+)
 
 
 def load_tokenizer(cfg: DataConfig):
@@ -29,8 +32,10 @@ def load_tokenizer(cfg: DataConfig):
         try:
             tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
         except Exception as e:  # transformers raises several types for a dir it cannot read
-            raise DataError(f"data.tokenizer={name!r}: directory could not be loaded by "
-                            f"AutoTokenizer ({type(e).__name__}: {e}). Accepted: {ACCEPTED}") from e
+            raise DataError(
+                f"data.tokenizer={name!r}: directory could not be loaded by "
+                f"AutoTokenizer ({type(e).__name__}: {e}). Accepted: {ACCEPTED}"
+            ) from e
     elif os.path.isfile(name):
         if not name.endswith(".json"):
             raise DataError(f"data.tokenizer={name!r} is a file but not a tokenizer.json. Accepted: {ACCEPTED}")
@@ -42,16 +47,21 @@ def load_tokenizer(cfg: DataConfig):
             raise DataError(
                 f"unknown tokenizer data.tokenizer={name!r}: no such local path, and no hub copy in the "
                 f"local Hugging Face cache (downloads are not done at run time; fetch it first, e.g. "
-                f"`hf download {name}`). Accepted: {ACCEPTED}") from e
+                f"`hf download {name}`). Accepted: {ACCEPTED}"
+            ) from e
     else:
         raise DataError(f"unknown tokenizer data.tokenizer={name!r}: no such file or directory. Accepted: {ACCEPTED}")
 
     if not isinstance(tok, PreTrainedTokenizerFast) or not getattr(tok, "is_fast", False):
-        raise DataError(f"data.tokenizer={name!r} loaded as {type(tok).__name__}, which is not a fast "
-                        f"(tokenizers-backed) tokenizer; provide a tokenizer.json")
+        raise DataError(
+            f"data.tokenizer={name!r} loaded as {type(tok).__name__}, which is not a fast "
+            f"(tokenizers-backed) tokenizer; provide a tokenizer.json"
+        )
     if cfg.add_eos and tok.eos_token_id is None:
-        raise DataError(f"data.tokenizer={name!r} has no eos_token, but data.add_eos=True needs one "
-                        f"(set eos_token in tokenizer_config.json or set data.add_eos=False)")
+        raise DataError(
+            f"data.tokenizer={name!r} has no eos_token, but data.add_eos=True needs one "
+            f"(set eos_token in tokenizer_config.json or set data.add_eos=False)"
+        )
     return tok
 
 
@@ -82,8 +92,9 @@ def tokenize_documents(tokenizer, texts: list[str], add_eos: bool = True) -> lis
     it, so a pre-tokenised corpus reads back exactly as a direct tokenisation."""
     if not texts:
         return []
-    ids = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False,
-                    return_token_type_ids=False, verbose=False)["input_ids"]
+    ids = tokenizer(
+        list(texts), add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False, verbose=False
+    )["input_ids"]
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise DataError("add_eos=True but the tokenizer has no eos_token")

@@ -2,6 +2,7 @@
 
 Our names equal transformers v5's in-memory names. On disk (save_pretrained default and the released
 checkpoints) the MoE is stored per expert under `block_sparse_moe`: gate.weight, experts.{e}.w1/w3/w2."""
+
 from __future__ import annotations
 
 import re
@@ -65,15 +66,19 @@ def hf_to_ours(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
     for li in sorted({li for li, _ in experts}):
         for e in range(num_e):
             if (li, e) not in experts:
-                raise CheckpointError(f"missing tensor model.layers.{li}.block_sparse_moe.experts.{e}.w1.weight "
-                                      f"(config has num_local_experts={num_e})")
+                raise CheckpointError(
+                    f"missing tensor model.layers.{li}.block_sparse_moe.experts.{e}.w1.weight "
+                    f"(config has num_local_experts={num_e})"
+                )
             for w in ("w1", "w2", "w3"):
                 if w not in experts[(li, e)]:
                     raise CheckpointError(f"missing tensor model.layers.{li}.block_sparse_moe.experts.{e}.{w}.weight")
         extra = sorted(e for (l2, e) in experts if l2 == li and e >= num_e)
         if extra:
-            raise CheckpointError(f"unexpected tensor model.layers.{li}.block_sparse_moe.experts.{extra[0]}.w1.weight "
-                                  f"(config has num_local_experts={num_e})")
+            raise CheckpointError(
+                f"unexpected tensor model.layers.{li}.block_sparse_moe.experts.{extra[0]}.w1.weight "
+                f"(config has num_local_experts={num_e})"
+            )
         per = [experts[(li, e)] for e in range(num_e)]
         _check_same_shapes(li, per)
         out[f"model.layers.{li}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([p["w1"], p["w3"]]) for p in per])
@@ -95,11 +100,15 @@ def validate_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     want = expected_shapes(cfg)
     missing = [k for k in want if k not in sd]
     if missing:
-        raise CheckpointError(f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     unexpected = [k for k in sd if k not in want]
     if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]} for this config"
-                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise CheckpointError(
+            f"unexpected tensor {unexpected[0]} for this config"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
     for k, shape in want.items():
         if tuple(sd[k].shape) != shape:
             raise CheckpointError(f"tensor {k} has shape {tuple(sd[k].shape)}, config expects {shape}")
@@ -108,8 +117,9 @@ def validate_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
 def lightning_buffers(cfg: ModelConfig, layer_idx: int) -> dict[str, torch.Tensor]:
     """transformers' persistent decay buffers of one lightning layer, computed exactly as its
     MiniMaxLightningAttention.decay_factors does (written so its loader reports nothing missing)."""
-    slope = lightning_slopes(cfg.num_attention_heads, layer_idx, cfg.num_hidden_layers,
-                             legacy=cfg.legacy_slopes)[:, None, None]
+    slope = lightning_slopes(cfg.num_attention_heads, layer_idx, cfg.num_hidden_layers, legacy=cfg.legacy_slopes)[
+        :, None, None
+    ]
     rng = torch.arange(cfg.block_size) + 1
     diag = slope * (rng[:, None] - rng[None, :])[None, None, :, :]
     return {

@@ -1,4 +1,5 @@
 """Read and write transformers MiniMax checkpoint directories (safetensors only: no pickles)."""
+
 from __future__ import annotations
 
 import json
@@ -16,14 +17,50 @@ from .convert import CheckpointError, hf_to_ours, ours_to_hf_disk
 
 # Keys of a transformers config.json that carry no architecture and that we accept and ignore.
 _GENERIC_HF_KEYS = {
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "output_router_logits",
-    "_name_or_path", "auto_map", "return_dict", "output_hidden_states", "output_attentions", "id2label", "label2id",
-    "problem_type", "num_labels", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class", "rope_scaling",
-    "rope_theta", "rope_parameters", "attn_type_list", "postnorm", "shared_intermediate_size", "rotary_dim",
-    "layernorm_full_attention_alpha", "layernorm_full_attention_beta", "layernorm_linear_attention_alpha",
-    "layernorm_linear_attention_beta", "layernorm_mlp_alpha", "layernorm_mlp_beta", "shared_moe_mode",
-    "tie_encoder_decoder", "torchscript", "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id",
-    "finetuning_task", "pruned_heads", "cross_attention_hidden_size", "add_cross_attention", "is_decoder",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "output_router_logits",
+    "_name_or_path",
+    "auto_map",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "num_labels",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "tokenizer_class",
+    "rope_scaling",
+    "rope_theta",
+    "rope_parameters",
+    "attn_type_list",
+    "postnorm",
+    "shared_intermediate_size",
+    "rotary_dim",
+    "layernorm_full_attention_alpha",
+    "layernorm_full_attention_beta",
+    "layernorm_linear_attention_alpha",
+    "layernorm_linear_attention_beta",
+    "layernorm_mlp_alpha",
+    "layernorm_mlp_beta",
+    "shared_moe_mode",
+    "tie_encoder_decoder",
+    "torchscript",
+    "task_specific_params",
+    "prefix",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "finetuning_task",
+    "pruned_heads",
+    "cross_attention_hidden_size",
+    "add_cross_attention",
+    "is_decoder",
 }
 
 
@@ -39,14 +76,18 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
     if raw.get("model_type") not in ("minimax", "minimax_text_01"):
-        raise CheckpointError(f"{path} is not a MiniMax checkpoint: config.json has model_type "
-                              f"'{raw.get('model_type')}' (expected 'minimax')")
+        raise CheckpointError(
+            f"{path} is not a MiniMax checkpoint: config.json has model_type "
+            f"'{raw.get('model_type')}' (expected 'minimax')"
+        )
     known = _GENERIC_HF_KEYS | set(ModelConfig.__dataclass_fields__)
     unknown = sorted(k for k in raw if k not in known)
     if unknown:
-        raise CheckpointError(f"{cfg_file}: unknown config key '{unknown[0]}'"
-                              + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
-                              + "; not a MiniMax field this loader understands")
+        raise CheckpointError(
+            f"{cfg_file}: unknown config key '{unknown[0]}'"
+            + (f" (and {unknown[1:]})" if len(unknown) > 1 else "")
+            + "; not a MiniMax field this loader understands"
+        )
     try:
         return ModelConfig.from_hf_dict(raw)
     except (TypeError, KeyError, ValueError) as e:
@@ -60,7 +101,11 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
-        hint = " (pytorch_model.bin is not read: unpickling untrusted files is unsafe)" if (path / "pytorch_model.bin").exists() else ""
+        hint = (
+            " (pytorch_model.bin is not read: unpickling untrusted files is unsafe)"
+            if (path / "pytorch_model.bin").exists()
+            else ""
+        )
         raise CheckpointError(f"{path} holds no *.safetensors weights{hint}")
     sd: dict[str, torch.Tensor] = {}
     for name in files:
@@ -73,8 +118,9 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-            ) -> MiniMaxForCausalLM:
+def load_hf(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> MiniMaxForCausalLM:
     """A transformers MiniMax checkpoint directory -> our model in one process."""
     path = Path(path)
     cfg = read_hf_config(path)
@@ -109,8 +155,16 @@ def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch
     return shards
 
 
-def save_hf(model: MiniMaxForCausalLM, path: str | os.PathLike, tokenizer=None, *, dtype: torch.dtype | None = None,
-            max_shard_bytes: int = 4 << 30, overwrite: bool = False, state_dict: dict | None = None) -> Path:
+def save_hf(
+    model: MiniMaxForCausalLM,
+    path: str | os.PathLike,
+    tokenizer=None,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 4 << 30,
+    overwrite: bool = False,
+    state_dict: dict | None = None,
+) -> Path:
     """Write a consolidated transformers directory: config.json, generation_config.json, sharded
     safetensors + index, tokenizer files. Written to a temp dir and renamed, so a crash never leaves a
     half-written export under `path`."""
@@ -133,7 +187,8 @@ def save_hf(model: MiniMaxForCausalLM, path: str | os.PathLike, tokenizer=None, 
                 weight_map[k], total = fname, total + v.numel() * v.element_size()
         if len(shards) > 1:
             (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
         hf_cfg = cfg.to_hf_dict()
         some = next(iter(sd.values()))
         hf_cfg["dtype"] = str(some.dtype).removeprefix("torch.")

@@ -2,10 +2,10 @@
 
 Both work on packed tokens [T, hidden] with document boundaries from PackedSequence; the compute lives
 in minimax_train.ops so that the parallel wrappers (context parallelism) reuse the same kernels."""
+
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.attention import varlen_attention
@@ -19,8 +19,18 @@ LIGHTNING_NORM_EPS = 1e-6  # transformers hard-codes this for the lightning outp
 
 def local_softmax_core(q, k, v, seq: PackedSequence, *, scale: float, sliding_window):
     """q [T, Hq, D], k/v [T, Hkv, D], all tokens of the packed row on this rank -> [T, Hq, D]."""
-    return varlen_attention(q, k, v, q_doc=seq.doc_ids, q_pos=seq.causal_pos, k_doc=seq.doc_ids,
-                            k_pos=seq.causal_pos, scale=scale, sliding_window=sliding_window, mask_cache=seq.cache)
+    return varlen_attention(
+        q,
+        k,
+        v,
+        q_doc=seq.doc_ids,
+        q_pos=seq.causal_pos,
+        k_doc=seq.doc_ids,
+        k_pos=seq.causal_pos,
+        scale=scale,
+        sliding_window=sliding_window,
+        mask_cache=seq.cache,
+    )
 
 
 def local_lightning_core(q, k, v, slopes, seq: PackedSequence, *, block_size: int):
@@ -33,7 +43,11 @@ class SoftmaxAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.rotary_dim, self.rope_theta = cfg.effective_rotary_dim, cfg.rope_theta
         self.sliding_window = cfg.sliding_window
         h, n, kv, d = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
@@ -52,11 +66,15 @@ class SoftmaxAttention(nn.Module):
         # RoPE in at least fp32, the result in q's dtype: under bf16 autocast q and k stay bf16 for the
         # attention kernel (x, the fp32 norm output, must not set the dtype). One table per sequence.
         rdt = torch.promote_types(q.dtype, torch.float32)
-        cos, sin = seq.cached(("rope", self.rotary_dim, self.rope_theta, rdt), lambda: rope_cos_sin(
-            seq.rope_pos, head_dim=self.head_dim, rotary_dim=self.rotary_dim, theta=self.rope_theta, dtype=rdt))
+        cos, sin = seq.cached(
+            ("rope", self.rotary_dim, self.rope_theta, rdt),
+            lambda: rope_cos_sin(
+                seq.rope_pos, head_dim=self.head_dim, rotary_dim=self.rotary_dim, theta=self.rope_theta, dtype=rdt
+            ),
+        )
         # apply_rope expects [..., T, H, D] with cos/sin [..., T, rotary_dim]
         q, k = apply_rope(q, cos, sin).to(q.dtype), apply_rope(k, cos, sin).to(k.dtype)
-        o = self.core(q, k, v, seq, scale=self.head_dim ** -0.5, sliding_window=self.sliding_window)
+        o = self.core(q, k, v, seq, scale=self.head_dim**-0.5, sliding_window=self.sliding_window)
         return self.o_proj(o.reshape(t, -1))
 
 

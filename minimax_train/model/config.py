@@ -1,9 +1,10 @@
 """Model configuration: every MiniMaxConfig field, the legacy names of the original release, and
 the translation to and from transformers' config.json."""
+
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 FULL = "full_attention"  # softmax attention layer (transformers' name)
@@ -73,14 +74,26 @@ class ModelConfig:
         def bad(key, msg):
             raise ValueError(f"model.{key}: {msg}")
 
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok", "block_size",
-                    "softmax_every"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "block_size",
+            "softmax_every",
+        ):
             if int(getattr(self, key)) < 1:
                 bad(key, f"must be a positive integer, got {getattr(self, key)}")
         if self.num_attention_heads % self.num_key_value_heads:
-            bad("num_key_value_heads", f"{self.num_key_value_heads} must divide num_attention_heads="
-                f"{self.num_attention_heads}")
+            bad(
+                "num_key_value_heads",
+                f"{self.num_key_value_heads} must divide num_attention_heads={self.num_attention_heads}",
+            )
         if self.num_experts_per_tok > self.num_local_experts:
             bad("num_experts_per_tok", f"{self.num_experts_per_tok} exceeds num_local_experts={self.num_local_experts}")
         if self.hidden_act not in ("silu", "gelu", "relu", "gelu_pytorch_tanh"):
@@ -121,7 +134,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Accepts transformers 5.x configs and the original release's legacy names."""
         d = dict(d)
         mt = d.get("model_type")
@@ -137,7 +150,9 @@ class ModelConfig:
             if legacy in d:
                 out[new] = float(d.pop(legacy))
         if d.pop("postnorm", True) is not True:
-            raise ValueError("config.json: postnorm=false is not the MiniMax architecture (only post-norm is supported)")
+            raise ValueError(
+                "config.json: postnorm=false is not the MiniMax architecture (only post-norm is supported)"
+            )
         if int(d.pop("shared_intermediate_size", 0) or 0) != 0:
             raise ValueError("config.json: shared_intermediate_size != 0 (shared experts) is not supported")
         rope = d.pop("rope_parameters", None) or {}

@@ -1,5 +1,6 @@
 """Parameter and FLOP counting for the hybrid architecture: one function shared by the trainer's
 MFU metric, the benchmarks and the layout planner, so all three report the same numbers."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Small building blocks shared by the model: RMSNorm, activations, packed-sequence metadata."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -80,14 +81,16 @@ class PackedSequence:
         return self.cached("cu_seqlens_long", lambda: self.cu_seqlens.long())
 
     @classmethod
-    def build(cls, batch: int, seqlen: int, device, cu_seqlens=None, position_ids=None) -> "PackedSequence":
+    def build(cls, batch: int, seqlen: int, device, cu_seqlens=None, position_ids=None) -> PackedSequence:
         n = batch * seqlen
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, n + 1, seqlen, device=device, dtype=torch.int32)
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
-            raise ValueError(f"cu_seqlens must start at 0 and end at batch*seq_len={n}, got "
-                             f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}")
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at batch*seq_len={n}, got "
+                f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
+            )
         causal_pos = torch.arange(n, device=device)
         doc_ids = torch.searchsorted(cu_seqlens[1:].long(), causal_pos, right=True)
         if position_ids is None:

@@ -12,6 +12,7 @@ A dropped assignment contributes nothing: a token with all slots dropped leaves 
 the layer passes it through the residual only. Weights are not renormalised over the kept slots.
 Statistics: tokens_per_expert counts routed assignments (before the drop); dropped counts dropped
 (token, slot) assignments."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ class RouterOutput:
     experts: torch.Tensor  # [T, k] int64
 
     @classmethod
-    def cat(cls, routes: list["RouterOutput"]) -> "RouterOutput":
+    def cat(cls, routes: list[RouterOutput]) -> RouterOutput:
         """The routes of consecutive token chunks as one route over all their tokens."""
         return cls(**{f.name: torch.cat([getattr(r, f.name) for r in routes]) for f in fields(cls)})
 
@@ -72,8 +73,9 @@ def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts
     return int(math.ceil(capacity_factor * tokens * top_k / num_experts))
 
 
-def capacity_keep(flat_e: torch.Tensor, num_experts: int, capacity: int,
-                  offsets: torch.Tensor | None = None) -> torch.Tensor:
+def capacity_keep(
+    flat_e: torch.Tensor, num_experts: int, capacity: int, offsets: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep mask over flattened (token, slot) assignments `flat_e` [T*k] (expert ids): an assignment's
     position is `offsets[e]` (assignments to e that come before these tokens, e.g. on lower ranks) plus
     its index among this tensor's assignments to e in (token, slot) order; it is kept iff position < capacity."""
@@ -115,7 +117,7 @@ class LocalDispatcher:
             order = torch.argsort(flat_e, stable=True)
             run_counts = counts
         token_of = order // k
-        xin, = to_autocast(x)  # gather k copies in the matmul dtype, not fp32
+        (xin,) = to_autocast(x)  # gather k copies in the matmul dtype, not fp32
         y = experts(xin[token_of], run_counts)
         y = y * route.weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))

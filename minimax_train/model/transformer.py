@@ -1,21 +1,22 @@
 """MiniMax-Text-01: embedding -> hybrid decoder layers -> norm -> lm_head, on packed documents.
 
 Parameter names equal transformers v5's in-memory names, so HF conversion is a pure re-layout."""
+
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.cross_entropy import chunked_loss_sum
 from .attention import LightningAttention, SoftmaxAttention
 from .config import FULL, ModelConfig
 from .layers import PackedSequence, RMSNorm
 from .moe import MoE, RouterOutput, load_balancing_loss, load_balancing_stats
-from ..ops.cross_entropy import chunked_loss_sum
 
 
 class DecoderLayer(nn.Module):
@@ -114,6 +115,7 @@ class MiniMaxModel(nn.Module):
             dropped = dropped + stats["dropped"]
         if self.aux_stats_group is not None:
             from ..parallel.tp_ops import all_reduce_sum  # forward and backward both sum over the group
+
             counts = all_reduce_sum(counts, self.aux_stats_group)
             prob_sum = all_reduce_sum(prob_sum, self.aux_stats_group)
             rows = all_reduce_sum(torch.tensor(float(rows), device=counts.device), self.aux_stats_group)
@@ -153,6 +155,7 @@ class MiniMaxForCausalLM(nn.Module):
         router and lm_head (DeepNet). Fused tensors are initialised block by block with the fan of the
         projection each block stands for: qkv_proj's rows are head-major (q_i, k_i, v_i), gate_up_proj's
         gate then up."""
+
         def xavier(t, gain):
             fan_out, fan_in = t.shape[-2], t.shape[-1]
             t.normal_(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)))
@@ -176,16 +179,24 @@ class MiniMaxForCausalLM(nn.Module):
         if mode not in ("none", "selective", "full"):
             raise ValueError(f"activation checkpointing mode '{mode}' unknown; use none, selective or full")
         if moe_chunk_tokens > 0 and self.config.moe_routing != "dropless":
-            raise ValueError("moe_chunk_tokens needs moe_routing=dropless: capacity routing ranks every token of "
-                             "the micro-batch together")
+            raise ValueError(
+                "moe_chunk_tokens needs moe_routing=dropless: capacity routing ranks every token of "
+                "the micro-batch together"
+            )
         for layer in self.model.layers:
             layer.checkpoint_mode = mode
             layer.moe_chunk_tokens = moe_chunk_tokens
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                return_logits: bool | None = None, seq: PackedSequence | None = None) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+        seq: PackedSequence | None = None,
+    ) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] next-token targets already aligned (-100 = no loss);
         cu_seqlens document boundaries over the flattened B*T tokens (default: one document per row).
         `seq` (instead of cu_seqlens/position_ids) passes prebuilt metadata, e.g. a context-parallel shard's."""
@@ -213,10 +224,10 @@ class MiniMaxForCausalLM(nn.Module):
         full [tokens, vocab] logits never exist. Tensor parallelism overrides this with a vocabulary-parallel
         version (chunked the same way)."""
         if logits is not None:
-            return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100,
-                                   reduction="sum")
-        return chunked_loss_sum(hidden.reshape(labels.numel(), -1), labels, self._lm_loss_chunk,
-                                self.loss_chunk_tokens)
+            return F.cross_entropy(
+                logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100, reduction="sum"
+            )
+        return chunked_loss_sum(hidden.reshape(labels.numel(), -1), labels, self._lm_loss_chunk, self.loss_chunk_tokens)
 
     def _lm_loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.lm_head(hidden).float(), labels, ignore_index=-100, reduction="sum")

@@ -30,7 +30,9 @@ _FLEX_BLOCK = 128
 
 def _check_inputs(q, k, v, q_doc, q_pos, k_doc, k_pos, sliding_window):
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"expected q [Tq, Hq, D], k/v [Tk, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"expected q [Tq, Hq, D], k/v [Tk, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     Tq, Hq, D = q.shape
     Tk, Hkv, Dk = k.shape
     if Dk != D or v.shape[0] != Tk or v.shape[1] != Hkv:
@@ -122,8 +124,9 @@ class _TorchVarlenAttention(torch.autograd.Function):
         row = torch.zeros_like(lse) if do is None else -(do.to(cd) * o.to(cd)).sum(-1).transpose(0, 1)
         if dlse is not None:
             row = row + dlse.to(cd).nan_to_num(0.0, 0.0, 0.0)
-        dq, dk, dv = attention_backward(q, k, v, lse, do, row, q_doc, q_pos, k_doc, k_pos, ctx.scale,
-                                        ctx.sliding_window, ctx.chunk)
+        dq, dk, dv = attention_backward(
+            q, k, v, lse, do, row, q_doc, q_pos, k_doc, k_pos, ctx.scale, ctx.sliding_window, ctx.chunk
+        )
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
 
 
@@ -151,8 +154,11 @@ def attention_backward(q, k, v, lse, do, row, q_doc, q_pos, k_doc, k_pos, scale,
         lse_c = lse[:, s:e].reshape(Hkv, G, n, 1)
         lse_c = torch.where(torch.isneginf(lse_c), torch.zeros_like(lse_c), lse_c)
         p = torch.exp(scores - lse_c)  # masked entries and rows that see nothing: exactly 0
-        doc_ = torch.zeros(Hkv, G, n, Dv, dtype=cd, device=q.device) if do is None else (
-            do[s:e].to(cd).view(n, Hkv, G, Dv).permute(1, 2, 0, 3))
+        doc_ = (
+            torch.zeros(Hkv, G, n, Dv, dtype=cd, device=q.device)
+            if do is None
+            else (do[s:e].to(cd).view(n, Hkv, G, Dv).permute(1, 2, 0, 3))
+        )
         row_c = row[:, s:e].reshape(Hkv, G, n, 1)
         dv[:, lo:hi] += torch.matmul(p.transpose(-1, -2), doc_).sum(1)
         ds = p * (torch.matmul(doc_, vc[:, :, lo:hi].transpose(-1, -2)) + row_c)
@@ -243,6 +249,7 @@ def _flex_block_mask(q_doc, q_pos, k_doc, k_pos, sliding_window, block=_FLEX_BLO
     qp_t, kp_t = _pad_int(q_pos, nq, -far), _pad_int(k_pos, nk, far)
 
     if sliding_window is None:
+
         def mask_mod(b, h, qi, ki):
             return (qd_t[qi] == kd_t[ki]) & (kp_t[ki] <= qp_t[qi])
     else:
@@ -274,8 +281,9 @@ def _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_w
     # [T, H, D] -> [1, H, T, D] views; flex accepts strided inputs (last dim contiguous).
     qf, kf, vf = (x.permute(1, 0, 2).unsqueeze(0) for x in (q, k, v))
     if return_lse:
-        out, aux = flex(qf, kf, vf, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv,
-                        return_aux=AuxRequest(lse=True))
+        out, aux = flex(
+            qf, kf, vf, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv, return_aux=AuxRequest(lse=True)
+        )
         return out[0].permute(1, 0, 2), aux.lse[0]
     out = flex(qf, kf, vf, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv)
     return out[0].permute(1, 0, 2), None
@@ -286,8 +294,21 @@ def _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_w
 # ----------------------------------------------------------------------------------------------
 
 
-def varlen_attention(q, k, v, *, q_doc, q_pos, k_doc, k_pos, scale, sliding_window=None,
-                     return_lse=False, backend="auto", mask_cache=None):
+def varlen_attention(
+    q,
+    k,
+    v,
+    *,
+    q_doc,
+    q_pos,
+    k_doc,
+    k_pos,
+    scale,
+    sliding_window=None,
+    return_lse=False,
+    backend="auto",
+    mask_cache=None,
+):
     """Causal, document-masked softmax attention over packed tokens (no batch dim).
 
     q [Tq, Hq, D]; k, v [Tk, Hkv, D], Hq % Hkv == 0 (query head h uses kv head h // (Hq // Hkv)).
@@ -311,8 +332,9 @@ def varlen_attention(q, k, v, *, q_doc, q_pos, k_doc, k_pos, scale, sliding_wind
     if backend == "torch":
         o, lse = _torch_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window)
     elif backend == "flex":
-        o, lse = _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, return_lse,
-                                        mask_cache)
+        o, lse = _flex_varlen_attention(
+            q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, return_lse, mask_cache
+        )
     else:
         raise ValueError(f"backend must be 'auto', 'torch' or 'flex', got {backend!r}")
     return (o, lse) if return_lse else o
@@ -336,7 +358,9 @@ def merge_partial_attention(o1, lse1, o2, lse2):
     s = torch.exp(a - m) + torch.exp(b - m)
     # where-guards (not logaddexp) so that rows with both sides -inf give zero, not NaN, gradients
     empty = s == 0
-    lse = torch.where(empty, torch.full_like(s, float("-inf")), m + torch.log(torch.where(empty, torch.ones_like(s), s)))
+    lse = torch.where(
+        empty, torch.full_like(s, float("-inf")), m + torch.log(torch.where(empty, torch.ones_like(s), s))
+    )
     lse_safe = torch.where(empty, torch.zeros_like(lse), lse)
     w1 = torch.exp(a - lse_safe).transpose(0, 1).unsqueeze(-1)  # [Tq, Hq, 1]
     w2 = torch.exp(b - lse_safe).transpose(0, 1).unsqueeze(-1)

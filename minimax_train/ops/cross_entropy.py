@@ -11,9 +11,10 @@ more lm_head forward GEMM per token). Without grad (evaluation) the chunks simpl
 loss_fn may contain collectives (the vocabulary-parallel cross-entropy): the chunk count depends only on
 N, so every rank that sees the same N runs the same chunks, forward and recompute, in the same order.
 Chunks whose labels are all -100 contribute 0 with a zero gradient (reduction="sum" semantics)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint

@@ -55,9 +55,7 @@ def _check_inputs(q, k, v, slopes, cu_seqlens, initial_state, block_size) -> int
             f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(
-            f"lightning_attention: q, k, v need one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
+        raise ValueError(f"lightning_attention: q, k, v need one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     B, T, H, Dk = q.shape
     if slopes.shape != (H,):
         raise ValueError(f"lightning_attention: slopes must be [H]=[{H}], got {tuple(slopes.shape)}")
@@ -168,9 +166,7 @@ def _lightning_torch(q, k, v, slopes, cu_seqlens, initial_state, output_final_st
             # across a boundary, and short or mid-block documents need no masking.
             bounds = cu_seqlens.tolist()
             if bounds[0] != 0 or bounds[-1] != q.shape[1] or any(a > b for a, b in zip(bounds, bounds[1:])):
-                raise ValueError(
-                    f"lightning_attention: cu_seqlens must rise from 0 to T={q.shape[1]}, got {bounds}"
-                )
+                raise ValueError(f"lightning_attention: cu_seqlens must rise from 0 to T={q.shape[1]}, got {bounds}")
             outs, finals = [], []
             for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
                 s0_n = None if s0 is None else s0[n : n + 1]

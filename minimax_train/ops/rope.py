@@ -30,9 +30,7 @@ def rope_cos_sin(
     for rotary_dim == head_dim.
     """
     if rotary_dim <= 0 or rotary_dim % 2 or rotary_dim > head_dim:
-        raise ValueError(
-            f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}"
-        )
+        raise ValueError(f"rotary_dim must be even and in (0, head_dim={head_dim}], got {rotary_dim}")
     device = position_ids.device
     # Autocast off: the angles must stay fp32 even inside a bf16 autocast region.
     # inv_freq is built on CPU and then moved, as transformers does (its buffer is made at init on

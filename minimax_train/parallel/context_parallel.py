@@ -16,23 +16,37 @@ sets model.model.aux_stats_group = cp_group, so the load-balancing statistics ar
 over the cp ranks before the loss. Gradients: every cp rank holds the same weights; dense gradients are
 summed/averaged over dp x cp (mesh.dp_cp_group, what FSDP does); see cp_loss_for_backward.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..model.attention import LightningAttention, SoftmaxAttention
-from .cp_shard import (CPPackedSequence, CPShardInfo, build_cp_sequence, shard_for_context_parallel,
-                       unshard_from_context_parallel, zigzag_chunks, zigzag_token_index)
+from .cp_shard import (
+    CPPackedSequence,
+    CPShardInfo,
+    build_cp_sequence,
+    shard_for_context_parallel,
+    unshard_from_context_parallel,
+    zigzag_chunks,
+    zigzag_token_index,
+)
 from .data_parallel import decoder_layers
 from .lasp import LaspCore, lasp_attention
 from .ring_attention import RingAttentionCore, build_ring_plan, ring_attention
 
 
-def apply_context_parallel(model: nn.Module, cp_group, *, lasp: str = "plus", attention_backend: str = "auto",
-                           ring_backward: str = "auto", lightning_backend: str = "auto") -> nn.Module:
+def apply_context_parallel(
+    model: nn.Module,
+    cp_group,
+    *,
+    lasp: str = "plus",
+    attention_backend: str = "auto",
+    ring_backward: str = "auto",
+    lightning_backend: str = "auto",
+) -> nn.Module:
     """Install the context-parallel cores on every attention layer (in place) and make the aux loss sum its
     statistics over cp_group. Works before or after tensor parallelism / FSDP wrapping (only the `.core`
     attribute of each attention module changes). lasp: "plus" (LASP+) or "serial" (the LASP baseline).
@@ -53,8 +67,14 @@ def apply_context_parallel(model: nn.Module, cp_group, *, lasp: str = "plus", at
 def shard_batch(batch, cp_rank: int, cp_size: int):
     """shard_for_context_parallel for a PackedBatch-like object (input_ids, labels, position_ids,
     cu_seqlens). Returns (local_input_ids, local_labels, seq)."""
-    return shard_for_context_parallel(batch.input_ids, batch.labels, batch.cu_seqlens, cp_rank, cp_size,
-                                      position_ids=getattr(batch, "position_ids", None))
+    return shard_for_context_parallel(
+        batch.input_ids,
+        batch.labels,
+        batch.cu_seqlens,
+        cp_rank,
+        cp_size,
+        position_ids=getattr(batch, "position_ids", None),
+    )
 
 
 def cp_loss_for_backward(out, global_loss_tokens: float, grad_average_size: int, aux_coef: float) -> torch.Tensor:
@@ -65,8 +85,9 @@ def cp_loss_for_backward(out, global_loss_tokens: float, grad_average_size: int,
     return out.lm_loss_sum.float() * (grad_average_size / global_loss_tokens) + aux_coef * out.aux_loss.float()
 
 
-def reduce_loss_over_cp(lm_loss_sum: torch.Tensor, num_loss_tokens: torch.Tensor,
-                        group) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce_loss_over_cp(
+    lm_loss_sum: torch.Tensor, num_loss_tokens: torch.Tensor, group
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of token losses, loss tokens) of the whole row: both summed over the cp group (detached)."""
     t = torch.stack([lm_loss_sum.detach().double(), num_loss_tokens.detach().double()])
     if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -74,7 +95,21 @@ def reduce_loss_over_cp(lm_loss_sum: torch.Tensor, num_loss_tokens: torch.Tensor
     return t[0], t[1]
 
 
-__all__ = ["apply_context_parallel", "shard_for_context_parallel", "shard_batch", "unshard_from_context_parallel",
-           "build_cp_sequence", "CPPackedSequence", "CPShardInfo", "LaspCore", "RingAttentionCore", "lasp_attention",
-           "ring_attention", "build_ring_plan", "cp_loss_for_backward", "reduce_loss_over_cp", "zigzag_chunks",
-           "zigzag_token_index"]
+__all__ = [
+    "apply_context_parallel",
+    "shard_for_context_parallel",
+    "shard_batch",
+    "unshard_from_context_parallel",
+    "build_cp_sequence",
+    "CPPackedSequence",
+    "CPShardInfo",
+    "LaspCore",
+    "RingAttentionCore",
+    "lasp_attention",
+    "ring_attention",
+    "build_ring_plan",
+    "cp_loss_for_backward",
+    "reduce_loss_over_cp",
+    "zigzag_chunks",
+    "zigzag_token_index",
+]

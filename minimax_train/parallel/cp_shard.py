@@ -15,6 +15,7 @@ per row, rows one after the other. Documents are not padded; their boundaries ar
 global document starts, which global chunks contain a document start, and per local segment the first
 document start and the local piece that ends it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -44,13 +45,16 @@ def _check_divisible(row_len: int, cp_size: int) -> None:
     if cp_size < 1:
         raise ValueError(f"context parallel size must be >= 1, got {cp_size}")
     if row_len % (2 * cp_size):
-        raise ValueError(f"train.seq_len={row_len} must be divisible by 2*parallel.cp={2 * cp_size} "
-                         f"(zigzag context parallelism cuts each row into 2*cp equal chunks)")
+        raise ValueError(
+            f"train.seq_len={row_len} must be divisible by 2*parallel.cp={2 * cp_size} "
+            f"(zigzag context parallelism cuts each row into 2*cp equal chunks)"
+        )
 
 
 @dataclass
 class CPShardInfo:
     """What the context-parallel cores need to know about the whole row, on every rank."""
+
     rank: int
     size: int
     rows: int  # packed rows in the micro-batch
@@ -79,8 +83,12 @@ class CPShardInfo:
             start = torch.arange(self.rows, device=dev)[:, None] * self.row_len + c[None] * self.chunk
             end = start + self.chunk - 1
             ends = self.cu_seqlens[1:]
-            self._cache[key] = (torch.searchsorted(ends, start, right=True), torch.searchsorted(ends, end, right=True),
-                                start, end)
+            self._cache[key] = (
+                torch.searchsorted(ends, start, right=True),
+                torch.searchsorted(ends, end, right=True),
+                start,
+                end,
+            )
         return self._cache[key]
 
     def rank_doc_pos(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,11 +104,19 @@ class CPShardInfo:
 @dataclass
 class CPPackedSequence(PackedSequence):
     """A PackedSequence for one context-parallel shard; `cp` holds the global view (see CPShardInfo)."""
+
     cp: Optional[CPShardInfo] = None
 
 
-def build_cp_sequence(cu_seqlens: torch.Tensor, rows: int, row_len: int, cp_rank: int, cp_size: int,
-                      position_ids: Optional[torch.Tensor] = None, device=None) -> CPPackedSequence:
+def build_cp_sequence(
+    cu_seqlens: torch.Tensor,
+    rows: int,
+    row_len: int,
+    cp_rank: int,
+    cp_size: int,
+    position_ids: Optional[torch.Tensor] = None,
+    device=None,
+) -> CPPackedSequence:
     """The local PackedSequence of rank cp_rank for a [rows, row_len] batch with global cu_seqlens."""
     _check_divisible(row_len, cp_size)
     if not 0 <= cp_rank < cp_size:
@@ -109,14 +125,18 @@ def build_cp_sequence(cu_seqlens: torch.Tensor, rows: int, row_len: int, cp_rank
     cu = cu_seqlens.to(device=device, dtype=torch.long)
     total = rows * row_len
     if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
-        raise ValueError(f"cu_seqlens must be a 1-D tensor rising from 0 to rows*seq_len={total}, got "
-                         f"{cu.tolist() if cu.numel() < 20 else tuple(cu.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be a 1-D tensor rising from 0 to rows*seq_len={total}, got "
+            f"{cu.tolist() if cu.numel() < 20 else tuple(cu.shape)}"
+        )
     if bool((cu[1:] < cu[:-1]).any()):
         raise ValueError("cu_seqlens must be non-decreasing")
     row_starts = torch.arange(0, total, row_len, device=device)
     if not bool(torch.isin(row_starts, cu).all()):
-        raise ValueError(f"cu_seqlens must have a boundary at every row start (multiples of seq_len={row_len}): "
-                         f"a document cannot cross packed rows")
+        raise ValueError(
+            f"cu_seqlens must have a boundary at every row start (multiples of seq_len={row_len}): "
+            f"a document cannot cross packed rows"
+        )
     n = row_len // (2 * cp_size)
     idx = zigzag_token_index(rows, row_len, cp_rank, cp_size, device=device)
     doc = torch.searchsorted(cu[1:], idx, right=True)
@@ -137,8 +157,11 @@ def build_cp_sequence(cu_seqlens: torch.Tensor, rows: int, row_len: int, cp_rank
     num_chunks = rows * 2 * cp_size
     chunk_start = torch.arange(num_chunks, device=device) * n  # chunk g = (b, c) starts at b*T + c*n = g*n
     first = torch.searchsorted(starts, chunk_start)  # first start >= chunk start
-    first_off = torch.where(first < starts.numel(), starts[first.clamp(max=starts.numel() - 1)] - chunk_start,
-                            torch.full_like(chunk_start, n))
+    first_off = torch.where(
+        first < starts.numel(),
+        starts[first.clamp(max=starts.numel() - 1)] - chunk_start,
+        torch.full_like(chunk_start, n),
+    )
     first_off = first_off.clamp(max=n)
     chunk_has_start = (first_off < n).view(rows, 2 * cp_size)
     c0, c1 = zigzag_chunks(cp_rank, cp_size)
@@ -147,14 +170,29 @@ def build_cp_sequence(cu_seqlens: torch.Tensor, rows: int, row_len: int, cp_rank
     seg_first = [first_list[b * 2 * cp_size + c] for b in range(rows) for c in (c0, c1)]
     seg_ends = torch.arange(1, 2 * rows + 1, device=device) * n
     seg_last_piece = torch.searchsorted(local_cu.long(), seg_ends) - 1
-    info = CPShardInfo(rank=cp_rank, size=cp_size, rows=rows, row_len=row_len, chunk=n, cu_seqlens=cu,
-                       chunk_has_start=chunk_has_start, seg_chunk=seg_chunk, seg_first_start=seg_first,
-                       seg_last_piece=seg_last_piece)
+    info = CPShardInfo(
+        rank=cp_rank,
+        size=cp_size,
+        rows=rows,
+        row_len=row_len,
+        chunk=n,
+        cu_seqlens=cu,
+        chunk_has_start=chunk_has_start,
+        seg_chunk=seg_chunk,
+        seg_first_start=seg_first,
+        seg_last_piece=seg_last_piece,
+    )
     return CPPackedSequence(cu_seqlens=local_cu, doc_ids=doc, causal_pos=idx, rope_pos=rope_pos, cp=info)
 
 
-def shard_for_context_parallel(input_ids: torch.Tensor, labels: Optional[torch.Tensor], cu_seqlens: torch.Tensor,
-                               cp_rank: int, cp_size: int, position_ids: Optional[torch.Tensor] = None):
+def shard_for_context_parallel(
+    input_ids: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    cu_seqlens: torch.Tensor,
+    cp_rank: int,
+    cp_size: int,
+    position_ids: Optional[torch.Tensor] = None,
+):
     """Cut a packed micro-batch into this rank's zigzag shard.
 
     input_ids, labels, position_ids: [B, T] (or [T]); labels are the aligned next-token targets (-100: no
@@ -167,8 +205,9 @@ def shard_for_context_parallel(input_ids: torch.Tensor, labels: Optional[torch.T
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     rows, row_len = input_ids.shape
-    seq = build_cp_sequence(cu_seqlens, rows, row_len, cp_rank, cp_size, position_ids=position_ids,
-                            device=input_ids.device)
+    seq = build_cp_sequence(
+        cu_seqlens, rows, row_len, cp_rank, cp_size, position_ids=position_ids, device=input_ids.device
+    )
     idx = seq.causal_pos
     local_ids = input_ids.reshape(-1)[idx].view(rows, -1)
     local_labels = None
@@ -189,5 +228,12 @@ def unshard_from_context_parallel(shards: list[torch.Tensor], rows: int, row_len
     return out
 
 
-__all__ = ["CPShardInfo", "CPPackedSequence", "build_cp_sequence", "shard_for_context_parallel",
-           "unshard_from_context_parallel", "zigzag_chunks", "zigzag_token_index"]
+__all__ = [
+    "CPShardInfo",
+    "CPPackedSequence",
+    "build_cp_sequence",
+    "shard_for_context_parallel",
+    "unshard_from_context_parallel",
+    "zigzag_chunks",
+    "zigzag_token_index",
+]

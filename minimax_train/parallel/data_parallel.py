@@ -6,6 +6,7 @@ are all-gathered in bf16 and gradients are reduce-scattered in fp32 (MixedPrecis
 gloo everything stays fp32. FSDP averages gradients over the group: the trainer scales its loss by the
 group size so that the step's gradient is that of (token-summed loss) / (global loss tokens).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -29,9 +30,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the decoder layers (a ModuleList named 'layers') in {type(model).__name__}")
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: Optional[torch.dtype] = None,
-               reduce_dtype: Optional[torch.dtype] = torch.float32, reshard_after_forward: bool = True,
-               ignored_params: Optional[set] = None) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module,
+    mesh: ParallelMesh,
+    *,
+    param_dtype: Optional[torch.dtype] = None,
+    reduce_dtype: Optional[torch.dtype] = torch.float32,
+    reshard_after_forward: bool = True,
+    ignored_params: Optional[set] = None,
+) -> nn.Module:
     """Shard `model` in place over mesh.dp_cp_mesh. A no-op when that dimension has size 1.
     `ignored_params` stay as they are (expert parameters whose gradients another mechanism reduces)."""
     if mesh.grad_reduce_size == 1 or mesh.dp_cp_mesh is None:
@@ -42,8 +49,13 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: Optional[to
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed right away by backward: keep them gathered
-        fully_shard(layer, mesh=mesh.dp_cp_mesh, mp_policy=mp, ignored_params=ignored_params,
-                    reshard_after_forward=reshard_after_forward and i < len(layers) - 1)
+        fully_shard(
+            layer,
+            mesh=mesh.dp_cp_mesh,
+            mp_policy=mp,
+            ignored_params=ignored_params,
+            reshard_after_forward=reshard_after_forward and i < len(layers) - 1,
+        )
     # The root keeps FSDP's automatic choice (no reshard after forward): its parameters (embedding, final
     # norm, lm_head) are needed right away by backward, and the model's output is a dataclass that FSDP
     # cannot search for tensors to hang a pre-backward unshard on.
@@ -53,6 +65,7 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, *, param_dtype: Optional[to
 
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
+
     return isinstance(model, FSDPModule)
 
 

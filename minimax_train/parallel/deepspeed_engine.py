@@ -20,6 +20,7 @@ owns the gradient reduction, the clipping on the global norm and the (partitione
 Only data parallelism (tp = cp = ep = etp = 1). fp32 on CPU (gloo); bf16 on GPU (`bf16.enabled`, fp32
 master weights in the ZeRO optimiser). The first deepspeed.initialize of a machine JIT-compiles a small
 comm extension (about 30 s): keep TORCH_EXTENSIONS_DIR on a persistent disk."""
+
 from __future__ import annotations
 
 import logging
@@ -37,13 +38,18 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 def check_deepspeed_layout(cfg) -> None:
     """The DeepSpeed engine does data parallelism only; raise ParallelConfigError otherwise."""
     from .mesh import ParallelConfigError
+
     bad = [f"{k}={getattr(cfg, k)}" for k in ("tp", "cp", "ep", "etp") if getattr(cfg, k) != 1]
     if bad:
-        raise ParallelConfigError(f"parallel.engine=deepspeed supports data parallelism only (tp=cp=ep=etp=1), got "
-                                  f"{', '.join(bad)}; use parallel.engine=fsdp2 for tensor/context/expert parallelism")
+        raise ParallelConfigError(
+            f"parallel.engine=deepspeed supports data parallelism only (tp=cp=ep=etp=1), got "
+            f"{', '.join(bad)}; use parallel.engine=fsdp2 for tensor/context/expert parallelism"
+        )
     if cfg.zero_stage == 0:
-        raise ParallelConfigError("parallel.engine=deepspeed needs parallel.zero_stage 1, 2 or 3 (stage 0 is plain "
-                                  "data parallelism: use parallel.engine=fsdp2)")
+        raise ParallelConfigError(
+            "parallel.engine=deepspeed needs parallel.zero_stage 1, 2 or 3 (stage 0 is plain "
+            "data parallelism: use parallel.engine=fsdp2)"
+        )
     if cfg.sequence_parallel:
         raise ParallelConfigError("parallel.engine=deepspeed: sequence_parallel needs tensor parallelism (fsdp2)")
 
@@ -80,6 +86,7 @@ def _register_router_params(model: nn.Module) -> None:
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
     from minimax_train.model.moe import MoE
+
     for m in model.modules():
         if isinstance(m, MoE):
             for p in m.gate.parameters():
@@ -92,10 +99,10 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job, mesh, *, accum: int,
-                 bf16: bool):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, job, mesh, *, accum: int, bf16: bool):
         import deepspeed
         import torch.distributed as dist
+
         check_deepspeed_layout(job.parallel)
         self._own_group = False
         if not dist.is_initialized():  # one process: DeepSpeed still needs a (1-rank) process group
@@ -107,16 +114,21 @@ class DeepSpeedEngine:
         bf16 = bf16 and mesh.device.type == "cuda"
         self.config = ds_config(job, accum=accum, dp=mesh.dp_size, bf16=bf16)
         self.client_optimizer = optimizer
-        engine, ds_opt, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config,
-                                                    dist_init_required=False)
+        engine, ds_opt, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.config, dist_init_required=False
+        )
         self.engine = engine
         self.optimizer = ds_opt
         self.stage = job.parallel.zero_stage
         if self.stage == 3:
             _register_router_params(engine.module)
         self._ensure_optimizer_state()
-        log.info("DeepSpeed ZeRO stage %d%s, %s", self.stage, " + CPU optimiser offload"
-                 if job.parallel.offload_optimizer else "", "bf16 (fp32 master)" if bf16 else "fp32")
+        log.info(
+            "DeepSpeed ZeRO stage %d%s, %s",
+            self.stage,
+            " + CPU optimiser offload" if job.parallel.offload_optimizer else "",
+            "bf16 (fp32 master)" if bf16 else "fp32",
+        )
 
     # ---- the step ----------------------------------------------------------------------------------
     @property
@@ -154,6 +166,7 @@ class DeepSpeedEngine:
 
     def set_lr(self, lr: float) -> None:
         from minimax_train.train.optim import set_lr
+
         set_lr(self.client_optimizer, lr)
 
     def train(self):
@@ -195,6 +208,7 @@ class DeepSpeedEngine:
         """(model, optimiser) state dicts with full fp32 tensors, as get_state_dict gives for an unsharded
         model and torch AdamW. Collective (every rank calls it, in the same order)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
         step = self._adam_step()
         model_sd, state = {}, {}
         for n, p in self._named_params():
@@ -222,6 +236,7 @@ class DeepSpeedEngine:
     def set_state_dict(self, model_sd: dict, optim_sd: Optional[dict]) -> None:
         """Load full fp32 weights (and AdamW state) into the partitions (and the module's parameters)."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
         step = None
         for n, p in self._named_params():
             safe_set_full_fp32_param(p, model_sd[n].to(torch.float32))
@@ -252,6 +267,7 @@ class DeepSpeedEngine:
             pass
         if self._own_group:
             import torch.distributed as dist
+
             if dist.is_initialized():
                 dist.destroy_process_group()
 

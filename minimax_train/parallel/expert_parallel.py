@@ -39,6 +39,7 @@ Order in the trainer: build/load the full model (identical on all ranks) -> tens
 parallel wrappers -> apply_expert_parallel -> FSDP2 (experts over edp first, then the decoder layers
 and root over dp x cp) -> optimiser.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..model.moe import MoE, Experts, LocalDispatcher
+from ..model.moe import Experts, LocalDispatcher, MoE
 from .moe_dispatch import AllToAllDispatcher, _ExpertExchange
 
 
@@ -56,6 +57,7 @@ from .moe_dispatch import AllToAllDispatcher, _ExpertExchange
 class ExpertGroups:
     """Process groups and coordinates the dispatcher uses. dispatch_group is the group tokens are
     exchanged over: the EP group, or the flattened ep x etp group when sequence_parallel."""
+
     ep_size: int = 1
     ep_rank: int = 0
     etp_size: int = 1
@@ -82,6 +84,7 @@ def expert_groups(mesh_or_groups, sequence_parallel: Optional[bool] = None) -> E
     if isinstance(mesh_or_groups, ExpertGroups):
         return mesh_or_groups
     from torch.distributed.device_mesh import DeviceMesh
+
     if isinstance(mesh_or_groups, DeviceMesh):
         dm = mesh_or_groups
         sp, replicas = bool(sequence_parallel), 1
@@ -98,9 +101,17 @@ def expert_groups(mesh_or_groups, sequence_parallel: Optional[bool] = None) -> E
     sub = dm["ep", "etp"] if "etp" in names else dm["ep"]
     ep_size, ep_rank = dm.size(names.index("ep")), dm.get_local_rank("ep")
     etp_size, etp_rank = (dm.size(names.index("etp")), dm.get_local_rank("etp")) if "etp" in names else (1, 0)
-    g = ExpertGroups(ep_size=ep_size, ep_rank=ep_rank, etp_size=etp_size, etp_rank=etp_rank,
-                     ep_group=dm.get_group("ep"), etp_group=dm.get_group("etp") if "etp" in names else None,
-                     sequence_parallel=sp and etp_size > 1, mesh=sub, replicas=replicas)
+    g = ExpertGroups(
+        ep_size=ep_size,
+        ep_rank=ep_rank,
+        etp_size=etp_size,
+        etp_rank=etp_rank,
+        ep_group=dm.get_group("ep"),
+        etp_group=dm.get_group("etp") if "etp" in names else None,
+        sequence_parallel=sp and etp_size > 1,
+        mesh=sub,
+        replicas=replicas,
+    )
     if g.sequence_parallel:
         flat = dm["ep", "etp"]._flatten("ep_etp")
         g.dispatch_group, g.dispatch_size, g.dispatch_rank = flat.get_group(), flat.size(), flat.get_local_rank()
@@ -115,21 +126,28 @@ def _token_replicas(pm, sp: bool) -> int:
     if sp or pm.tp_size == 1 or pm.etp_size == pm.tp_size:
         return 1
     from .mesh import rank_groups
+
     group = next(g for g in rank_groups(pm.layout)["ep"] if pm.rank in g)
     per_block: dict[int, int] = {}
     for r in group:
         per_block[r // pm.tp_size] = per_block.get(r // pm.tp_size, 0) + 1  # a tp block holds one token set
     counts = set(per_block.values())
     if len(counts) != 1:
-        raise ValueError(f"parallel.ep={pm.ep_size} over tp={pm.tp_size} with etp={pm.etp_size} and no sequence "
-                         f"parallelism replicates tokens unevenly in the EP group; use etp={pm.tp_size} or "
-                         f"parallel.sequence_parallel=true")
+        raise ValueError(
+            f"parallel.ep={pm.ep_size} over tp={pm.tp_size} with etp={pm.etp_size} and no sequence "
+            f"parallelism replicates tokens unevenly in the EP group; use etp={pm.tp_size} or "
+            f"parallel.sequence_parallel=true"
+        )
     n = counts.pop()
     if n > 1:
         import warnings
-        warnings.warn(f"expert parallelism: tp={pm.tp_size} without sequence parallelism and etp={pm.etp_size} < tp: "
-                      f"every token is dispatched {n} times (redundant expert compute and all-to-all); use "
-                      f"etp={pm.tp_size} or parallel.sequence_parallel=true", stacklevel=3)
+
+        warnings.warn(
+            f"expert parallelism: tp={pm.tp_size} without sequence parallelism and etp={pm.etp_size} < tp: "
+            f"every token is dispatched {n} times (redundant expert compute and all-to-all); use "
+            f"etp={pm.tp_size} or parallel.sequence_parallel=true",
+            stacklevel=3,
+        )
     return n
 
 
@@ -137,8 +155,15 @@ class ExpertParallelExperts(Experts):
     """This rank's experts (DTensor parameters, see the module docstring); forward(send_x, plan) runs the
     pipelined all-to-all exchange. Called as a module so FSDP2's hooks (unshard over edp) fire."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act, groups: ExpertGroups, num_experts: int,
-                 intermediate_size: int):
+    def __init__(
+        self,
+        gate_up: torch.Tensor,
+        down: torch.Tensor,
+        act,
+        groups: ExpertGroups,
+        num_experts: int,
+        intermediate_size: int,
+    ):
         nn.Module.__init__(self)
         self.gate_up_proj = nn.Parameter(gate_up)
         self.down_proj = nn.Parameter(down)
@@ -159,8 +184,10 @@ class ExpertParallelExperts(Experts):
 
     def extra_repr(self) -> str:
         g = self.groups
-        return (f"experts {self.num_experts} (local {self.num_experts // g.ep_size}), ep {g.ep_size} rank {g.ep_rank}, "
-                f"etp {g.etp_size} rank {g.etp_rank}, sequence_parallel {g.sequence_parallel}")
+        return (
+            f"experts {self.num_experts} (local {self.num_experts // g.ep_size}), ep {g.ep_size} rank {g.ep_rank}, "
+            f"etp {g.etp_size} rank {g.etp_rank}, sequence_parallel {g.sequence_parallel}"
+        )
 
 
 def _shard_experts(experts: Experts, g: ExpertGroups) -> ExpertParallelExperts:
@@ -176,12 +203,13 @@ def _shard_experts(experts: Experts, g: ExpertGroups) -> ExpertParallelExperts:
     el, il = e // g.ep_size, inter // g.etp_size
     e0, i0 = g.ep_rank * el, g.etp_rank * il
     with torch.no_grad():
-        gu_l = gu.detach()[e0:e0 + el].view(el, 2, inter, h)[:, :, i0:i0 + il].clone()
-        dn_l = dn.detach()[e0:e0 + el, :, i0:i0 + il].clone()
+        gu_l = gu.detach()[e0 : e0 + el].view(el, 2, inter, h)[:, :, i0 : i0 + il].clone()
+        dn_l = dn.detach()[e0 : e0 + el, :, i0 : i0 + il].clone()
         if g.etp_size == 1:
             gu_l = gu_l.reshape(el, two_i, h)
     if g.mesh is not None:
         from torch.distributed.tensor import DTensor, Replicate, Shard
+
         mesh_dims = g.mesh.ndim
         etp_place = [Shard(2)] if mesh_dims == 2 else []
         gu_place = [Shard(0)] + ([Shard(2) if g.etp_size > 1 else Replicate()] if mesh_dims == 2 else [])
@@ -193,8 +221,9 @@ def _shard_experts(experts: Experts, g: ExpertGroups) -> ExpertParallelExperts:
     return out
 
 
-def apply_expert_parallel(model: nn.Module, expert_mesh_or_groups, *, overlap_chunks: int = 1,
-                          sequence_parallel: Optional[bool] = None) -> nn.Module:
+def apply_expert_parallel(
+    model: nn.Module, expert_mesh_or_groups, *, overlap_chunks: int = 1, sequence_parallel: Optional[bool] = None
+) -> nn.Module:
     """Shard every MoE block's experts over ep (and etp) and install the all-to-all dispatcher, in place.
 
     expert_mesh_or_groups: a ParallelMesh, a DeviceMesh with dims ("edp",) "ep"(, "etp"), or ExpertGroups.
@@ -215,9 +244,11 @@ def apply_expert_parallel(model: nn.Module, expert_mesh_or_groups, *, overlap_ch
             raise ValueError(f"apply_expert_parallel: MoE block already has a {type(local).__name__}")
         moe.experts = _shard_experts(moe.experts, g)
         if g.replicas > 1 and routing == "capacity":
-            raise ValueError("moe_routing=capacity with tokens replicated inside the EP group (tp > 1 without "
-                             "sequence parallelism and etp < tp) would count each token several times against "
-                             "the capacity; use etp = tp or parallel.sequence_parallel=true")
+            raise ValueError(
+                "moe_routing=capacity with tokens replicated inside the EP group (tp > 1 without "
+                "sequence parallelism and etp < tp) would count each token several times against "
+                "the capacity; use etp = tp or parallel.sequence_parallel=true"
+            )
         moe.dispatcher = AllToAllDispatcher(g, moe.experts.num_experts, moe.gate.top_k, routing, cf, overlap_chunks)
     if not found:
         raise ValueError(f"apply_expert_parallel: no MoE block in {type(model).__name__}")
@@ -240,6 +271,7 @@ class _GateUpAsStandard(torch.Tensor):
     def __new__(cls, t: torch.Tensor):
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
         from torch.distributed.tensor import DTensor
+
         e, two, inter, h = t.shape
         if isinstance(t, DTensor):
             (chunk,) = t.__create_chunk_list__()
@@ -248,11 +280,17 @@ class _GateUpAsStandard(torch.Tensor):
         else:
             local, offsets, sizes = t, (0, 0, 0, 0), tuple(t.shape)
         if two != 2 or offsets[1] != 0 or sizes[1] != 2 or offsets[3] != 0 or sizes[3] != h:
-            raise ValueError(f"expert gate/up tensor {tuple(t.shape)} sharded as {offsets}+{sizes}: expected "
-                             f"[E, 2, I, H] sharded on dims 0 and 2 only")
+            raise ValueError(
+                f"expert gate/up tensor {tuple(t.shape)} sharded as {offsets}+{sizes}: expected "
+                f"[E, 2, I, H] sharded on dims 0 and 2 only"
+            )
         r = torch.Tensor._make_wrapper_subclass(cls, (e, 2 * inter, h), dtype=t.dtype, device=local.device)
-        r._chunks = [ChunkStorageMetadata(offsets=torch.Size((offsets[0], k * inter + offsets[2], 0)),
-                                          sizes=torch.Size((sizes[0], sizes[2], h))) for k in range(2)]
+        r._chunks = [
+            ChunkStorageMetadata(
+                offsets=torch.Size((offsets[0], k * inter + offsets[2], 0)), sizes=torch.Size((sizes[0], sizes[2], h))
+            )
+            for k in range(2)
+        ]
         r._views = [local[:, k] for k in range(2)]
         return r
 
@@ -263,10 +301,16 @@ class _GateUpAsStandard(torch.Tensor):
     def __create_write_items__(self, fqn: str, obj) -> list:
         from torch.distributed.checkpoint.metadata import MetadataIndex, TensorProperties
         from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
         props = TensorProperties.create_from_tensor(self._views[0])
-        return [WriteItem(index=MetadataIndex(fqn, c.offsets), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(chunk=c, properties=props, size=self.size()))
-                for c in self._chunks]
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, c.offsets),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=c, properties=props, size=self.size()),
+            )
+            for c in self._chunks
+        ]
 
     def __create_chunk_list__(self) -> list:
         return list(self._chunks)

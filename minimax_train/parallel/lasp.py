@@ -22,6 +22,7 @@ through a serial chain of point-to-point messages and every rank waits for it be
 (forward), or for the gradient of its outgoing state before its backward, so the chunks' work is serialised
 across ranks (2*cp chunk computations in a row instead of one local computation per rank).
 """
+
 from __future__ import annotations
 
 import torch
@@ -64,8 +65,9 @@ class _AllGather(torch.autograd.Function):
         if world == 1:
             return g[0], None
         out = g.new_empty(g.shape[1:])
-        _reduce_scatter_flat(out, g.reshape((-1,) + tuple(g.shape[2:])).contiguous(), op=dist.ReduceOp.SUM,
-                             group=ctx.group)
+        _reduce_scatter_flat(
+            out, g.reshape((-1,) + tuple(g.shape[2:])).contiguous(), op=dist.ReduceOp.SUM, group=ctx.group
+        )
         return out, None
 
 
@@ -158,13 +160,16 @@ def _serial_lasp(q, k, v, slopes, seq, group, block_size, backend):
         if slot == 0:
             # `after` hangs the receive on q, k, v (a zero), so that its backward - sending the state's gradient
             # to r-1 - runs whenever any of them is differentiated, also by autograd.grad(..., inputs=...)
-            anchor = sum(x.reshape(-1)[:1].sum() for x in (q, k, v) if x.requires_grad) * 0.0 \
-                if torch.is_grad_enabled() else None
+            anchor = (
+                sum(x.reshape(-1)[:1].sum() for x in (q, k, v) if x.requires_grad) * 0.0
+                if torch.is_grad_enabled()
+                else None
+            )
             s_in = like.new_zeros(like.shape) if r == 0 else _RecvState.apply(anchor, like, peer(r - 1), group)
         else:
             # after slot 0's send: orders the backward (slot 1's gradient goes out before slot 0 waits)
             s_in = s_out if r == cp - 1 else _RecvState.apply(token0, like, peer(r + 1), group)
-        qs, ks, vs = (torch.cat([x[j * n:(j + 1) * n] for j in segs]) for x in (q, k, v))
+        qs, ks, vs = (torch.cat([x[j * n : (j + 1) * n] for j in segs]) for x in (q, k, v))
         cu, first_piece, last_piece = [0], [], []
         for i, j in enumerate(segs):
             first_piece.append(len(cu) - 1)
@@ -172,11 +177,19 @@ def _serial_lasp(q, k, v, slopes, seq, group, block_size, backend):
             last_piece.append(len(cu) - 2)
         carries = torch.tensor([float(info.seg_first_start[j] > 0) for j in segs], dtype=cd, device=q.device)
         init = torch.zeros(len(cu) - 1, H, dk, dv, dtype=cd, device=q.device).index_add(
-            0, torch.tensor(first_piece, device=q.device), s_in * carries[:, None, None, None])
-        o_s, finals = lightning_attention(qs[None], ks[None], vs[None], slopes,
-                                          cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=q.device),
-                                          initial_state=init, output_final_state=True, block_size=block_size,
-                                          backend=backend)
+            0, torch.tensor(first_piece, device=q.device), s_in * carries[:, None, None, None]
+        )
+        o_s, finals = lightning_attention(
+            qs[None],
+            ks[None],
+            vs[None],
+            slopes,
+            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=q.device),
+            initial_state=init,
+            output_final_state=True,
+            block_size=block_size,
+            backend=backend,
+        )
         s_out = finals[torch.tensor(last_piece, device=q.device)]
         if slot == 0 and r < cp - 1:
             token0 = _SendState.apply(s_out, peer(r + 1), group)
@@ -184,7 +197,7 @@ def _serial_lasp(q, k, v, slopes, seq, group, block_size, backend):
         elif slot == 1 and r > 0:
             tokens.append(_SendState.apply(s_out, peer(r - 1), group))
         outs.append(o_s[0])
-    pieces = [outs[j % 2][(j // 2) * n:(j // 2 + 1) * n] for j in range(2 * rows)]
+    pieces = [outs[j % 2][(j // 2) * n : (j // 2 + 1) * n] for j in range(2 * rows)]
     o = torch.cat(pieces)
     for t in tokens:  # keep the send nodes on the path to the loss (adds zeros)
         o = o + t.to(o.dtype)
@@ -212,8 +225,8 @@ class _PrefixCorrection(torch.autograd.Function):
             for a in range(0, f, _CORR_ROWS):
                 b = min(f, a + _CORR_ROWS)
                 dec = torch.exp(-lam[None, :] * torch.arange(a + 1, b + 1, device=q.device, dtype=cd)[:, None])
-                c = torch.einsum("thk,hkv->thv", q[s0 + a:s0 + b].to(cd), states[j]) * dec[..., None]
-                out[s0 + a:s0 + b] = (out[s0 + a:s0 + b].to(cd) + c).to(out.dtype)
+                c = torch.einsum("thk,hkv->thv", q[s0 + a : s0 + b].to(cd), states[j]) * dec[..., None]
+                out[s0 + a : s0 + b] = (out[s0 + a : s0 + b].to(cd) + c).to(out.dtype)
 
     @staticmethod
     def backward(ctx, g):
@@ -231,14 +244,24 @@ class _PrefixCorrection(torch.autograd.Function):
             for a in range(0, f, _CORR_ROWS):
                 b = min(f, a + _CORR_ROWS)
                 dec = torch.exp(-lam[None, :] * torch.arange(a + 1, b + 1, device=q.device, dtype=cd)[:, None])
-                gd = g[s0 + a:s0 + b].to(cd) * dec[..., None]  # [m, H, dv]
+                gd = g[s0 + a : s0 + b].to(cd) * dec[..., None]  # [m, H, dv]
                 if dq is not None:
-                    dq[s0 + a:s0 + b] = torch.einsum("thv,hkv->thk", gd, states[j]).to(q.dtype)
-                ds[j] += torch.einsum("thk,thv->hkv", q[s0 + a:s0 + b].to(cd), gd)
+                    dq[s0 + a : s0 + b] = torch.einsum("thv,hkv->thk", gd, states[j]).to(q.dtype)
+                ds[j] += torch.einsum("thk,thv->hkv", q[s0 + a : s0 + b].to(cd), gd)
 
 
-def lasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: torch.Tensor, seq, group, *,
-                   block_size: int = 256, mode: str = "plus", backend: str = "auto") -> torch.Tensor:
+def lasp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slopes: torch.Tensor,
+    seq,
+    group,
+    *,
+    block_size: int = 256,
+    mode: str = "plus",
+    backend: str = "auto",
+) -> torch.Tensor:
     """Lightning attention of one context-parallel shard. q, k, v [T_local, H, D] (activated), seq a
     CPPackedSequence from shard_for_context_parallel; returns [T_local, H, Dv] equal to the corresponding
     rows of the single-process result. mode: "plus" (one all-gather) or "serial" (LASP baseline)."""
@@ -250,8 +273,16 @@ def lasp_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slopes: to
         raise ValueError(f"context-parallel group has {world} ranks but the sequence was sharded for cp={info.size}")
     if mode == "serial" and world > 1:
         return _serial_lasp(q, k, v, slopes, seq, group, block_size, backend)
-    o, finals = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long,
-                                    output_final_state=True, block_size=block_size, backend=backend)
+    o, finals = lightning_attention(
+        q[None],
+        k[None],
+        v[None],
+        slopes,
+        cu_seqlens=seq.cu_seqlens_long,
+        output_final_state=True,
+        block_size=block_size,
+        backend=backend,
+    )
     o = o[0]
     m_loc = finals[info.seg_last_piece.to(finals.device)]  # [2*rows, H, dk, dv] fp32 (fp64 for fp64 inputs)
     a_grid = chunk_decays(info, slopes.to(m_loc.device), m_loc.dtype)
@@ -275,11 +306,19 @@ class LaspCore:
 
     def __call__(self, q, k, v, slopes, seq, *, block_size: int):
         if getattr(seq, "cp", None) is None:
-            o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long,
-                                       block_size=block_size, backend=self.backend)
+            o, _ = lightning_attention(
+                q[None],
+                k[None],
+                v[None],
+                slopes,
+                cu_seqlens=seq.cu_seqlens_long,
+                block_size=block_size,
+                backend=self.backend,
+            )
             return o[0]
-        return lasp_attention(q, k, v, slopes, seq, self.group, block_size=block_size, mode=self.mode,
-                              backend=self.backend)
+        return lasp_attention(
+            q, k, v, slopes, seq, self.group, block_size=block_size, mode=self.mode, backend=self.backend
+        )
 
     def __repr__(self) -> str:
         return f"LaspCore(mode={self.mode!r}, backend={self.backend!r})"

@@ -12,6 +12,7 @@ the expert parameters.
 A single process (no torchrun) is world 1: no process group is created, every group is None and the
 collective helpers are no-ops. Nothing here is global: build one ParallelMesh and pass it around.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,11 +60,15 @@ class ParallelConfig:
         if self.backend not in BACKENDS:
             raise ParallelConfigError(f"parallel.backend: unknown '{self.backend}'; use one of {', '.join(BACKENDS)}")
         if self.grad_sync not in ("step", "micro"):
-            raise ParallelConfigError(f"parallel.grad_sync: unknown '{self.grad_sync}'; use step (reduce-scatter "
-                                      f"once per optimiser step) or micro (after every micro-batch)")
+            raise ParallelConfigError(
+                f"parallel.grad_sync: unknown '{self.grad_sync}'; use step (reduce-scatter "
+                f"once per optimiser step) or micro (after every micro-batch)"
+            )
         if self.grad_sync == "micro" and self.engine == "deepspeed":
-            raise ParallelConfigError("parallel.grad_sync=micro is an fsdp2 setting; with DeepSpeed the ZeRO stage "
-                                      "decides (stage 2 and 3 reduce every micro-batch)")
+            raise ParallelConfigError(
+                "parallel.grad_sync=micro is an fsdp2 setting; with DeepSpeed the ZeRO stage "
+                "decides (stage 2 and 3 reduce every micro-batch)"
+            )
         if self.lasp not in ("plus", "serial"):
             raise ParallelConfigError(f"parallel.lasp: unknown '{self.lasp}'; use plus or serial")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -71,8 +76,9 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise ParallelConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
         if self.tp % self.etp:
-            raise ParallelConfigError(f"parallel.etp={self.etp} must divide parallel.tp={self.tp}; valid: "
-                                      f"{_fmt(_divisors(self.tp))}")
+            raise ParallelConfigError(
+                f"parallel.etp={self.etp} must divide parallel.tp={self.tp}; valid: {_fmt(_divisors(self.tp))}"
+            )
 
 
 def _divisors(n: int) -> list[int]:
@@ -86,6 +92,7 @@ def _fmt(xs) -> str:
 @dataclass(frozen=True)
 class Layout:
     """The sizes of every dimension, validated against the world size (and the model when given)."""
+
     world: int
     dp: int
     cp: int
@@ -101,27 +108,33 @@ def resolve_layout(cfg: ParallelConfig, world_size: int, model_cfg=None) -> Layo
     cfg.validate()
     w = world_size
     if w % cfg.tp:
-        raise ParallelConfigError(f"parallel.tp={cfg.tp} does not divide the world size {w}; valid: "
-                                  f"{_fmt(_divisors(w))}")
+        raise ParallelConfigError(
+            f"parallel.tp={cfg.tp} does not divide the world size {w}; valid: {_fmt(_divisors(w))}"
+        )
     if (w // cfg.tp) % cfg.cp:
-        raise ParallelConfigError(f"parallel.cp={cfg.cp} does not divide world/tp={w // cfg.tp} "
-                                  f"(world {w}, tp {cfg.tp}); valid: {_fmt(_divisors(w // cfg.tp))}")
+        raise ParallelConfigError(
+            f"parallel.cp={cfg.cp} does not divide world/tp={w // cfg.tp} "
+            f"(world {w}, tp {cfg.tp}); valid: {_fmt(_divisors(w // cfg.tp))}"
+        )
     dp = w // (cfg.tp * cfg.cp)
     ep_room = dp * cfg.cp * (cfg.tp // cfg.etp)  # ranks an expert-parallel group may fold over
     if ep_room % cfg.ep:
         raise ParallelConfigError(
             f"parallel.ep={cfg.ep} does not divide dp*cp*(tp/etp)={ep_room} (dp {dp}, cp {cfg.cp}, tp {cfg.tp}, "
-            f"etp {cfg.etp}); valid: {_fmt(_divisors(ep_room))}")
+            f"etp {cfg.etp}); valid: {_fmt(_divisors(ep_room))}"
+        )
     if model_cfg is not None:
         heads, kv = model_cfg.num_attention_heads, model_cfg.num_key_value_heads
         if heads % cfg.tp:
             ok = [d for d in _divisors(w) if heads % d == 0]
-            raise ParallelConfigError(f"parallel.tp={cfg.tp} does not divide num_attention_heads={heads}; valid: "
-                                      f"{_fmt(ok)}")
+            raise ParallelConfigError(
+                f"parallel.tp={cfg.tp} does not divide num_attention_heads={heads}; valid: {_fmt(ok)}"
+            )
         if kv % cfg.tp and cfg.tp % kv:
             ok = [d for d in _divisors(w) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]
-            raise ParallelConfigError(f"parallel.tp={cfg.tp}: num_key_value_heads={kv} must divide or be divisible "
-                                      f"by tp; valid: {_fmt(ok)}")
+            raise ParallelConfigError(
+                f"parallel.tp={cfg.tp}: num_key_value_heads={kv} must divide or be divisible by tp; valid: {_fmt(ok)}"
+            )
         e = model_cfg.num_local_experts
         if e % cfg.ep:
             ok = [d for d in _divisors(ep_room) if e % d == 0]
@@ -129,8 +142,9 @@ def resolve_layout(cfg: ParallelConfig, world_size: int, model_cfg=None) -> Layo
         inter = model_cfg.intermediate_size
         if inter % cfg.etp:
             ok = [d for d in _divisors(cfg.tp) if inter % d == 0]
-            raise ParallelConfigError(f"parallel.etp={cfg.etp} does not divide intermediate_size={inter}; valid: "
-                                      f"{_fmt(ok)}")
+            raise ParallelConfigError(
+                f"parallel.etp={cfg.etp} does not divide intermediate_size={inter}; valid: {_fmt(ok)}"
+            )
     return Layout(world=w, dp=dp, cp=cfg.cp, tp=cfg.tp, ep=cfg.ep, etp=cfg.etp, edp=w // (cfg.ep * cfg.etp))
 
 
@@ -144,14 +158,20 @@ def rank_groups(layout: Layout) -> dict[str, list[list[int]]]:
             r = 0
             for i, s in zip(idx, shape):
                 r = r * s + i
-            key = idx[:dim] + idx[dim + 1:]
+            key = idx[:dim] + idx[dim + 1 :]
             out.setdefault(key, []).append(r)
         return [sorted(v) for _, v in sorted(out.items())]
 
     a = (layout.dp, layout.cp, layout.tp)
     e = (layout.edp, layout.ep, layout.etp)
-    return {"dp": groups(a, 0), "cp": groups(a, 1), "tp": groups(a, 2),
-            "edp": groups(e, 0), "ep": groups(e, 1), "etp": groups(e, 2)}
+    return {
+        "dp": groups(a, 0),
+        "cp": groups(a, 1),
+        "tp": groups(a, 2),
+        "edp": groups(e, 0),
+        "ep": groups(e, 1),
+        "etp": groups(e, 2),
+    }
 
 
 def barrier(device: torch.device | None = None) -> None:
@@ -193,8 +213,9 @@ class ParallelMesh:
     are reduced over), device_mesh (dims dp, cp, tp), expert_mesh (dims edp, ep, etp).
     Groups and meshes are None in a single process."""
 
-    def __init__(self, cfg: ParallelConfig, *, world_size: int, rank: int, local_rank: int, device: torch.device,
-                 model_cfg=None):
+    def __init__(
+        self, cfg: ParallelConfig, *, world_size: int, rank: int, local_rank: int, device: torch.device, model_cfg=None
+    ):
         self.cfg = cfg
         self.world_size, self.rank, self.local_rank, self.device = world_size, rank, local_rank, device
         self.layout = resolve_layout(cfg, world_size, model_cfg)
@@ -213,6 +234,7 @@ class ParallelMesh:
         self.ep_group = self.etp_group = self.edp_group = self.dp_cp_group = None
         if world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
+
             dtype = device.type
             self.device_mesh = init_device_mesh(dtype, (L.dp, L.cp, L.tp), mesh_dim_names=("dp", "cp", "tp"))
             self.expert_mesh = init_device_mesh(dtype, (L.edp, L.ep, L.etp), mesh_dim_names=("edp", "ep", "etp"))
@@ -230,7 +252,7 @@ class ParallelMesh:
 
     # ---- construction from the launcher's environment ------------------------------------------------
     @classmethod
-    def from_env(cls, cfg: ParallelConfig, *, device: str = "auto", model_cfg=None) -> "ParallelMesh":
+    def from_env(cls, cfg: ParallelConfig, *, device: str = "auto", model_cfg=None) -> ParallelMesh:
         """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun, srun wrappers); initialise the default process group
         when world > 1. device: auto | cpu | cuda."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -297,13 +319,22 @@ class ParallelMesh:
 
     def describe(self) -> str:
         L = self.layout
-        return (f"world {L.world} = dp {L.dp} x cp {L.cp} x tp {L.tp}; experts: edp {L.edp} x ep {L.ep} x etp {L.etp}; "
-                f"device {self.device}")
+        return (
+            f"world {L.world} = dp {L.dp} x cp {L.cp} x tp {L.tp}; experts: edp {L.edp} x ep {L.ep} x etp {L.etp}; "
+            f"device {self.device}"
+        )
 
 
 def build_mesh(cfg: ParallelConfig, device: str = "auto", model_cfg=None) -> ParallelMesh:
     return ParallelMesh.from_env(cfg, device=device, model_cfg=model_cfg)
 
 
-__all__ = ["ParallelConfig", "ParallelConfigError", "ParallelMesh", "Layout", "resolve_layout", "rank_groups",
-           "build_mesh"]
+__all__ = [
+    "ParallelConfig",
+    "ParallelConfigError",
+    "ParallelMesh",
+    "Layout",
+    "resolve_layout",
+    "rank_groups",
+    "build_mesh",
+]

@@ -32,6 +32,7 @@ Expert tensor parallelism (ETP, each expert's FFN split over I across etp ranks)
   the source sums the etp partials in its index_add. No etp collective; the same bytes as Megatron's
   all-to-all + all-gather over etp.
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,9 +60,25 @@ class DispatchPlan:
     """Everything the exchange needs, derived from the all-gathered counts (identical on all ranks).
     A plain class (not a dataclass) so FSDP's input casting leaves it alone."""
 
-    __slots__ = ("chunks", "group", "etp_reduce_group", "send_rows", "recv_rows", "send_splits", "recv_splits",
-                 "expert_counts", "offs", "perm", "inv_perm", "act", "needs_grad",
-                 "wg_perm", "wg_counts", "wg_offs", "wg_scale")
+    __slots__ = (
+        "chunks",
+        "group",
+        "etp_reduce_group",
+        "send_rows",
+        "recv_rows",
+        "send_splits",
+        "recv_splits",
+        "expert_counts",
+        "offs",
+        "perm",
+        "inv_perm",
+        "act",
+        "needs_grad",
+        "wg_perm",
+        "wg_counts",
+        "wg_offs",
+        "wg_scale",
+    )
 
     def __init__(self, **kw):
         for k in self.__slots__:
@@ -200,8 +217,15 @@ class AllToAllDispatcher:
     tokens_per_expert [E] routed (before any drop) assignments, dropped = dropped (token, slot) assignments.
     """
 
-    def __init__(self, groups, num_experts: int, top_k: int, routing: str = "dropless",
-                 capacity_factor: float = 1.25, chunks: int = 1):
+    def __init__(
+        self,
+        groups,
+        num_experts: int,
+        top_k: int,
+        routing: str = "dropless",
+        capacity_factor: float = 1.25,
+        chunks: int = 1,
+    ):
         if routing not in ("dropless", "capacity"):
             raise ValueError(f"moe_routing '{routing}' unknown; use dropless or capacity")
         if chunks < 1:
@@ -231,8 +255,9 @@ class AllToAllDispatcher:
         bounds = [c * t // k_chunks for c in range(k_chunks + 1)]
 
         # 1. the global router: every rank's per-chunk routed counts and token count
-        counts_k = torch.stack([torch.bincount(flat_e[bounds[c] * k:bounds[c + 1] * k], minlength=e_all)
-                                for c in range(k_chunks)])  # [K, E]
+        counts_k = torch.stack(
+            [torch.bincount(flat_e[bounds[c] * k : bounds[c + 1] * k], minlength=e_all) for c in range(k_chunks)]
+        )  # [K, E]
         payload = torch.cat([counts_k.reshape(-1), torch.full((1,), t, dtype=counts_k.dtype, device=dev)])
         host = self._gather_counts(payload).cpu()  # the layer's one host sync
         routed = host[:, :-1].reshape(-1, k_chunks, e_all)  # [G, K, E]
@@ -247,7 +272,7 @@ class AllToAllDispatcher:
 
         # 2. plan: split sizes per chunk; owner p holds experts [p*el, (p+1)*el)
         kept_owner = kept.view(-1, k_chunks, ep, el).sum(-1)  # [G, K, ep]
-        mine = kept[:, :, g.ep_rank * el:(g.ep_rank + 1) * el]  # [G, K, el]: rows each source sends me
+        mine = kept[:, :, g.ep_rank * el : (g.ep_rank + 1) * el]  # [G, K, el]: rows each source sends me
         send_splits = [[int(n) for n in kept_owner[me, c] for _ in range(rep)] for c in range(k_chunks)]
         recv_splits = [[int(n) for n in mine[:, c].sum(-1)] for c in range(k_chunks)]
         expert_counts = [[int(n) for n in mine[:, c].sum(0)] for c in range(k_chunks)]
@@ -271,25 +296,38 @@ class AllToAllDispatcher:
         offs = torch.cumsum(ec_dev, 1, dtype=torch.int32).unbind(0)
         wg_offs = torch.cumsum(ec_dev.sum(0), 0, dtype=torch.int32)
         if self.routing == "capacity":
-            offsets, pos = dev_vals[pos:pos + e_all], pos + e_all
+            offsets, pos = dev_vals[pos : pos + e_all], pos + e_all
         perm, inv_perm = [None] * k_chunks, [None] * k_chunks
         for c in range(k_chunks):
             if keys[c] is not None:
                 nb = len(keys[c])
-                perm[c], inv_perm[c] = _expert_major(dev_vals[pos:pos + nb], dev_vals[pos + nb:pos + 2 * nb],
-                                                     sum(recv_splits[c]))
+                perm[c], inv_perm[c] = _expert_major(
+                    dev_vals[pos : pos + nb], dev_vals[pos + nb : pos + 2 * nb], sum(recv_splits[c])
+                )
                 pos += 2 * nb
         wg_perm = None
         if wg_keys is not None and sum(wg_counts):
             nb = len(wg_keys)
-            wg_perm, _ = _expert_major(dev_vals[pos:pos + nb], dev_vals[pos + nb:pos + 2 * nb], sum(wg_counts))
+            wg_perm, _ = _expert_major(dev_vals[pos : pos + nb], dev_vals[pos + nb : pos + 2 * nb], sum(wg_counts))
         plan = DispatchPlan(
-            chunks=k_chunks, group=g.dispatch_group,
+            chunks=k_chunks,
+            group=g.dispatch_group,
             etp_reduce_group=g.etp_group if (g.etp_size > 1 and not g.sequence_parallel) else None,
-            send_rows=[sum(s) for s in send_splits], recv_rows=[sum(r) for r in recv_splits],
-            send_splits=send_splits, recv_splits=recv_splits, expert_counts=expert_counts,
-            offs=offs, perm=perm, inv_perm=inv_perm, act=experts.act, needs_grad=False,
-            wg_perm=wg_perm, wg_counts=wg_counts, wg_offs=wg_offs, wg_scale=1.0 / g.replicas)
+            send_rows=[sum(s) for s in send_splits],
+            recv_rows=[sum(r) for r in recv_splits],
+            send_splits=send_splits,
+            recv_splits=recv_splits,
+            expert_counts=expert_counts,
+            offs=offs,
+            perm=perm,
+            inv_perm=inv_perm,
+            act=experts.act,
+            needs_grad=False,
+            wg_perm=wg_perm,
+            wg_counts=wg_counts,
+            wg_offs=wg_offs,
+            wg_scale=1.0 / g.replicas,
+        )
 
         # chunk of each assignment: token i is in chunk ceil((i+1)K/T) - 1 (bounds[c] = c*T//K)
         tok = torch.arange(t * k, device=dev) // k
@@ -305,10 +343,11 @@ class AllToAllDispatcher:
             blocks = sel.split([int(n) for n in kept_owner[me].reshape(-1)])
             sel = torch.cat([b for b in blocks for _ in range(rep)])
         token_of = sel // k
-        x_in, = to_autocast(x)  # the experts' first op casts anyway: gather and ship the cheaper dtype
+        (x_in,) = to_autocast(x)  # the experts' first op casts anyway: gather and ship the cheaper dtype
         send_x = x_in.index_select(0, token_of)
-        plan.needs_grad = torch.is_grad_enabled() and (send_x.requires_grad or any(
-            p.requires_grad for p in (experts.gate_up_proj, experts.down_proj)))
+        plan.needs_grad = torch.is_grad_enabled() and (
+            send_x.requires_grad or any(p.requires_grad for p in (experts.gate_up_proj, experts.down_proj))
+        )
         y = experts(send_x, plan)
         y = y * flat_w.index_select(0, sel)[:, None].to(y.dtype)
         if rep > 1 and x.dtype in (torch.bfloat16, torch.float16):

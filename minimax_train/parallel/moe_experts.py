@@ -7,6 +7,7 @@ add a full expert-weight-sized tensor per chunk, which on GPU costs more than th
 
 Rows are grouped by expert (counts `sizes`, offsets `offs` = cumsum(sizes) as int32 on the device).
 CUDA + bf16 uses torch._grouped_mm; elsewhere a loop of torch.mm (CPU float32 grouped_mm fails)."""
+
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,7 @@ def rows_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, sizes: list[in
     start = 0
     for e, n in enumerate(sizes):
         if n:
-            torch.mm(x[start:start + n], w[e], out=out[start:start + n])
+            torch.mm(x[start : start + n], w[e], out=out[start : start + n])
             start += n
     return out
 
@@ -37,7 +38,7 @@ def weight_grad(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, sizes: lis
     start = 0
     for e, n in enumerate(sizes):
         if n:
-            torch.mm(a[start:start + n].t(), b[start:start + n], out=out[e])
+            torch.mm(a[start : start + n].t(), b[start : start + n], out=out[e])
             start += n
     return out
 

@@ -1,6 +1,7 @@
 """The one place where a model is laid out over the mesh (TorchTitan's parallelize function):
 tensor (+ sequence) -> context -> expert (+ expert-tensor) -> FSDP2 data parallelism. Every piece takes
 its process groups from the ParallelMesh passed in; nothing is global."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -18,24 +19,34 @@ def experts_follow_tp(mesh: ParallelMesh) -> bool:
     return L.tp > 1 and L.ep == 1 and L.etp == L.tp
 
 
-def parallelize(model: nn.Module, mesh: ParallelMesh, cfg: ParallelConfig, *,
-                param_dtype: Optional[torch.dtype] = None, reduce_dtype: Optional[torch.dtype] = torch.float32
-                ) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    mesh: ParallelMesh,
+    cfg: ParallelConfig,
+    *,
+    param_dtype: Optional[torch.dtype] = None,
+    reduce_dtype: Optional[torch.dtype] = torch.float32,
+) -> nn.Module:
     """Apply every configured parallelism to a full model that is identical on all ranks, in place.
     Build the optimiser afterwards (it must see the sharded parameters)."""
     L = mesh.layout
     if L.tp > 1:
         from .tensor_parallel import apply_tensor_parallel
-        apply_tensor_parallel(model, mesh.device_mesh["tp"], sequence_parallel=cfg.sequence_parallel,
-                              experts=experts_follow_tp(mesh))
+
+        apply_tensor_parallel(
+            model, mesh.device_mesh["tp"], sequence_parallel=cfg.sequence_parallel, experts=experts_follow_tp(mesh)
+        )
     if L.cp > 1:
         from .context_parallel import apply_context_parallel
+
         apply_context_parallel(model, mesh.cp_group, lasp=cfg.lasp)
     expert_parallel = (L.ep > 1 or L.etp > 1 or L.tp > 1) and not experts_follow_tp(mesh)
     if expert_parallel:
         from .expert_parallel import apply_expert_parallel
-        apply_expert_parallel(model, mesh, overlap_chunks=cfg.moe_overlap_chunks,
-                              sequence_parallel=cfg.sequence_parallel)
+
+        apply_expert_parallel(
+            model, mesh, overlap_chunks=cfg.moe_overlap_chunks, sequence_parallel=cfg.sequence_parallel
+        )
     ignored = None
     if expert_parallel:
         ignored = _reduce_expert_grads(model, mesh, cfg.sequence_parallel, param_dtype, reduce_dtype)
@@ -50,6 +61,7 @@ def token_replicas_over_edp(mesh: ParallelMesh, sequence_parallel: bool) -> int:
     if sequence_parallel or mesh.layout.tp == 1:
         return 1
     from .mesh import rank_groups
+
     group = next(g for g in rank_groups(mesh.layout)["edp"] if mesh.rank in g)
     return sum(1 for r in group if r // mesh.layout.tp == mesh.rank // mesh.layout.tp)
 
@@ -62,6 +74,7 @@ def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, par
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from ..model.moe import MoE
+
     divide = float(mesh.grad_reduce_size * token_replicas_over_edp(mesh, sequence_parallel))
     experts = [m.experts for m in model.modules() if isinstance(m, MoE)]
     if mesh.layout.edp == 1:

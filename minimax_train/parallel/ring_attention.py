@@ -18,6 +18,7 @@ log-sum-exp, so nothing of size T_q x T_k outlives a block:
   back-propagate the merge weights, dO_b = w_b dO and dlse_b = w_b dO.(o_b - O), w_b = exp(lse_b - lse).
 Both are exact.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class _Call:
 @dataclass
 class RingPlan:
     """Per ring step: the rank whose K/V visits, and the (query rows x key rows) calls that can interact."""
+
     rank: int
     size: int
     steps: list  # [(src_rank, [_Call, ...]), ...]
@@ -118,8 +120,16 @@ def build_ring_plan(seq, sliding_window=None) -> RingPlan:
         calls = []
         for ks, qs in groups.items():
             qr, kr = _merge_ranges(qs, n), _merge_ranges(list(ks), n)
-            calls.append(_Call(qr, kr, _take(seq.doc_ids, qr), _take(seq.causal_pos, qr),
-                               _take(k_doc_all, kr), _take(k_pos_all, kr)))
+            calls.append(
+                _Call(
+                    qr,
+                    kr,
+                    _take(seq.doc_ids, qr),
+                    _take(seq.causal_pos, qr),
+                    _take(k_doc_all, kr),
+                    _take(k_pos_all, kr),
+                )
+            )
         steps.append((src, calls))
     plan = RingPlan(rank=r, size=cp, steps=steps)
     info._cache[key] = plan
@@ -165,12 +175,23 @@ def _block_backward_recompute(q, k, v, o, lse, do, call, scale, sliding_window, 
     cd = lse.dtype
     with torch.enable_grad():
         qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
-        ob, lseb = varlen_attention(qg, kg, vg, q_doc=call.q_doc, q_pos=call.q_pos, k_doc=call.k_doc,
-                                    k_pos=call.k_pos, scale=scale, sliding_window=sliding_window, return_lse=True,
-                                    backend=backend)
+        ob, lseb = varlen_attention(
+            qg,
+            kg,
+            vg,
+            q_doc=call.q_doc,
+            q_pos=call.q_pos,
+            k_doc=call.k_doc,
+            k_pos=call.k_pos,
+            scale=scale,
+            sliding_window=sliding_window,
+            return_lse=True,
+            backend=backend,
+        )
         lse_f = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-        w = torch.where(torch.isneginf(lseb.detach().to(cd)), torch.zeros_like(lse),
-                        torch.exp(lseb.detach().to(cd) - lse_f))  # [Hq, Tq]
+        w = torch.where(
+            torch.isneginf(lseb.detach().to(cd)), torch.zeros_like(lse), torch.exp(lseb.detach().to(cd) - lse_f)
+        )  # [Hq, Tq]
         wt = w.transpose(0, 1).unsqueeze(-1)
         do_b = (wt * do.to(cd)).to(ob.dtype)
         dlse_b = (w * (do.to(cd) * (ob.detach().to(cd) - o.to(cd))).sum(-1).transpose(0, 1)).to(lseb.dtype)
@@ -193,12 +214,22 @@ class _RingAttention(torch.autograd.Function):
             if s < last:
                 nxt, reqs = ring.shift(cur, tag=0)
             for call in calls:
-                o_c, lse_c = varlen_attention(_take(q, call.q_ranges), _take(cur[0], call.k_ranges),
-                                              _take(cur[1], call.k_ranges), q_doc=call.q_doc,
-                                              q_pos=call.q_pos, k_doc=call.k_doc, k_pos=call.k_pos, scale=scale,
-                                              sliding_window=sliding_window, return_lse=True, backend=backend)
-                m_o, m_lse = merge_partial_attention(_take(acc_o, call.q_ranges), _take(acc_lse, call.q_ranges, 1),
-                                                     o_c, lse_c)
+                o_c, lse_c = varlen_attention(
+                    _take(q, call.q_ranges),
+                    _take(cur[0], call.k_ranges),
+                    _take(cur[1], call.k_ranges),
+                    q_doc=call.q_doc,
+                    q_pos=call.q_pos,
+                    k_doc=call.k_doc,
+                    k_pos=call.k_pos,
+                    scale=scale,
+                    sliding_window=sliding_window,
+                    return_lse=True,
+                    backend=backend,
+                )
+                m_o, m_lse = merge_partial_attention(
+                    _take(acc_o, call.q_ranges), _take(acc_lse, call.q_ranges, 1), o_c, lse_c
+                )
                 _put(acc_o, call.q_ranges, m_o.to(cd))
                 _put(acc_lse, call.q_ranges, m_lse.to(cd), dim=1)
             if reqs is not None:
@@ -230,15 +261,30 @@ class _RingAttention(torch.autograd.Function):
             if s < last:
                 nxt, reqs = ring.shift(cur, tag=0)
             # this step's contribution to the visiting block's dK, dV (fp32 accumulators travel the ring)
-            contrib = (torch.zeros(Tk, Hkv, D, dtype=cd, device=q.device),
-                       torch.zeros(Tk, Hkv, Dv, dtype=cd, device=q.device))
+            contrib = (
+                torch.zeros(Tk, Hkv, D, dtype=cd, device=q.device),
+                torch.zeros(Tk, Hkv, Dv, dtype=cd, device=q.device),
+            )
             for call in calls:
                 kb, vb = _take(cur[0], call.k_ranges), _take(cur[1], call.k_ranges)
                 qb, ob, dob = (_take(x, call.q_ranges) for x in (q, o, do))
                 lseb = _take(lse, call.q_ranges, 1)
                 if ctx.bwd == "fused":
-                    g = _block_backward_fused(qb, kb, vb, ob, lseb, dob, _take(delta, call.q_ranges, 1), call.q_doc,
-                                              call.q_pos, call.k_doc, call.k_pos, ctx.scale, ctx.window)
+                    g = _block_backward_fused(
+                        qb,
+                        kb,
+                        vb,
+                        ob,
+                        lseb,
+                        dob,
+                        _take(delta, call.q_ranges, 1),
+                        call.q_doc,
+                        call.q_pos,
+                        call.k_doc,
+                        call.k_pos,
+                        ctx.scale,
+                        ctx.window,
+                    )
                 else:
                     g = _block_backward_recompute(qb, kb, vb, ob, lseb, dob, call, ctx.scale, ctx.window, ctx.backend)
                 _put(dq, call.q_ranges, g[0].to(cd), add=True)
@@ -267,8 +313,9 @@ def _resolve_backend(q, backend):
     return backend
 
 
-def ring_attention(q, k, v, seq, group, *, scale: float, sliding_window=None, backend: str = "auto",
-                   backward: str = "auto") -> torch.Tensor:
+def ring_attention(
+    q, k, v, seq, group, *, scale: float, sliding_window=None, backend: str = "auto", backward: str = "auto"
+) -> torch.Tensor:
     """Softmax attention of one context-parallel shard: q [T_local, Hq, D], k/v [T_local, Hkv, D] of the
     local tokens of a CPPackedSequence; returns [T_local, Hq, Dv], the corresponding rows of the
     single-process result. backward: "fused" (torch backend only), "recompute", or "auto"."""
@@ -300,11 +347,29 @@ class RingAttentionCore:
 
     def __call__(self, q, k, v, seq, *, scale, sliding_window):
         if getattr(seq, "cp", None) is None:
-            return varlen_attention(q, k, v, q_doc=seq.doc_ids, q_pos=seq.causal_pos, k_doc=seq.doc_ids,
-                                    k_pos=seq.causal_pos, scale=scale, sliding_window=sliding_window,
-                                    backend=self.backend)
-        return ring_attention(q, k, v, seq, self.group, scale=scale, sliding_window=sliding_window,
-                              backend=self.backend, backward=self.backward)
+            return varlen_attention(
+                q,
+                k,
+                v,
+                q_doc=seq.doc_ids,
+                q_pos=seq.causal_pos,
+                k_doc=seq.doc_ids,
+                k_pos=seq.causal_pos,
+                scale=scale,
+                sliding_window=sliding_window,
+                backend=self.backend,
+            )
+        return ring_attention(
+            q,
+            k,
+            v,
+            seq,
+            self.group,
+            scale=scale,
+            sliding_window=sliding_window,
+            backend=self.backend,
+            backward=self.backward,
+        )
 
     def __repr__(self) -> str:
         return f"RingAttentionCore(backend={self.backend!r}, backward={self.backward!r})"

@@ -50,6 +50,7 @@ trainer's loss (lm_loss_sum * dp*cp / global_tokens + coef * aux) needs no tp fa
 right on every rank (Megatron's convention: a tensor replicated over tp carries its full gradient).
 return_logits=True gives the full [B, T, V] logits on every rank (all-gathered).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,14 +67,23 @@ from ..model.attention import LightningAttention, SoftmaxAttention
 from ..model.moe import MoE, RouterOutput
 from ..ops.cross_entropy import chunked_loss_sum
 from ..ops.experts import grouped_linear, to_autocast, use_grouped_mm
-from .tp_ops import (all_reduce_sum, copy_to_tp, gather_last_dim, gather_seq, gather_seq_two_ways, pair_gate_up,
-                     reduce_from_tp, scatter_seq)
+from .tp_ops import (
+    all_reduce_sum,
+    copy_to_tp,
+    gather_last_dim,
+    gather_seq,
+    gather_seq_two_ways,
+    pair_gate_up,
+    reduce_from_tp,
+    scatter_seq,
+)
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_embedding, vocab_range
 
 
 @dataclass
 class TPContext:
     """The tp group as the modules see it."""
+
     mesh: object  # 1-D DeviceMesh
     group: object  # its ProcessGroup
     size: int
@@ -90,8 +100,10 @@ class TPContext:
         """Per-rank partial sums over all tokens -> residual stream (SP: reduce-scatter; else all-reduce)."""
         if self.sequence_parallel:
             if x.shape[0] % self.size:
-                raise ValueError(f"sequence parallelism needs the micro-batch's tokens (B*T={x.shape[0]}) to be a "
-                                 f"multiple of tp={self.size}")
+                raise ValueError(
+                    f"sequence parallelism needs the micro-batch's tokens (B*T={x.shape[0]}) to be a "
+                    f"multiple of tp={self.size}"
+                )
             return scatter_seq(x, self.group)
         return reduce_from_tp(x, self.group)
 
@@ -119,6 +131,7 @@ def _with_params(module: nn.Module, **tensors: torch.Tensor):
 
 # ---- the TP versions of the model's modules (mixed into the module's own class) -------------------------------
 
+
 class _TPEmbedding:
     """Vocabulary-parallel embedding: this rank's rows, zeros elsewhere, summed (reduce-scattered under SP)."""
 
@@ -141,8 +154,7 @@ class _TPLMHead:
 def _tp_lm_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, logits: Optional[torch.Tensor]) -> torch.Tensor:
     """MiniMaxForCausalLM.lm_loss_sum under TP: the sum over all the micro-batch's tokens, on every tp rank."""
     if logits is not None:  # the full logits were asked for anyway
-        return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100,
-                               reduction="sum")
+        return F.cross_entropy(logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100, reduction="sum")
     head = self.lm_head
     tp: TPContext = head._tp
     hidden = tp.enter(hidden)  # all the micro-batch's tokens (SP: all-gathered once, not per chunk)
@@ -185,7 +197,7 @@ class _TPLocalLinear:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = _local(self.weight)
         if self._rows is not None:
-            w = copy_to_tp(w, self._tp.group)[self._rows[0]:self._rows[1]]
+            w = copy_to_tp(w, self._tp.group)[self._rows[0] : self._rows[1]]
         return F.linear(x, w)
 
 
@@ -209,7 +221,7 @@ class _TPExperts:
     partial sum of every expert's output over its I/P slice of the intermediate features."""
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int] | None = None):
-        x_sorted, = to_autocast(x_sorted)
+        (x_sorted,) = to_autocast(x_sorted)
         grouped = use_grouped_mm(x_sorted)
         sizes = None if grouped else (counts_cpu if counts_cpu is not None else counts.tolist())
         h = grouped_linear(x_sorted, counts, _local(self.gate_up_proj), sizes)
@@ -237,8 +249,12 @@ class _TPMoE:
             route, stats_route = (_unpack_route(t, k, e, local.logits.dtype) for t in (for_dispatch, for_stats))
         else:
             x_all = copy_to_tp(x, tp.group)
-            route = RouterOutput(logits=copy_to_tp(local.logits, tp.group), probs=copy_to_tp(local.probs, tp.group),
-                                 weights=copy_to_tp(local.weights, tp.group), experts=local.experts)
+            route = RouterOutput(
+                logits=copy_to_tp(local.logits, tp.group),
+                probs=copy_to_tp(local.probs, tp.group),
+                weights=copy_to_tp(local.weights, tp.group),
+                experts=local.experts,
+            )
             stats_route = local
         out, stats = self.dispatcher(x_all, route, self.experts)
         return tp.exit(out), stats_route, stats
@@ -293,19 +309,23 @@ class _Distributor:
     def __call__(self, module: nn.Module, name: str, placement: Placement) -> None:
         p = module._parameters[name]
         if isinstance(p, DTensor):
-            raise ValueError(f"apply_tensor_parallel: {type(module).__name__}.{name} is already a DTensor "
-                             f"(tensor parallelism applied twice, or FSDP applied before TP)")
+            raise ValueError(
+                f"apply_tensor_parallel: {type(module).__name__}.{name} is already a DTensor "
+                f"(tensor parallelism applied twice, or FSDP applied before TP)"
+            )
         new = self.done.get(id(p))
         if new is None:
             src = None if p.is_meta else 0  # rank 0's values win: every rank starts from the same weights
-            new = nn.Parameter(distribute_tensor(p.detach(), self.mesh, [placement], src_data_rank=src),
-                               requires_grad=p.requires_grad)
+            new = nn.Parameter(
+                distribute_tensor(p.detach(), self.mesh, [placement], src_data_rank=src), requires_grad=p.requires_grad
+            )
             self.done[id(p)] = new
         setattr(module, name, new)
 
 
 def check_tensor_parallel(cfg, tp: int, *, experts: bool = True) -> None:
     """Raise ValueError naming the model key when the model cannot be split over tp ranks."""
+
     def bad(key, msg):
         raise ValueError(f"tensor parallelism (tp={tp}): model.{key} {msg}")
 
@@ -336,8 +356,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, *, sequence_parallel: bool,
         return model
     cfg = model.config
     check_tensor_parallel(cfg, size, experts=experts)
-    tp = TPContext(mesh=tp_mesh, group=tp_mesh.get_group(), size=size, rank=tp_mesh.get_local_rank(),
-                   sequence_parallel=sequence_parallel)
+    tp = TPContext(
+        mesh=tp_mesh,
+        group=tp_mesh.get_group(),
+        size=size,
+        rank=tp_mesh.get_local_rank(),
+        sequence_parallel=sequence_parallel,
+    )
     dist_ = _Distributor(tp_mesh)
     inner = model.model
     lo, _ = vocab_range(cfg.vocab_size, tp.rank, size)

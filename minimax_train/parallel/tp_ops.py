@@ -14,6 +14,7 @@ a *sharded* tensor the gradient of its shard. Each op below states its forward a
 
 Every op is the identity when the group has one rank. The group is a torch.distributed ProcessGroup
 (DeviceMesh.get_group())."""
+
 from __future__ import annotations
 
 import torch
@@ -129,7 +130,7 @@ class _GatherSeqTwoWays(torch.autograd.Function):
             grad = _reduce_scatter0(g_partial, ctx.group)
         if g_replicated is not None:
             r = _rank(ctx.group)
-            own = g_replicated[r * ctx.n:(r + 1) * ctx.n]
+            own = g_replicated[r * ctx.n : (r + 1) * ctx.n]
             grad = own.clone() if grad is None else grad + own
         return grad, None
 
@@ -145,7 +146,7 @@ class _GatherLastDim(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         r = _rank(ctx.group)
-        return g[..., r * ctx.n:(r + 1) * ctx.n].contiguous(), None
+        return g[..., r * ctx.n : (r + 1) * ctx.n].contiguous(), None
 
 
 def copy_to_tp(x, group):
@@ -187,20 +188,25 @@ def gather_last_dim(x, group):
 # from rank (P+q)//2 > q//2, i.e. [gate_q | up_q] in source-rank order. One all-to-all of N x I/P x 2 per
 # rank each way (Megatron stores [gate_r; up_r] per rank instead, which a Shard placement cannot describe).
 
+
 def _pair_plan(p: int, r: int):
     dests = [(2 * r) % p, (2 * r + 1) % p]  # where my sub-chunks 0 and 1 go
     srcs = [r // 2, (p + r) // 2]  # who sends me gate_r and up_r (srcs[0] < srcs[1])
     return dests, srcs
 
 
-def _a2a_columns(blocks_by_peer: dict[int, torch.Tensor], recv_from: list[int], n: int, c: int, group,
-                 like: torch.Tensor) -> list[torch.Tensor]:
+def _a2a_columns(
+    blocks_by_peer: dict[int, torch.Tensor], recv_from: list[int], n: int, c: int, group, like: torch.Tensor
+) -> list[torch.Tensor]:
     """Send each [n, c] block to its peer; receive one [n, c] block from each rank in recv_from (sorted)."""
     p = _size(group)
     send_sizes = [n * c if q in blocks_by_peer else 0 for q in range(p)]
     recv_sizes = [n * c if q in recv_from else 0 for q in range(p)]
-    send = torch.cat([blocks_by_peer[q].contiguous().view(-1) for q in sorted(blocks_by_peer)]) if n * c else \
-        like.new_empty(0)
+    send = (
+        torch.cat([blocks_by_peer[q].contiguous().view(-1) for q in sorted(blocks_by_peer)])
+        if n * c
+        else like.new_empty(0)
+    )
     recv = like.new_empty(sum(recv_sizes))
     dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes, group=group)
     return [t.view(n, c) for t in recv.split(n * c)] if n * c else [like.new_empty(n, c)] * len(recv_from)
@@ -231,5 +237,13 @@ def pair_gate_up(h: torch.Tensor, group) -> torch.Tensor:
     return h if _size(group) == 1 else _PairGateUp.apply(h, group)
 
 
-__all__ = ["copy_to_tp", "reduce_from_tp", "all_reduce_sum", "gather_seq", "scatter_seq", "gather_seq_two_ways",
-           "gather_last_dim", "pair_gate_up"]
+__all__ = [
+    "copy_to_tp",
+    "reduce_from_tp",
+    "all_reduce_sum",
+    "gather_seq",
+    "scatter_seq",
+    "gather_seq_two_ways",
+    "gather_last_dim",
+    "pair_gate_up",
+]

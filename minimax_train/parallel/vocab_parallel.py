@@ -3,6 +3,7 @@ cross-entropy that never gathers the full logits (Megatron's vocab_parallel_cros
 
 Rank r of P holds vocabulary rows [r*V/P, (r+1)*V/P) of embed_tokens.weight and lm_head.weight (one
 Shard(0) DTensor each; the same Parameter when the embeddings are tied)."""
+
 from __future__ import annotations
 
 import torch
@@ -62,8 +63,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         return grad, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_local: torch.Tensor, labels: torch.Tensor, vocab_start: int,
-                                 group) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits_local: torch.Tensor, labels: torch.Tensor, vocab_start: int, group
+) -> torch.Tensor:
     """Per-token losses [T] (fp32, 0 where labels == -100), identical on every tp rank."""
     logits_local = logits_local.float()
     if _size(group) == 1:

@@ -30,6 +30,7 @@ minimax_train.hf.load_hf and saves it with the trainer's CheckpointManager as st
 with fresh AdamW state and the data loader's initial position for the job config given by the overrides
 (the trainer's Hydra config, e.g. `-- data=jsonl train.seq_len=4096`): starting the trainer with
 checkpoint.dir=CKPT_DIR and the same overrides resumes from those weights."""
+
 from __future__ import annotations
 
 import json
@@ -49,6 +50,7 @@ class CkptToolError(ValueError):
 # ---- reading -------------------------------------------------------------------------------------------------------
 def _resolve(path: str | os.PathLike) -> Path:
     from minimax_train.train.checkpoint import resolve_checkpoint
+
     return resolve_checkpoint(path)
 
 
@@ -57,6 +59,7 @@ def read_config(path: Path) -> dict:
     from omegaconf import OmegaConf
 
     from minimax_train.train.checkpoint import CONFIG
+
     f = Path(path) / CONFIG
     if not f.is_file():
         return {}
@@ -72,8 +75,11 @@ def tensor_metadata(path: Path) -> dict[str, dict]:
     out = {}
     for fqn, m in md.state_dict_metadata.items():
         if isinstance(m, TensorStorageMetadata):
-            out[fqn] = {"shape": list(m.size), "dtype": str(m.properties.dtype).removeprefix("torch."),
-                        "chunks": len(m.chunks)}
+            out[fqn] = {
+                "shape": list(m.size),
+                "dtype": str(m.properties.dtype).removeprefix("torch."),
+                "chunks": len(m.chunks),
+            }
         else:
             out[fqn] = {"shape": None, "dtype": "bytes", "chunks": 1}
     return out
@@ -81,6 +87,7 @@ def tensor_metadata(path: Path) -> dict[str, dict]:
 
 def _elem_size(dtype: str) -> int:
     import torch
+
     try:
         return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     except (AttributeError, TypeError):
@@ -89,6 +96,7 @@ def _elem_size(dtype: str) -> int:
 
 def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     from minimax_train.train.checkpoint import list_checkpoints, read_meta
+
     p = _resolve(path)
     blob = read_meta(p)
     meta = blob.get("meta", {})
@@ -108,29 +116,50 @@ def inspect_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     mn, mb = total(model)
     on, ob = total(optim)
     info: dict[str, Any] = {
-        "path": str(p), "step": int(meta.get("step", -1)), "tokens": int(meta.get("tokens", 0)),
-        "skipped_steps": int(meta.get("skipped_steps", 0)), "wandb_run_id": meta.get("wandb_run_id"),
-        "siblings": [c.name for c in list_checkpoints(p.parent)], "converted": meta.get("converted"),
-        "layout": {"world_size": world, "dp": int(blob.get("dp_size", meta.get("dp_size", world))),
-                   "tp": par.get("tp", 1), "cp": par.get("cp", 1), "ep": par.get("ep", 1), "etp": par.get("etp", 1),
-                   "sequence_parallel": par.get("sequence_parallel", False), "engine": par.get("engine", "fsdp2"),
-                   "legacy_gate_up": _is_legacy(model)},
+        "path": str(p),
+        "step": int(meta.get("step", -1)),
+        "tokens": int(meta.get("tokens", 0)),
+        "skipped_steps": int(meta.get("skipped_steps", 0)),
+        "wandb_run_id": meta.get("wandb_run_id"),
+        "siblings": [c.name for c in list_checkpoints(p.parent)],
+        "converted": meta.get("converted"),
+        "layout": {
+            "world_size": world,
+            "dp": int(blob.get("dp_size", meta.get("dp_size", world))),
+            "tp": par.get("tp", 1),
+            "cp": par.get("cp", 1),
+            "ep": par.get("ep", 1),
+            "etp": par.get("etp", 1),
+            "sequence_parallel": par.get("sequence_parallel", False),
+            "engine": par.get("engine", "fsdp2"),
+            "legacy_gate_up": _is_legacy(model),
+        },
         "data": _data_summary(meta.get("data")),
         "model_config": cfg.get("model", {}),
-        "train": {k: cfg.get("train", {}).get(k) for k in ("seq_len", "global_batch_size", "micro_batch_size", "steps")},
-        "model_tensors": len(model), "model_elements": mn, "model_bytes": mb,
-        "optim_entries": len(optim), "optim_elements": on, "optim_bytes": ob, "tensors": tensors,
+        "train": {
+            k: cfg.get("train", {}).get(k) for k in ("seq_len", "global_batch_size", "micro_batch_size", "steps")
+        },
+        "model_tensors": len(model),
+        "model_elements": mn,
+        "model_bytes": mb,
+        "optim_entries": len(optim),
+        "optim_elements": on,
+        "optim_bytes": ob,
+        "tensors": tensors,
     }
     if info["model_config"]:
         try:
             from minimax_train.model.config import ModelConfig
             from minimax_train.model.flops import count_params
+
             mcfg = ModelConfig(**info["model_config"])
             pc = count_params(mcfg)
             info["parameters"] = {"total": pc.total, "active": pc.active}
             types = mcfg.resolved_layer_types()
-            info["layer_kinds"] = {"softmax": types.count("full_attention"),
-                                   "lightning": types.count("linear_attention")}
+            info["layer_kinds"] = {
+                "softmax": types.count("full_attention"),
+                "lightning": types.count("linear_attention"),
+            }
         except (TypeError, ValueError):
             pass
     return info
@@ -145,60 +174,86 @@ def _numel(shape) -> int:
 
 def _is_legacy(model_tensors: dict) -> bool:
     """Expert gate/up stored [E, 2, I, H] (etp > 1, written before expert_parallel.standard_gate_up)."""
-    return any(k.endswith(GATE_UP) and v["shape"] is not None and len(v["shape"]) == 4
-               for k, v in model_tensors.items())
+    return any(
+        k.endswith(GATE_UP) and v["shape"] is not None and len(v["shape"]) == 4 for k, v in model_tensors.items()
+    )
 
 
 def _data_summary(data: Optional[dict]) -> dict:
     if not isinstance(data, dict):
         return {}
-    return {"global_rows": data.get("rows"), "seq_len": data.get("seq_len"), "seed": data.get("seed"),
-            "rows_per_source": data.get("taken"),
-            "positions": [{"epoch": s.get("epoch"), "document": s.get("pos"), "offset": s.get("offset")}
-                          for s in data.get("sources", [])]}
+    return {
+        "global_rows": data.get("rows"),
+        "seq_len": data.get("seq_len"),
+        "seed": data.get("seed"),
+        "rows_per_source": data.get("taken"),
+        "positions": [
+            {"epoch": s.get("epoch"), "document": s.get("pos"), "offset": s.get("offset")}
+            for s in data.get("sources", [])
+        ],
+    }
 
 
 def format_inspect(info: dict, show_tensors: bool = False, match: Optional[str] = None) -> str:
     L = info["layout"]
     mc = info["model_config"]
-    lines = [f"checkpoint {info['path']}",
-             f"  step {info['step']:,}, tokens seen {info['tokens']:,}, skipped steps {info['skipped_steps']}"
-             + (f", wandb run {info['wandb_run_id']}" if info.get("wandb_run_id") else ""),
-             f"  in its directory: {', '.join(info['siblings'])}",
-             f"  saved by {L['world_size']} rank(s) (dp {L['dp']}); job config layout: tp {L['tp']} (sequence parallel "
-             f"{'on' if L['sequence_parallel'] else 'off'}), cp {L['cp']}, ep {L['ep']}, etp {L['etp']}, engine "
-             f"{L['engine']}",
-             "  (a DCP checkpoint loads into any valid layout: resume with other parallel.* settings directly)"
-             if not L["legacy_gate_up"] else
-             "  LEGACY: expert gate/up stored [E, 2, I, H] (etp > 1, older version); `convert` rewrites it as "
-             "[E, 2I, H], which every layout and export load"]
+    lines = [
+        f"checkpoint {info['path']}",
+        f"  step {info['step']:,}, tokens seen {info['tokens']:,}, skipped steps {info['skipped_steps']}"
+        + (f", wandb run {info['wandb_run_id']}" if info.get("wandb_run_id") else ""),
+        f"  in its directory: {', '.join(info['siblings'])}",
+        f"  saved by {L['world_size']} rank(s) (dp {L['dp']}); job config layout: tp {L['tp']} (sequence parallel "
+        f"{'on' if L['sequence_parallel'] else 'off'}), cp {L['cp']}, ep {L['ep']}, etp {L['etp']}, engine "
+        f"{L['engine']}",
+        "  (a DCP checkpoint loads into any valid layout: resume with other parallel.* settings directly)"
+        if not L["legacy_gate_up"]
+        else "  LEGACY: expert gate/up stored [E, 2, I, H] (etp > 1, older version); `convert` rewrites it as "
+        "[E, 2I, H], which every layout and export load",
+    ]
     conv = info.get("converted")
     if conv:
         t = conv.get("target_layout")
-        lines.append(f"  converted from {conv.get('from')}" + (f" for world {t['world']}: dp {t['dp']} x cp {t['cp']} x tp "
-                     f"{t['tp']}, experts edp {t['edp']} x ep {t['ep']} x etp {t['etp']}" if t else ""))
+        lines.append(
+            f"  converted from {conv.get('from')}"
+            + (
+                f" for world {t['world']}: dp {t['dp']} x cp {t['cp']} x tp "
+                f"{t['tp']}, experts edp {t['edp']} x ep {t['ep']} x etp {t['etp']}"
+                if t
+                else ""
+            )
+        )
     d = info["data"]
     if d:
-        pos = "; ".join(f"source {i}: epoch {p['epoch']} doc {p['document']} +{p['offset']}"
-                        for i, p in enumerate(d.get("positions", [])))
-        lines.append(f"  data: {d.get('global_rows')} global rows of {d.get('seq_len')} tokens consumed (seed "
-                     f"{d.get('seed')}); {pos}")
+        pos = "; ".join(
+            f"source {i}: epoch {p['epoch']} doc {p['document']} +{p['offset']}"
+            for i, p in enumerate(d.get("positions", []))
+        )
+        lines.append(
+            f"  data: {d.get('global_rows')} global rows of {d.get('seq_len')} tokens consumed (seed "
+            f"{d.get('seed')}); {pos}"
+        )
     if mc:
         params = info.get("parameters", {})
         kinds = info.get("layer_kinds") or {}
-        lines.append(f"  model: vocab {mc.get('vocab_size')}, hidden {mc.get('hidden_size')}, layers "
-                     f"{mc.get('num_hidden_layers')} ({kinds.get('lightning', '?')} lightning, {kinds.get('softmax', '?')} "
-                     f"softmax), heads "
-                     f"{mc.get('num_attention_heads')}/{mc.get('num_key_value_heads')} x {mc.get('head_dim')}, experts "
-                     f"{mc.get('num_local_experts')} x {mc.get('intermediate_size')} top-{mc.get('num_experts_per_tok')}"
-                     + (f"; {params['total']:,} parameters ({params['active']:,} active)" if params else ""))
+        lines.append(
+            f"  model: vocab {mc.get('vocab_size')}, hidden {mc.get('hidden_size')}, layers "
+            f"{mc.get('num_hidden_layers')} ({kinds.get('lightning', '?')} lightning, {kinds.get('softmax', '?')} "
+            f"softmax), heads "
+            f"{mc.get('num_attention_heads')}/{mc.get('num_key_value_heads')} x {mc.get('head_dim')}, experts "
+            f"{mc.get('num_local_experts')} x {mc.get('intermediate_size')} top-{mc.get('num_experts_per_tok')}"
+            + (f"; {params['total']:,} parameters ({params['active']:,} active)" if params else "")
+        )
     t = info["train"]
     if any(v is not None for v in t.values()):
-        lines.append(f"  train: seq_len {t['seq_len']}, global batch {t['global_batch_size']} rows, micro-batch "
-                     f"{t['micro_batch_size']}, steps {t['steps']}")
-    lines.append(f"  model state: {info['model_tensors']} tensors, {info['model_elements']:,} elements, "
-                 f"{info['model_bytes'] / 1e6:,.1f} MB; optimizer state: {info['optim_entries']} entries, "
-                 f"{info['optim_bytes'] / 1e6:,.1f} MB")
+        lines.append(
+            f"  train: seq_len {t['seq_len']}, global batch {t['global_batch_size']} rows, micro-batch "
+            f"{t['micro_batch_size']}, steps {t['steps']}"
+        )
+    lines.append(
+        f"  model state: {info['model_tensors']} tensors, {info['model_elements']:,} elements, "
+        f"{info['model_bytes'] / 1e6:,.1f} MB; optimizer state: {info['optim_entries']} entries, "
+        f"{info['optim_bytes'] / 1e6:,.1f} MB"
+    )
     if show_tensors or match:
         lines.append(f"  {'tensor':64s} {'shape':>22s} {'dtype':>9s} {'chunks':>6s}")
         for k, v in sorted(info["tensors"].items()):
@@ -214,11 +269,10 @@ def format_inspect(info: dict, show_tensors: bool = False, match: Optional[str] 
 # ---- convert -------------------------------------------------------------------------------------------------------
 def load_full_state(path: Path) -> dict:
     """The whole DCP state (nested {"model": {...}, "optim": {...}}) as full tensors, in this process."""
-    from torch.distributed.checkpoint.format_utils import (FileSystemReader, _EmptyStateDictLoadPlanner,
-                                                           _load_state_dict)
+    from torch.distributed.checkpoint.format_utils import FileSystemReader, _EmptyStateDictLoadPlanner, _load_state_dict
+
     sd: dict = {}
-    _load_state_dict(sd, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(),
-                     no_dist=True)
+    _load_state_dict(sd, storage_reader=FileSystemReader(str(path)), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return sd
 
 
@@ -265,16 +319,30 @@ def check_target_layout(cfg: dict, meta: dict, *, world: int, tp: int, cp: int, 
         raise CkptToolError(f"target layout: train.global_batch_size={gbs} rows is not divisible by dp={lay.dp}")
     rows = (meta.get("data") or {}).get("rows")
     if rows is not None and rows % lay.dp:
-        raise CkptToolError(f"target layout: the data loader stopped after {rows} global rows, not a multiple of "
-                            f"dp={lay.dp}, so the run cannot resume exactly with this dp")
+        raise CkptToolError(
+            f"target layout: the data loader stopped after {rows} global rows, not a multiple of "
+            f"dp={lay.dp}, so the run cannot resume exactly with this dp"
+        )
     return {"world": world, "dp": lay.dp, "cp": lay.cp, "tp": lay.tp, "ep": lay.ep, "etp": lay.etp, "edp": lay.edp}
 
 
-def convert(path: str | os.PathLike, out: str | os.PathLike, *, fmt: str = "dcp", world: Optional[int] = None,
-            tp: int = 1, cp: int = 1, ep: int = 1, etp: int = 1, dtype=None, overwrite: bool = False) -> dict:
+def convert(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    fmt: str = "dcp",
+    world: Optional[int] = None,
+    tp: int = 1,
+    cp: int = 1,
+    ep: int = 1,
+    etp: int = 1,
+    dtype=None,
+    overwrite: bool = False,
+) -> dict:
     import torch
 
     from minimax_train.train.checkpoint import read_meta
+
     if fmt not in ("dcp", "torch", "hf"):
         raise CkptToolError(f"--format {fmt!r}: use dcp, torch or hf")
     src = _resolve(path)
@@ -317,6 +385,7 @@ def _save_dcp_step(sd: dict, blob: dict, cfg: dict, out_root: Path, step_name: s
     from omegaconf import OmegaConf
 
     from minimax_train.train.checkpoint import COMPLETE, CONFIG, META, _fsync_tree, _quiet_single_process
+
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / step_name
     tmp = out_root / (step_name + ".tmp")
@@ -341,10 +410,13 @@ def export_hf(path, out, *, dtype=None, tokenizer: bool = True, overwrite: bool 
     """minimax_train.export.export (the model rebuilt from config.yaml, weights loaded from the DCP checkpoint,
     written by minimax_train.hf.save_hf)."""
     from minimax_train.export import export
+
     src = _resolve(path)
     if _is_legacy({k: v for k, v in tensor_metadata(src).items() if k.startswith("model.")}):
-        raise CkptToolError(f"{src} stores the expert gate/up weights as [E, 2, I, H] (etp > 1, an older version); "
-                            f"rewrite it first: tools/ckpt.py convert {src} --out NEW_DIR")
+        raise CkptToolError(
+            f"{src} stores the expert gate/up weights as [E, 2, I, H] (etp > 1, an older version); "
+            f"rewrite it first: tools/ckpt.py convert {src} --out NEW_DIR"
+        )
     return export(src, out, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
 
 
@@ -355,6 +427,7 @@ def compose_job(overrides: list[str]):
 
     from minimax_train.config import register_configs, to_job_config
     from minimax_train.train.cli import conf_dir
+
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=conf_dir(), version_base=None):
@@ -362,8 +435,9 @@ def compose_job(overrides: list[str]):
     return to_job_config(cfg)
 
 
-def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overrides: Optional[list[str]] = None, *,
-              overwrite: bool = False) -> Path:
+def import_hf(
+    hf_dir: str | os.PathLike, out: str | os.PathLike, overrides: Optional[list[str]] = None, *, overwrite: bool = False
+) -> Path:
     """A transformers MiniMax directory -> step_00000000 of checkpoint.dir `out` (model, fresh AdamW state, the
     data loader's initial position for the job), saved by the trainer's CheckpointManager in one process."""
     import torch
@@ -384,10 +458,20 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overrides: Opti
     job.checkpoint.init_from_hf = None
     tok = load_tokenizer(job.data)
     if len(tok) > model_cfg.vocab_size:
-        raise CkptToolError(f"the tokenizer of data.tokenizer={job.data.tokenizer!r} has {len(tok)} tokens, more than "
-                            f"the model's vocab_size={model_cfg.vocab_size}: pass the data overrides you train with")
-    loader = build_loader(job.data, tok, seq_len=job.train.seq_len, micro_batch_size=job.train.micro_batch_size,
-                          dp_rank=0, dp_size=1, seed=job.train.seed, split="train")
+        raise CkptToolError(
+            f"the tokenizer of data.tokenizer={job.data.tokenizer!r} has {len(tok)} tokens, more than "
+            f"the model's vocab_size={model_cfg.vocab_size}: pass the data overrides you train with"
+        )
+    loader = build_loader(
+        job.data,
+        tok,
+        seq_len=job.train.seq_len,
+        micro_batch_size=job.train.micro_batch_size,
+        dp_rank=0,
+        dp_size=1,
+        seed=job.train.seed,
+        split="train",
+    )
     model = load_hf(hf_dir, dtype=torch.float32)
     optimizer, _ = build_optimizer(model, job.optim, device=torch.device("cpu"), sharded=False)
     mesh = ParallelMesh(ParallelConfig(), world_size=1, rank=0, local_rank=0, device=torch.device("cpu"))
@@ -397,27 +481,43 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, overrides: Opti
                 shutil.rmtree(p)
     manager = CheckpointManager(out, mesh, keep_last=0)
     manager.prepare()
-    meta = {"step": 0, "tokens": 0, "skipped_steps": 0, "consecutive_nonfinite": 0, "wandb_run_id": None,
-            "data": loader.state_dict(), "dp_size": 1, "imported_from": str(hf_dir.absolute())}
+    meta = {
+        "step": 0,
+        "tokens": 0,
+        "skipped_steps": 0,
+        "consecutive_nonfinite": 0,
+        "wandb_run_id": None,
+        "data": loader.state_dict(),
+        "dp_size": 1,
+        "imported_from": str(hf_dir.absolute()),
+    }
     return manager.save(0, model, optimizer, meta, {"rng": rng_state()}, job_to_yaml(job))
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
 def build_parser():
     import argparse
-    ap = argparse.ArgumentParser(prog="tools/ckpt.py", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    ap = argparse.ArgumentParser(
+        prog="tools/ckpt.py",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="{inspect,convert,export-hf,import-hf}")
     p = sub.add_parser("inspect", help="step, tokens seen, saving layout, config, tensor shapes")
     p.add_argument("checkpoint", help="a step_XXXXXXXX dir or a checkpoint.dir (its latest)")
     p.add_argument("--tensors", action="store_true", help="list every tensor (model and optimizer)")
     p.add_argument("--match", help="list the tensors whose name contains this")
     p.add_argument("--json", action="store_true")
-    p = sub.add_parser("convert", help="validate a target layout and write a consolidated dcp / torch / hf copy",
-                       description="Validate a target parallel layout for the checkpoint's model and data position "
-                                   "and write a consolidated copy. DCP checkpoints reshard when loaded, so the trainer "
-                                   "can resume the original under any valid layout without this; convert changes the "
-                                   "format (and rewrites a legacy [E, 2, I, H] expert gate/up form as [E, 2I, H]).")
+    p = sub.add_parser(
+        "convert",
+        help="validate a target layout and write a consolidated dcp / torch / hf copy",
+        description="Validate a target parallel layout for the checkpoint's model and data position "
+        "and write a consolidated copy. DCP checkpoints reshard when loaded, so the trainer "
+        "can resume the original under any valid layout without this; convert changes the "
+        "format (and rewrites a legacy [E, 2, I, H] expert gate/up form as [E, 2I, H]).",
+    )
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="dcp: a checkpoint.dir; torch: a file; hf: a directory")
     p.add_argument("--format", default="dcp", choices=("dcp", "torch", "hf"))
@@ -432,11 +532,14 @@ def build_parser():
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--no-tokenizer", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("import-hf", help="transformers directory -> step 0 of a checkpoint.dir the trainer resumes",
-                       description="Load a transformers MiniMax directory and save it as step_00000000 of a "
-                                   "checkpoint.dir (fresh AdamW state, the data loader at its start). Trainer "
-                                   "overrides after `--` choose the data, optimizer and batch settings; start training "
-                                   "with checkpoint.dir=OUT and the same overrides.")
+    p = sub.add_parser(
+        "import-hf",
+        help="transformers directory -> step 0 of a checkpoint.dir the trainer resumes",
+        description="Load a transformers MiniMax directory and save it as step_00000000 of a "
+        "checkpoint.dir (fresh AdamW state, the data loader at its start). Trainer "
+        "overrides after `--` choose the data, optimizer and batch settings; start training "
+        "with checkpoint.dir=OUT and the same overrides.",
+    )
     p.add_argument("hf_dir")
     p.add_argument("--out", required=True, help="the checkpoint.dir to create")
     p.add_argument("--overwrite", action="store_true")
@@ -451,15 +554,16 @@ def main(argv=None) -> int:
     from minimax_train.data import DataError
     from minimax_train.hf.convert import CheckpointError as HFError
     from minimax_train.train.checkpoint import CheckpointError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
     if "--" in argv:  # trainer overrides for import-hf
         i = argv.index("--")
-        argv, overrides = argv[:i], argv[i + 1:]
+        argv, overrides = argv[:i], argv[i + 1 :]
     args = build_parser().parse_args(argv)
     args.overrides = overrides
     if overrides and args.cmd != "import-hf":
-        print(f"ckpt: error: trainer overrides after -- only apply to import-hf", file=sys.stderr)
+        print("ckpt: error: trainer overrides after -- only apply to import-hf", file=sys.stderr)
         return 2
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     try:
@@ -476,26 +580,46 @@ def main(argv=None) -> int:
                     raise CkptToolError(f"--{k} must be a positive integer, got {v}")
             if args.world is None and (args.tp, args.cp, args.ep) != (1, 1, 1):
                 raise CkptToolError("--tp/--cp/--ep describe a target layout: give its --world (GPU count) too")
-            rep = convert(args.checkpoint, args.out, fmt=args.format, world=args.world, tp=args.tp, cp=args.cp,
-                          ep=args.ep, etp=args.etp, dtype=dtypes.get(args.dtype), overwrite=args.overwrite)
+            rep = convert(
+                args.checkpoint,
+                args.out,
+                fmt=args.format,
+                world=args.world,
+                tp=args.tp,
+                cp=args.cp,
+                ep=args.ep,
+                etp=args.etp,
+                dtype=dtypes.get(args.dtype),
+                overwrite=args.overwrite,
+            )
             if "target_layout" in rep:
                 t = rep["target_layout"]
-                print(f"target layout valid: world {t['world']} = dp {t['dp']} x cp {t['cp']} x tp {t['tp']}; experts "
-                      f"edp {t['edp']} x ep {t['ep']} x etp {t['etp']}")
+                print(
+                    f"target layout valid: world {t['world']} = dp {t['dp']} x cp {t['cp']} x tp {t['tp']}; experts "
+                    f"edp {t['edp']} x ep {t['ep']} x etp {t['etp']}"
+                )
             if rep.get("upgraded_gate_up"):
-                print(f"rewrote {rep['upgraded_gate_up']} legacy [E, 2, I, H] expert gate/up tensors (and Adam "
-                      f"moments) as [E, 2I, H]")
+                print(
+                    f"rewrote {rep['upgraded_gate_up']} legacy [E, 2, I, H] expert gate/up tensors (and Adam "
+                    f"moments) as [E, 2I, H]"
+                )
             print(f"wrote {rep['output']} ({rep['format']})")
         elif args.cmd == "export-hf":
-            out = export_hf(args.checkpoint, args.out, dtype=dtypes.get(args.dtype), tokenizer=not args.no_tokenizer,
-                            overwrite=args.overwrite)
+            out = export_hf(
+                args.checkpoint,
+                args.out,
+                dtype=dtypes.get(args.dtype),
+                tokenizer=not args.no_tokenizer,
+                overwrite=args.overwrite,
+            )
             print(f"wrote {out}")
         else:
             out = import_hf(args.hf_dir, args.out, args.overrides, overwrite=args.overwrite)
-            print(f"wrote {out}; train from it with: python -m minimax_train.train checkpoint.dir={Path(args.out)} "
-                  + " ".join(args.overrides))
-    except (CkptToolError, CheckpointError, HFError, ConfigError, DataError, FileNotFoundError,
-            FileExistsError) as e:
+            print(
+                f"wrote {out}; train from it with: python -m minimax_train.train checkpoint.dir={Path(args.out)} "
+                + " ".join(args.overrides)
+            )
+    except (CkptToolError, CheckpointError, HFError, ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"ckpt: error: {e}", file=sys.stderr)
         return 2
     return 0

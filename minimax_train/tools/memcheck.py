@@ -19,6 +19,7 @@ What is measured, per rank:
   per step in our runs (frees on gloo's own threads are apparently not all recorded), so it is not used
   for multi-process layouts.
 The largest of the ranks is reported (ranks of one layout are symmetric up to the routing)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -90,6 +91,7 @@ def _batch(spec: MeasureSpec, vocab: int, step: int, dp_rank: int, mb: int):
     import torch
 
     from minimax_train.data.batch import PackedBatch
+
     g = torch.Generator().manual_seed(spec.seed + 1000 * step + 100 * dp_rank + mb)
     b, t = spec.micro_batch_size, spec.seq_len
     ids = torch.randint(0, vocab, (b, t), generator=g)
@@ -103,8 +105,9 @@ def _batch(spec: MeasureSpec, vocab: int, step: int, dp_rank: int, mb: int):
             pos[r, s:e] = torch.arange(e - s)
             labels[r, e - 1] = -100
             bounds.append(r * t + e)
-    return PackedBatch(input_ids=ids, labels=labels, position_ids=pos,
-                       cu_seqlens=torch.tensor(bounds, dtype=torch.int32))
+    return PackedBatch(
+        input_ids=ids, labels=labels, position_ids=pos, cu_seqlens=torch.tensor(bounds, dtype=torch.int32)
+    )
 
 
 _MARK = 7919 * 8  # bytes of a marker allocation that separates phases in the memory events
@@ -112,7 +115,9 @@ _MARK = 7919 * 8  # bytes of a marker allocation that separates phases in the me
 
 def _mark():
     import gc
+
     import torch
+
     if os.environ.get("MEMCHECK_GC"):
         gc.collect()
     torch.empty(_MARK // 8, dtype=torch.float64)
@@ -161,8 +166,13 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
     model.train()
     for step in range(steps):
         batches = [_batch(spec, cfg.vocab_size, step, mesh.dp_rank, i) for i in range(spec.accum)]
-        fb = forward_backward(model, batches, mesh=mesh, coef=float(cfg.router_aux_loss_coef),
-                              engine=TorchEngine(model, optimizer, spec.grad_sync))
+        fb = forward_backward(
+            model,
+            batches,
+            mesh=mesh,
+            coef=float(cfg.router_aux_loss_coef),
+            engine=TorchEngine(model, optimizer, spec.grad_sync),
+        )
         marker()
         clip_grad_norm(params, 1.0)
         optimizer.step()
@@ -178,8 +188,17 @@ def _warm_up(cfg, spec: MeasureSpec, mesh) -> None:
     import dataclasses
     import gc
 
-    small = dataclasses.replace(cfg, hidden_size=64, intermediate_size=64, head_dim=8, vocab_size=512,
-                                num_hidden_layers=2, softmax_every=2, layer_types=None, block_size=16)
+    small = dataclasses.replace(
+        cfg,
+        hidden_size=64,
+        intermediate_size=64,
+        head_dim=8,
+        vocab_size=512,
+        num_hidden_layers=2,
+        softmax_every=2,
+        layer_types=None,
+        block_size=16,
+    )
     _train_steps(small, dataclasses.replace(spec, seq_len=64, micro_batch_size=1), mesh, steps=2)
     gc.collect()
     mesh.barrier()
@@ -207,21 +226,32 @@ def measure_rank(model_cfg: dict, spec: MeasureSpec) -> dict[str, Any]:
     with ctx as prof:
         losses = _train_steps(cfg, spec, mesh, spec.steps, mark=spec.profile)
     peak, end, phases = _peak_from_profile(prof) if spec.profile else (0, 0, [])
-    return {"rank": rank, "peak_tensor_bytes": peak, "end_tensor_bytes": end, "phases": phases,
-            "peak_rss_delta_bytes": max(0, _max_rss_bytes() - rss0), "seconds": time.perf_counter() - t0,
-            "losses": losses}
+    return {
+        "rank": rank,
+        "peak_tensor_bytes": peak,
+        "end_tensor_bytes": end,
+        "phases": phases,
+        "peak_rss_delta_bytes": max(0, _max_rss_bytes() - rss0),
+        "seconds": time.perf_counter() - t0,
+        "losses": losses,
+    }
 
 
 # glibc malloc: serve every allocation above 64 KiB with mmap and unmap it on free, so the resident set
 # follows the live tensors (otherwise freed blocks stay in the heap and the RSS only grows).
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "MALLOC_TOP_PAD_": "0",
-              "MALLOC_ARENA_MAX": "2"}
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "65536",
+    "MALLOC_TRIM_THRESHOLD_": "0",
+    "MALLOC_TOP_PAD_": "0",
+    "MALLOC_ARENA_MAX": "2",
+}
 
 
 def saved_tensor_bytes(model, batch) -> int:
     """Bytes of the distinct tensors autograd saves for backward in one forward pass of `model` on `batch`
     (parameters excluded): the planner's 'saved activations' measured directly."""
     import torch
+
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -247,15 +277,25 @@ def _free_port() -> int:
 
 
 def _child(rank: int, world: int, port: int, queue, model_cfg: dict, spec: MeasureSpec) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+        }
+    )
     try:
         import torch
         import torch.distributed as dist
+
         torch.set_num_threads(1)
         if world > 1:
             dist.init_process_group("gloo", rank=rank, world_size=world)
         from minimax_train.parallel.mesh import process_group_teardown
+
         with process_group_teardown():
             out = measure_rank(model_cfg, spec)
         queue.put((rank, True, pickle.dumps(out)))
@@ -267,17 +307,20 @@ def measure(model_cfg, spec: MeasureSpec, timeout: float = 600.0, spawn: bool = 
     """Peak memory of `spec` (world processes) for a ModelConfig or its dict. Returns the largest rank's
     numbers plus every rank's, and the spec."""
     import dataclasses
+
     if dataclasses.is_dataclass(model_cfg):
         model_cfg = dataclasses.asdict(model_cfg)
     if spec.world == 1 and not spawn:
         ranks = [measure_rank(model_cfg, spec)]
     else:
         import torch.multiprocessing as mp
+
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         port = _free_port()
-        procs = [ctx.Process(target=_child, args=(r, spec.world, port, queue, model_cfg, spec))
-                 for r in range(spec.world)]
+        procs = [
+            ctx.Process(target=_child, args=(r, spec.world, port, queue, model_cfg, spec)) for r in range(spec.world)
+        ]
         saved = {k: os.environ.get(k) for k in MALLOC_ENV}
         os.environ.update(MALLOC_ENV)  # inherited by the children: freed tensors go back to the OS
         try:
@@ -300,8 +343,10 @@ def measure(model_cfg, spec: MeasureSpec, timeout: float = 600.0, spawn: bool = 
                 except Exception:  # queue.Empty
                     dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
                     if dead:
-                        raise RuntimeError(f"memory measurement {spec.name!r}: rank {dead[0]} exited with code "
-                                           f"{procs[dead[0]].exitcode}")
+                        raise RuntimeError(
+                            f"memory measurement {spec.name!r}: rank {dead[0]} exited with code "
+                            f"{procs[dead[0]].exitcode}"
+                        ) from None
                     continue
                 if not ok:
                     raise RuntimeError(f"memory measurement {spec.name!r}: rank {rank} failed:\n{value}")
@@ -314,17 +359,32 @@ def measure(model_cfg, spec: MeasureSpec, timeout: float = 600.0, spawn: bool = 
                     p.join()
         ranks = [got[r] for r in range(spec.world)]
     top = max(ranks, key=lambda r: r["peak_tensor_bytes"])
-    return {"spec": asdict(spec), "peak_tensor_bytes": top["peak_tensor_bytes"],
-            "peak_rss_delta_bytes": max(r["peak_rss_delta_bytes"] for r in ranks),
-            "seconds": max(r["seconds"] for r in ranks), "ranks": ranks}
+    return {
+        "spec": asdict(spec),
+        "peak_tensor_bytes": top["peak_tensor_bytes"],
+        "peak_rss_delta_bytes": max(r["peak_rss_delta_bytes"] for r in ranks),
+        "seconds": max(r["seconds"] for r in ranks),
+        "ranks": ranks,
+    }
 
 
 # ---- the planner check -----------------------------------------------------------------------------------------------
 # A model large enough that parameters, optimiser state and activations dominate the process's own noise,
 # small enough for a few CPU steps in seconds: both attention kinds, GQA, 4 experts top-2, 9.4M parameters.
-VALIDATION_MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                        num_attention_heads=8, num_key_value_heads=2, head_dim=32, num_local_experts=4,
-                        softmax_every=2, block_size=64, rope_theta=10000.0, max_position_embeddings=8192)
+VALIDATION_MODEL = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    num_local_experts=4,
+    softmax_every=2,
+    block_size=64,
+    rope_theta=10000.0,
+    max_position_embeddings=8192,
+)
 VALIDATION_SPECS = (
     MeasureSpec("1 process", world=1, seq_len=256),
     MeasureSpec("dp=2 FSDP2, full AC", world=2, seq_len=256, activation_checkpointing="full"),
@@ -338,13 +398,34 @@ def planner_estimate(model_cfg, spec: MeasureSpec):
     experts with etp = tp, gradient sync once per step as the trainer)."""
     from minimax_train.model.config import ModelConfig
     from minimax_train.tools.planner import Layout, Workload, estimate_memory, gpu_spec
+
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
     cpu = gpu_spec("custom", memory_gib=1e3, peak_tflops=1.0, intra_gbps=1.0, inter_gbps=1.0)
     dp = spec.dp
-    w = Workload(cfg, seq_len=spec.seq_len, global_batch_tokens=spec.seq_len * spec.micro_batch_size * spec.accum * dp,
-                 num_gpus=spec.world, gpu=cpu, precision="fp32", kernels="reference", optimizer="foreach")
-    lay = Layout(tp=spec.tp, cp=1, dp=dp, ep=1, etp=spec.tp, edp=dp, engine="fsdp2", zero_stage=3, grad_sync=spec.grad_sync,
-                 ac=spec.activation_checkpointing, micro_batch_rows=spec.micro_batch_size, accum=spec.accum)
+    w = Workload(
+        cfg,
+        seq_len=spec.seq_len,
+        global_batch_tokens=spec.seq_len * spec.micro_batch_size * spec.accum * dp,
+        num_gpus=spec.world,
+        gpu=cpu,
+        precision="fp32",
+        kernels="reference",
+        optimizer="foreach",
+    )
+    lay = Layout(
+        tp=spec.tp,
+        cp=1,
+        dp=dp,
+        ep=1,
+        etp=spec.tp,
+        edp=dp,
+        engine="fsdp2",
+        zero_stage=3,
+        grad_sync=spec.grad_sync,
+        ac=spec.activation_checkpointing,
+        micro_batch_rows=spec.micro_batch_size,
+        accum=spec.accum,
+    )
     return estimate_memory(w, lay)
 
 
@@ -358,27 +439,45 @@ def validate_cpu(specs=VALIDATION_SPECS, model_cfg=None) -> list[dict]:
         m = measure(model_cfg, spec)
         est = planner_estimate(model_cfg, spec)
         measured = m["peak_rss_delta_bytes"]
-        rows.append({"name": spec.name, "spec": asdict(spec), "measured_bytes": measured,
-                     "measured_per_rank": [r["peak_rss_delta_bytes"] for r in m["ranks"]],
-                     "estimate_bytes": est.total, "error": est.total / measured - 1,
-                     "estimate": {"parameters": est.parameters, "gradients": est.gradients,
-                                  "optimizer": est.optimizer, "activations": est.activations,
-                                  "comm_buffers": est.comm_buffers, "optimizer_step_temp": est.optimizer_step_temp},
-                     "seconds": m["seconds"]})
+        rows.append(
+            {
+                "name": spec.name,
+                "spec": asdict(spec),
+                "measured_bytes": measured,
+                "measured_per_rank": [r["peak_rss_delta_bytes"] for r in m["ranks"]],
+                "estimate_bytes": est.total,
+                "error": est.total / measured - 1,
+                "estimate": {
+                    "parameters": est.parameters,
+                    "gradients": est.gradients,
+                    "optimizer": est.optimizer,
+                    "activations": est.activations,
+                    "comm_buffers": est.comm_buffers,
+                    "optimizer_step_temp": est.optimizer_step_temp,
+                },
+                "seconds": m["seconds"],
+            }
+        )
     return rows
 
 
 def format_validation(rows: list[dict]) -> str:
     mb = 1e6
-    out = ["planner estimate vs measured peak memory of CPU training steps (fp32, the trainer's model build, "
-           "forward_backward, AdamW; 2 optimizer steps x 2 micro-batches of 2 rows; busiest rank's peak RSS growth)",
-           f"{'layout':24s} {'seq':>5s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'activ':>7s} {'comm':>6s} "
-           f"{'estimate':>9s} {'measured':>9s} {'error':>7s}"]
+    out = [
+        "planner estimate vs measured peak memory of CPU training steps (fp32, the trainer's model build, "
+        "forward_backward, AdamW; 2 optimizer steps x 2 micro-batches of 2 rows; busiest rank's peak RSS growth)",
+        f"{'layout':24s} {'seq':>5s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'activ':>7s} {'comm':>6s} "
+        f"{'estimate':>9s} {'measured':>9s} {'error':>7s}",
+    ]
     for r in rows:
         e = r["estimate"]
-        out.append(f"{r['name']:24s} {r['spec']['seq_len']:5d} {e['parameters'] / mb:7.1f} {e['gradients'] / mb:7.1f} "
-                   f"{e['optimizer'] / mb:7.1f} {e['activations'] / mb:7.1f} {e['comm_buffers'] / mb:6.1f} "
-                   f"{r['estimate_bytes'] / mb:9.1f} {r['measured_bytes'] / mb:9.1f} {r['error']:+7.1%}")
-    out.append("(MB = 1e6 bytes; model: hidden 256, 4 layers (2 lightning, 2 softmax), 4 experts of 512 top-2, "
-               "vocab 4096, 9.4M parameters)")
+        out.append(
+            f"{r['name']:24s} {r['spec']['seq_len']:5d} {e['parameters'] / mb:7.1f} {e['gradients'] / mb:7.1f} "
+            f"{e['optimizer'] / mb:7.1f} {e['activations'] / mb:7.1f} {e['comm_buffers'] / mb:6.1f} "
+            f"{r['estimate_bytes'] / mb:9.1f} {r['measured_bytes'] / mb:9.1f} {r['error']:+7.1%}"
+        )
+    out.append(
+        "(MB = 1e6 bytes; model: hidden 256, 4 layers (2 lightning, 2 softmax), 4 experts of 512 top-2, "
+        "vocab 4096, 9.4M parameters)"
+    )
     return "\n".join(out)

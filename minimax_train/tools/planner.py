@@ -115,6 +115,7 @@ All of this is a model: real runs add allocator fragmentation (margin), NCCL and
 max_memory_gb metric are how to check a plan against a run; `tools/plan_layout.py --validate-cpu`
 compares the estimate with measured peak tensor memory of CPU training steps.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -122,9 +123,10 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 from minimax_train.model.config import FULL, ModelConfig
 from minimax_train.model.flops import count_params, forward_flops_per_token, train_flops_per_token
@@ -174,12 +176,15 @@ def load_model_config(name: str) -> ModelConfig:
         raise
     except (ValueError, TypeError, KeyError) as e:
         raise PlanError(f"model {name!r}: {e}") from None
-    raise PlanError(f"unknown model preset {name!r}: use one of {', '.join(preset_names()) or '(none found)'}, "
-                    f"a model .yaml file or a transformers config.json")
+    raise PlanError(
+        f"unknown model preset {name!r}: use one of {', '.join(preset_names()) or '(none found)'}, "
+        f"a model .yaml file or a transformers config.json"
+    )
 
 
 def _model_from_yaml(path: Path) -> ModelConfig:
     from omegaconf import OmegaConf
+
     raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     if not isinstance(raw, dict):
         raise PlanError(f"{path}: not a mapping of model fields")
@@ -211,12 +216,27 @@ GPU_KINDS = {
 }
 
 
-def gpu_spec(kind: str = "h100", *, memory_gib: Optional[float] = None, peak_tflops: Optional[float] = None,
-             intra_gbps: Optional[float] = None, inter_gbps: Optional[float] = None,
-             gpus_per_node: Optional[int] = None) -> GPUSpec:
+def gpu_spec(
+    kind: str = "h100",
+    *,
+    memory_gib: Optional[float] = None,
+    peak_tflops: Optional[float] = None,
+    intra_gbps: Optional[float] = None,
+    inter_gbps: Optional[float] = None,
+    gpus_per_node: Optional[int] = None,
+) -> GPUSpec:
     """A known kind with any field overridden, or 'custom' (then every field must be given)."""
-    over = {k: v for k, v in dict(memory_gib=memory_gib, peak_tflops=peak_tflops, intra_gbps=intra_gbps,
-                                  inter_gbps=inter_gbps, gpus_per_node=gpus_per_node).items() if v is not None}
+    over = {
+        k: v
+        for k, v in dict(
+            memory_gib=memory_gib,
+            peak_tflops=peak_tflops,
+            intra_gbps=intra_gbps,
+            inter_gbps=inter_gbps,
+            gpus_per_node=gpus_per_node,
+        ).items()
+        if v is not None
+    }
     if kind == "custom":
         missing = [k for k in ("memory_gib", "peak_tflops", "intra_gbps", "inter_gbps") if k not in over]
         if missing:
@@ -267,11 +287,15 @@ class Workload:
             if int(getattr(self, k)) < 1:
                 raise PlanError(f"{k} must be a positive integer, got {getattr(self, k)}")
         if self.global_batch_tokens % self.seq_len:
-            raise PlanError(f"global batch of {self.global_batch_tokens} tokens is not a whole number of rows of "
-                            f"seq_len={self.seq_len} (use a multiple, e.g. {self.seq_len * max(1, self.global_batch_tokens // self.seq_len)})")
+            raise PlanError(
+                f"global batch of {self.global_batch_tokens} tokens is not a whole number of rows of "
+                f"seq_len={self.seq_len} (use a multiple, e.g. {self.seq_len * max(1, self.global_batch_tokens // self.seq_len)})"
+            )
         if self.seq_len > self.model.max_position_embeddings:
-            raise PlanError(f"seq_len={self.seq_len} exceeds the model's max_position_embeddings="
-                            f"{self.model.max_position_embeddings}")
+            raise PlanError(
+                f"seq_len={self.seq_len} exceeds the model's max_position_embeddings="
+                f"{self.model.max_position_embeddings}"
+            )
 
     @property
     def rows(self) -> int:
@@ -318,14 +342,21 @@ class Layout:
         return "fsdp2" if self.engine == "fsdp2" else f"ds-z{self.zero_stage}" + ("-offload" if self.offload else "")
 
     def short(self) -> str:
-        return (f"tp{self.tp} cp{self.cp} dp{self.dp} ep{self.ep} etp{self.etp} {self.engine_label()} "
-                f"sync-{self.grad_sync} ac-{self.ac} mb{self.micro_batch_rows}x{self.accum}")
+        return (
+            f"tp{self.tp} cp{self.cp} dp{self.dp} ep{self.ep} etp{self.etp} {self.engine_label()} "
+            f"sync-{self.grad_sync} ac-{self.ac} mb{self.micro_batch_rows}x{self.accum}"
+        )
 
     def overrides(self) -> str:
         """The trainer's Hydra overrides for this layout."""
-        parts = [f"parallel.tp={self.tp}", f"parallel.cp={self.cp}", f"parallel.ep={self.ep}",
-                 f"parallel.etp={self.etp}", f"parallel.sequence_parallel={str(self.tp > 1).lower()}",
-                 f"parallel.engine={self.engine}"]
+        parts = [
+            f"parallel.tp={self.tp}",
+            f"parallel.cp={self.cp}",
+            f"parallel.ep={self.ep}",
+            f"parallel.etp={self.etp}",
+            f"parallel.sequence_parallel={str(self.tp > 1).lower()}",
+            f"parallel.engine={self.engine}",
+        ]
         if self.engine == "deepspeed":
             parts.append(f"parallel.zero_stage={self.zero_stage}")
             if self.offload:
@@ -396,12 +427,23 @@ class _Shapes:
     L: int
 
     @classmethod
-    def of(cls, cfg: ModelConfig) -> "_Shapes":
+    def of(cls, cfg: ModelConfig) -> _Shapes:
         types = cfg.resolved_layer_types()
-        return cls(cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.num_key_value_heads,
-                   cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size, cfg.vocab_size,
-                   cfg.effective_rotary_dim, cfg.block_size, sum(t != FULL for t in types),
-                   sum(t == FULL for t in types), len(types))
+        return cls(
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.head_dim,
+            cfg.num_key_value_heads,
+            cfg.num_local_experts,
+            cfg.num_experts_per_tok,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+            cfg.effective_rotary_dim,
+            cfg.block_size,
+            sum(t != FULL for t in types),
+            sum(t == FULL for t in types),
+            len(types),
+        )
 
 
 def parameter_split(cfg: ModelConfig, tp: int, ep: int, etp: int) -> dict[str, float]:
@@ -512,9 +554,18 @@ def activation_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None)
         dropped = s.n_lin * (lin - t * A * h) + s.n_full * (full - t * A * h)
         saved = layers - dropped + final + meta
         working = max([loss_ws, moe_bwd] + [attn - t * A * h + bwd for _, attn, bwd in kinds])
-    return {"saved": saved, "working": working, "peak": saved + working, "layers": layers, "final": final,
-            "loss_saved": t * V_l * 4, "per_layer_lightning": layer_lin,
-            "per_layer_softmax": layer_full, "loss_working": loss_ws, "tokens_per_rank": t}
+    return {
+        "saved": saved,
+        "working": working,
+        "peak": saved + working,
+        "layers": layers,
+        "final": final,
+        "loss_saved": t * V_l * 4,
+        "per_layer_lightning": layer_lin,
+        "per_layer_softmax": layer_full,
+        "loss_working": loss_ws,
+        "tokens_per_rank": t,
+    }
 
 
 def estimate_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> Memory:
@@ -551,9 +602,20 @@ def estimate_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -
     if lay.ep > 1:
         comm += 2 * s.k * t / lay.tp * s.h * comp * a.moe_imbalance  # a2a send + receive of one layer
     temp = 4.0 * shard(dense, experts, o_sh) if (w.optimizer == "foreach" and not lay.offload) else 0.0
-    return Memory(params, grads, optim, act["peak"], comm, temp,
-                  detail={"activations_saved": act["saved"], "activations_working": act["working"],
-                          "params_local_unsharded": dense + experts, "host_optimizer_bytes": host})
+    return Memory(
+        params,
+        grads,
+        optim,
+        act["peak"],
+        comm,
+        temp,
+        detail={
+            "activations_saved": act["saved"],
+            "activations_working": act["working"],
+            "params_local_unsharded": dense + experts,
+            "host_optimizer_bytes": host,
+        },
+    )
 
 
 # ---- time ---------------------------------------------------------------------------------------------------------
@@ -652,8 +714,9 @@ def estimate_time(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> 
         grad_factor = 1 if st == 2 else 2  # ZeRO-1: all-reduce = reduce-scatter + all-gather
         d_vol = dense * (rs_times * grad_factor * gbytes + 2.0)
         e_vol = experts * (rs_times * grad_factor * gbytes + 2.0)
-    dp_t = (_coll_time(d_vol * (dpc - 1) / dpc, dpc, tp, g) if dpc > 1 else 0.0) + \
-           (_coll_time(e_vol * (edp - 1) / edp, edp, ep * etp, g) if edp > 1 else 0.0)
+    dp_t = (_coll_time(d_vol * (dpc - 1) / dpc, dpc, tp, g) if dpc > 1 else 0.0) + (
+        _coll_time(e_vol * (edp - 1) / edp, edp, ep * etp, g) if edp > 1 else 0.0
+    )
     # exposure
     attn_compute = 0.0
     if cp > 1:
@@ -670,8 +733,18 @@ def estimate_time(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> 
         "dp": max(0.0, dp_t - compute) if a.dp_overlap else dp_t,
     }
     step = compute + sum(exposed.values())
-    return StepTime(compute=compute, tp=tp_t, cp=cp_ring + cp_lasp, ep=ep_t, dp=dp_t, exposed=exposed, step=step,
-                    mfu=model_flops / (step * peak), tokens_per_s=G / step, model_tflops_per_gpu=model_flops / step / 1e12)
+    return StepTime(
+        compute=compute,
+        tp=tp_t,
+        cp=cp_ring + cp_lasp,
+        ep=ep_t,
+        dp=dp_t,
+        exposed=exposed,
+        step=step,
+        mfu=model_flops / (step * peak),
+        tokens_per_s=G / step,
+        model_tflops_per_gpu=model_flops / step / 1e12,
+    )
 
 
 def capacity_bytes(w: Workload, a: Assumptions) -> float:
@@ -689,6 +762,7 @@ def estimate(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> Plan:
 @dataclass
 class Constraints:
     """Fix any dimension (None: enumerate it)."""
+
     tp: Optional[int] = None
     cp: Optional[int] = None
     ep: Optional[int] = None
@@ -706,14 +780,23 @@ def _divisors(n: int) -> list[int]:
     return [x for x in range(1, n + 1) if n % x == 0]
 
 
-def layout_error(w: Workload, tp: int, cp: int, ep: int, etp: int, engine: str = "fsdp2",
-                 zero_stage: int = 3) -> Optional[str]:
+def layout_error(
+    w: Workload, tp: int, cp: int, ep: int, etp: int, engine: str = "fsdp2", zero_stage: int = 3
+) -> Optional[str]:
     """Why this layout cannot run (the trainer's messages), or None."""
     from minimax_train.parallel.mesh import ParallelConfig, ParallelConfigError, resolve_layout
+
     cfg = w.model
     try:
-        pc = ParallelConfig(tp=tp, cp=cp, ep=ep, etp=etp, sequence_parallel=tp > 1, engine=engine,
-                            zero_stage=zero_stage if engine == "deepspeed" else 1)
+        pc = ParallelConfig(
+            tp=tp,
+            cp=cp,
+            ep=ep,
+            etp=etp,
+            sequence_parallel=tp > 1,
+            engine=engine,
+            zero_stage=zero_stage if engine == "deepspeed" else 1,
+        )
         lay = resolve_layout(pc, w.num_gpus, cfg)
     except ParallelConfigError as e:
         return str(e)
@@ -722,10 +805,12 @@ def layout_error(w: Workload, tp: int, cp: int, ep: int, etp: int, engine: str =
     if ep == 1 and etp == tp and cfg.intermediate_size % tp:
         return f"parallel.tp={tp} does not divide intermediate_size={cfg.intermediate_size} (experts with etp = tp)"
     if w.seq_len % (2 * cp):
-        return (f"seq_len={w.seq_len} must be divisible by 2*parallel.cp={2 * cp} (zigzag context parallelism)")
+        return f"seq_len={w.seq_len} must be divisible by 2*parallel.cp={2 * cp} (zigzag context parallelism)"
     if w.rows % lay.dp:
-        return (f"the global batch has {w.rows} rows of {w.seq_len} tokens, not divisible by dp={lay.dp} "
-                f"(world {w.num_gpus} / (tp {tp} x cp {cp})): raise the batch or use more tp/cp")
+        return (
+            f"the global batch has {w.rows} rows of {w.seq_len} tokens, not divisible by dp={lay.dp} "
+            f"(world {w.num_gpus} / (tp {tp} x cp {cp})): raise the batch or use more tp/cp"
+        )
     return None
 
 
@@ -743,7 +828,13 @@ def enumerate_layouts(w: Workload, c: Optional[Constraints] = None) -> Iterable[
             etps = [c.etp] if c.etp else _divisors(tp)
             for etp in etps:
                 room = dp * cp * (tp // etp) if tp % etp == 0 else 0
-                eps = [c.ep] if c.ep else [x for x in _divisors(room) if w.model.num_local_experts % x == 0] if room else []
+                eps = (
+                    [c.ep]
+                    if c.ep
+                    else [x for x in _divisors(room) if w.model.num_local_experts % x == 0]
+                    if room
+                    else []
+                )
                 for ep in eps:
                     if layout_error(w, tp, cp, ep, etp) is not None:
                         continue
@@ -755,8 +846,9 @@ def enumerate_layouts(w: Workload, c: Optional[Constraints] = None) -> Iterable[
                             continue
                         accum = rows_per_dp // mb
                         for engine, stage in ENGINE_STAGES:
-                            if engine not in c.engines or (engine == "deepspeed" and c.zero_stages
-                                                           and stage not in c.zero_stages):
+                            if engine not in c.engines or (
+                                engine == "deepspeed" and c.zero_stages and stage not in c.zero_stages
+                            ):
                                 continue
                             if engine == "deepspeed" and (tp, cp, ep, etp) != (1, 1, 1, 1):
                                 continue  # the DeepSpeed engine is data parallel only
@@ -765,7 +857,7 @@ def enumerate_layouts(w: Workload, c: Optional[Constraints] = None) -> Iterable[
                             for sync, off in itertools.product(syncs, offloads):
                                 if sync not in c.grad_sync:
                                     continue
-                                for ac in (c.ac or AC_MODES):
+                                for ac in c.ac or AC_MODES:
                                     yield Layout(tp, cp, dp, ep, etp, edp, engine, stage, sync, ac, mb, accum, off)
 
 
@@ -805,8 +897,10 @@ def _check_fixed(w: Workload, c: Constraints) -> None:
         if v is not None and (not isinstance(v, int) or v < 1):
             raise PlanError(f"--{key.replace('_', '-')} must be a positive integer, got {v!r}")
     if c.tp and w.num_gpus % c.tp:
-        raise PlanError(f"parallel.tp={c.tp} does not divide the GPU count {w.num_gpus}; valid: "
-                        f"{', '.join(map(str, _divisors(w.num_gpus)))}")
+        raise PlanError(
+            f"parallel.tp={c.tp} does not divide the GPU count {w.num_gpus}; valid: "
+            f"{', '.join(map(str, _divisors(w.num_gpus)))}"
+        )
     if c.tp and c.cp and c.ep and c.etp:
         err = layout_error(w, c.tp, c.cp, c.ep, c.etp)
         if err:
@@ -814,14 +908,19 @@ def _check_fixed(w: Workload, c: Constraints) -> None:
     if c.engines == ("deepspeed",):
         from minimax_train.parallel.deepspeed_engine import check_deepspeed_layout
         from minimax_train.parallel.mesh import ParallelConfig, ParallelConfigError
+
         try:
-            check_deepspeed_layout(ParallelConfig(tp=c.tp or 1, cp=c.cp or 1, ep=c.ep or 1, etp=c.etp or 1,
-                                                  engine="deepspeed", zero_stage=3))
+            check_deepspeed_layout(
+                ParallelConfig(
+                    tp=c.tp or 1, cp=c.cp or 1, ep=c.ep or 1, etp=c.etp or 1, engine="deepspeed", zero_stage=3
+                )
+            )
         except ParallelConfigError as e:
             raise PlanError(str(e)) from None
     if c.tp and c.etp and c.tp % c.etp:
-        raise PlanError(f"parallel.etp={c.etp} must divide parallel.tp={c.tp}; valid: "
-                        f"{', '.join(map(str, _divisors(c.tp)))}")
+        raise PlanError(
+            f"parallel.etp={c.etp} must divide parallel.tp={c.tp}; valid: {', '.join(map(str, _divisors(c.tp)))}"
+        )
 
 
 def _no_layout_message(w: Workload, c: Constraints) -> str:
@@ -830,8 +929,10 @@ def _no_layout_message(w: Workload, c: Constraints) -> str:
     err = layout_error(w, tp, cp, c.ep or 1, c.etp or 1)
     if err:
         return f"no valid layout: {err}"
-    return (f"no valid layout for {w.num_gpus} GPUs, seq_len {w.seq_len}, {w.rows} rows per step with the given "
-            f"constraints (check --micro-batch and the fixed dimensions)")
+    return (
+        f"no valid layout for {w.num_gpus} GPUs, seq_len {w.seq_len}, {w.rows} rows per step with the given "
+        f"constraints (check --micro-batch and the fixed dimensions)"
+    )
 
 
 # ---- printing -------------------------------------------------------------------------------------------------------
@@ -866,10 +967,16 @@ def format_header(w: Workload, a: Assumptions) -> str:
 
 def format_plan(i: int, p: Plan) -> str:
     L, m, t = p.layout, p.memory, p.time
-    sync = (f", grad sync per {'step' if L.grad_sync == 'step' else 'micro-batch'}"
-            if L.accum > 1 and L.zero_stage == 3 else "")
-    engine = ("fsdp2 (ZeRO-3 style)" if L.engine == "fsdp2" else
-              f"deepspeed ZeRO-{L.zero_stage}" + (" + optimizer offload" if L.offload else ""))
+    sync = (
+        f", grad sync per {'step' if L.grad_sync == 'step' else 'micro-batch'}"
+        if L.accum > 1 and L.zero_stage == 3
+        else ""
+    )
+    engine = (
+        "fsdp2 (ZeRO-3 style)"
+        if L.engine == "fsdp2"
+        else f"deepspeed ZeRO-{L.zero_stage}" + (" + optimizer offload" if L.offload else "")
+    )
     x = t.exposed
     lines = [
         f"#{i} tp {L.tp} (SP {'on' if L.tp > 1 else 'off'}) x cp {L.cp} x dp {L.dp} | experts: ep {L.ep} x etp {L.etp} "
@@ -879,9 +986,11 @@ def format_plan(i: int, p: Plan) -> str:
         f"+ activations {_g(m.activations)} (saved {_g(m.detail['activations_saved'])}, working "
         f"{_g(m.detail['activations_working'])}) + comm buffers {_g(m.comm_buffers)}"
         + (f" [step temp {_g(m.optimizer_step_temp)}]" if m.optimizer_step_temp else "")
-        + f" = {_g(m.total)} of {_g(p.capacity)}" + ("" if p.fits else "  DOES NOT FIT"),
+        + f" = {_g(m.total)} of {_g(p.capacity)}"
+        + ("" if p.fits else "  DOES NOT FIT"),
         f"   step {t.step:.2f} s = compute {t.compute:.2f} + exposed comm: tp {x['tp']:.2f}, cp {x['cp']:.2f}, "
-        f"ep {x['ep']:.2f}, dp {x['dp']:.2f}" + (f", offload {x['offload']:.2f}" if L.offload else "")
+        f"ep {x['ep']:.2f}, dp {x['dp']:.2f}"
+        + (f", offload {x['offload']:.2f}" if L.offload else "")
         + f" (totals tp {t.tp:.2f}, cp {t.cp:.2f}, ep {t.ep:.2f}, dp {t.dp:.2f}); "
         f"MFU {t.mfu:.1%}, {t.tokens_per_s:,.0f} tokens/s, {t.model_tflops_per_gpu:.0f} model TFLOP/s per GPU",
         f"   overrides: {L.overrides()}",
@@ -890,8 +999,11 @@ def format_plan(i: int, p: Plan) -> str:
 
 
 def format_result(r: PlanResult) -> str:
-    out = [format_header(r.workload, r.assumptions),
-           f"layouts: {r.enumerated:,} valid (tp <= node size unless fixed), {r.fitting:,} fit", ""]
+    out = [
+        format_header(r.workload, r.assumptions),
+        f"layouts: {r.enumerated:,} valid (tp <= node size unless fixed), {r.fitting:,} fit",
+        "",
+    ]
     if r.plans:
         out.append(f"best {len(r.plans)} by estimated step time:")
         out += [format_plan(i + 1, p) for i, p in enumerate(r.plans)]
@@ -901,9 +1013,14 @@ def format_result(r: PlanResult) -> str:
     notes = []
     shown = r.plans or r.closest
     if any(p.layout.offload for p in shown):
-        notes.append("optimizer offload keeps fp32 master weights and Adam moments in host memory: "
-                     + ", ".join(f"#{i + 1} {p.memory.detail['host_optimizer_bytes'] / GiB:.1f} GiB per GPU"
-                                 for i, p in enumerate(shown) if p.layout.offload))
+        notes.append(
+            "optimizer offload keeps fp32 master weights and Adam moments in host memory: "
+            + ", ".join(
+                f"#{i + 1} {p.memory.detail['host_optimizer_bytes'] / GiB:.1f} GiB per GPU"
+                for i, p in enumerate(shown)
+                if p.layout.offload
+            )
+        )
     if notes:
         out.append("")
         out += [f"note: {n}" for n in notes]
@@ -912,19 +1029,64 @@ def format_result(r: PlanResult) -> str:
 
 def result_to_dict(r: PlanResult) -> dict:
     def p2d(p: Plan) -> dict:
-        return {"layout": dataclasses.asdict(p.layout), "fits": p.fits, "capacity_bytes": p.capacity,
-                "memory": {**{k: getattr(p.memory, k) for k in ("parameters", "gradients", "optimizer", "activations",
-                                                                 "comm_buffers", "optimizer_step_temp")},
-                           "total": p.memory.total, **p.memory.detail},
-                "time": dataclasses.asdict(p.time)}
-    return {"enumerated": r.enumerated, "fitting": r.fitting, "plans": [p2d(p) for p in r.plans],
-            "closest": [p2d(p) for p in r.closest]}
+        return {
+            "layout": dataclasses.asdict(p.layout),
+            "fits": p.fits,
+            "capacity_bytes": p.capacity,
+            "memory": {
+                **{
+                    k: getattr(p.memory, k)
+                    for k in (
+                        "parameters",
+                        "gradients",
+                        "optimizer",
+                        "activations",
+                        "comm_buffers",
+                        "optimizer_step_temp",
+                    )
+                },
+                "total": p.memory.total,
+                **p.memory.detail,
+            },
+            "time": dataclasses.asdict(p.time),
+        }
+
+    return {
+        "enumerated": r.enumerated,
+        "fitting": r.fitting,
+        "plans": [p2d(p) for p in r.plans],
+        "closest": [p2d(p) for p in r.closest],
+    }
 
 
-__all__ = ["GPU_KINDS", "GPUSpec", "gpu_spec", "Workload", "Assumptions", "Layout", "Constraints", "Memory",
-           "StepTime", "Plan", "PlanResult", "PlanError", "load_model_config", "preset_names", "parameter_split",
-           "activation_memory", "estimate_memory", "estimate_time", "estimate", "enumerate_layouts", "plan",
-           "layout_error", "format_result", "format_plan", "result_to_dict", "capacity_bytes"]
+__all__ = [
+    "GPU_KINDS",
+    "GPUSpec",
+    "gpu_spec",
+    "Workload",
+    "Assumptions",
+    "Layout",
+    "Constraints",
+    "Memory",
+    "StepTime",
+    "Plan",
+    "PlanResult",
+    "PlanError",
+    "load_model_config",
+    "preset_names",
+    "parameter_split",
+    "activation_memory",
+    "estimate_memory",
+    "estimate_time",
+    "estimate",
+    "enumerate_layouts",
+    "plan",
+    "layout_error",
+    "format_result",
+    "format_plan",
+    "result_to_dict",
+    "capacity_bytes",
+]
 
 
 # ---- command line -----------------------------------------------------------------------------------------------------
@@ -958,21 +1120,26 @@ def _csv(text: Optional[str], allowed, what: str) -> Optional[tuple]:
 
 def build_parser():
     import argparse
+
     ap = argparse.ArgumentParser(
         prog="tools/plan_layout.py",
         description="Enumerate the parallel layouts (tp, cp, ep, etp, dp, engine/stage, gradient sync, activation "
-                    "checkpointing, micro-batch) that can train a model on N GPUs, and print for the best few the "
-                    "memory per GPU (parameters, gradients, optimizer state, activations, communication buffers) and "
-                    "the estimated step time and MFU (FLOPs from minimax_train.model.flops, as the trainer's MFU). "
-                    "The accounting is documented in minimax_train/tools/planner.py.",
+        "checkpointing, micro-batch) that can train a model on N GPUs, and print for the best few the "
+        "memory per GPU (parameters, gradients, optimizer state, activations, communication buffers) and "
+        "the estimated step time and MFU (FLOPs from minimax_train.model.flops, as the trainer's MFU). "
+        "The accounting is documented in minimax_train/tools/planner.py.",
         epilog="examples:\n"
-               "  tools/plan_layout.py --model minimax_text_01 --seq-len 1M --global-batch 16M --gpus 256 --gpu h100\n"
-               "  tools/plan_layout.py --model minimax_1b --seq-len 8K --global-batch 1M --gpus 8 --tp 1 --ac none\n"
-               "  tools/plan_layout.py --validate-cpu     # estimate vs measured peak memory of CPU training steps\n"
-               "Counts accept K/M/G suffixes in powers of two (1M = 1048576).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="minimax_text_01",
-                    help="preset in conf/model (%(default)s; also tiny, minimax_1b), a model .yaml or a config.json")
+        "  tools/plan_layout.py --model minimax_text_01 --seq-len 1M --global-batch 16M --gpus 256 --gpu h100\n"
+        "  tools/plan_layout.py --model minimax_1b --seq-len 8K --global-batch 1M --gpus 8 --tp 1 --ac none\n"
+        "  tools/plan_layout.py --validate-cpu     # estimate vs measured peak memory of CPU training steps\n"
+        "Counts accept K/M/G suffixes in powers of two (1M = 1048576).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--model",
+        default="minimax_text_01",
+        help="preset in conf/model (%(default)s; also tiny, minimax_1b), a model .yaml or a config.json",
+    )
     ap.add_argument("--seq-len", default="1M", help="tokens per packed row (default %(default)s)")
     ap.add_argument("--global-batch", default="16M", help="tokens per optimizer step (default %(default)s)")
     ap.add_argument("--gpus", default="256", help="number of GPUs (default %(default)s)")
@@ -984,8 +1151,12 @@ def build_parser():
     g.add_argument("--inter-gbps", type=float, help="inter-node bandwidth per GPU and direction, GB/s (IB)")
     g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 8)")
     g.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    g.add_argument("--kernels", default="gpu", choices=("gpu", "reference"),
-                   help="gpu: fla/flash/grouped GEMM; reference: the CPU torch kernels")
+    g.add_argument(
+        "--kernels",
+        default="gpu",
+        choices=("gpu", "reference"),
+        help="gpu: fla/flash/grouped GEMM; reference: the CPU torch kernels",
+    )
     g.add_argument("--optimizer", default="fused", choices=("fused", "foreach"))
     g.add_argument("--loss-chunk-tokens", type=int, default=8192, help="the trainer's train.loss_chunk_tokens")
     g.add_argument("--moe-chunk-tokens", type=int, default=0, help="the trainer's train.moe_chunk_tokens")
@@ -995,63 +1166,113 @@ def build_parser():
     c.add_argument("--engine", default="all", help="fsdp2, deepspeed or all (default %(default)s)")
     c.add_argument("--zero-stage", help="deepspeed stages to consider, e.g. 1,2,3")
     c.add_argument("--ac", help="activation checkpointing modes, e.g. full or none,selective")
-    c.add_argument("--grad-sync", default="step,micro",
-                   help="fsdp2 gradient sync with accumulation (the trainer's parallel.grad_sync): step (unsharded fp32 "
-                        "gradients accumulate, one reduce-scatter), micro (a reduce-scatter after every micro-batch) "
-                        "or both (default)")
+    c.add_argument(
+        "--grad-sync",
+        default="step,micro",
+        help="fsdp2 gradient sync with accumulation (the trainer's parallel.grad_sync): step (unsharded fp32 "
+        "gradients accumulate, one reduce-scatter), micro (a reduce-scatter after every micro-batch) "
+        "or both (default)",
+    )
     c.add_argument("--no-offload", action="store_true", help="skip deepspeed optimizer-offload layouts")
     c.add_argument("--micro-batch", type=int, help="rows per micro-batch")
     c.add_argument("--max-tp", type=int, help="largest tp to enumerate (default: GPUs per node)")
     s = ap.add_argument_group("assumptions")
     d = Assumptions()
-    s.add_argument("--efficiency", type=float, default=d.compute_efficiency, help="achieved / peak FLOP/s (%(default)s)")
+    s.add_argument(
+        "--efficiency", type=float, default=d.compute_efficiency, help="achieved / peak FLOP/s (%(default)s)"
+    )
     s.add_argument("--margin", type=float, default=d.margin, help="memory kept free (%(default)s)")
     s.add_argument("--reserve-gib", type=float, default=d.reserve_gib, help="CUDA context + NCCL (%(default)s GiB)")
-    s.add_argument("--moe-imbalance", type=float, default=d.moe_imbalance, help="busiest / mean expert rows (%(default)s)")
+    s.add_argument(
+        "--moe-imbalance", type=float, default=d.moe_imbalance, help="busiest / mean expert rows (%(default)s)"
+    )
     s.add_argument("--ep-overlap", type=float, default=d.ep_overlap, help="hidden share of all-to-all (%(default)s)")
     ap.add_argument("--top", type=int, default=5, help="plans to print (default %(default)s)")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
-    ap.add_argument("--validate-cpu", action="store_true",
-                    help="measure peak memory of CPU training steps in 3 layouts and compare with the estimate")
+    ap.add_argument(
+        "--validate-cpu",
+        action="store_true",
+        help="measure peak memory of CPU training steps in 3 layouts and compare with the estimate",
+    )
     return ap
 
 
 def _workload_from_args(args) -> Workload:
     gpus = parse_count(args.gpus, "--gpus")
-    gpu = gpu_spec(args.gpu, memory_gib=args.gpu_mem_gib, peak_tflops=args.peak_tflops, intra_gbps=args.intra_gbps,
-                   inter_gbps=args.inter_gbps, gpus_per_node=args.gpus_per_node)
+    gpu = gpu_spec(
+        args.gpu,
+        memory_gib=args.gpu_mem_gib,
+        peak_tflops=args.peak_tflops,
+        intra_gbps=args.intra_gbps,
+        inter_gbps=args.inter_gbps,
+        gpus_per_node=args.gpus_per_node,
+    )
     cfg = load_model_config(args.model)
-    return Workload(cfg, seq_len=parse_count(args.seq_len, "--seq-len"),
-                    global_batch_tokens=parse_count(args.global_batch, "--global-batch"), num_gpus=gpus, gpu=gpu,
-                    precision=args.precision, kernels=args.kernels, optimizer=args.optimizer,
-                    loss_chunk_tokens=args.loss_chunk_tokens, moe_chunk_tokens=args.moe_chunk_tokens,
-                    model_name=Path(args.model).stem if args.model.endswith((".yaml", ".yml", ".json")) else args.model)
+    return Workload(
+        cfg,
+        seq_len=parse_count(args.seq_len, "--seq-len"),
+        global_batch_tokens=parse_count(args.global_batch, "--global-batch"),
+        num_gpus=gpus,
+        gpu=gpu,
+        precision=args.precision,
+        kernels=args.kernels,
+        optimizer=args.optimizer,
+        loss_chunk_tokens=args.loss_chunk_tokens,
+        moe_chunk_tokens=args.moe_chunk_tokens,
+        model_name=Path(args.model).stem if args.model.endswith((".yaml", ".yml", ".json")) else args.model,
+    )
 
 
 def main(argv=None) -> int:
     import sys
+
     args = build_parser().parse_args(argv)
     try:
         if args.validate_cpu:
             from minimax_train.tools.memcheck import format_validation, validate_cpu
+
             rows = validate_cpu()
             print(format_validation(rows))
             return 0 if all(abs(r["error"]) <= 0.15 for r in rows) else 1
         w = _workload_from_args(args)
-        if not 0 < args.efficiency <= 1 or not 0 <= args.margin < 1 or args.reserve_gib < 0 \
-                or args.moe_imbalance < 1 or not 0 <= args.ep_overlap <= 1 or args.top < 1:
-            raise PlanError("assumptions out of range: 0 < --efficiency <= 1, 0 <= --margin < 1, --reserve-gib >= 0, "
-                            "--moe-imbalance >= 1, 0 <= --ep-overlap <= 1, --top >= 1")
-        a = Assumptions(compute_efficiency=args.efficiency, margin=args.margin, reserve_gib=args.reserve_gib,
-                        moe_imbalance=args.moe_imbalance, ep_overlap=args.ep_overlap)
-        engines = ("fsdp2", "deepspeed") if args.engine == "all" else _csv(args.engine, ("fsdp2", "deepspeed"), "--engine")
+        if (
+            not 0 < args.efficiency <= 1
+            or not 0 <= args.margin < 1
+            or args.reserve_gib < 0
+            or args.moe_imbalance < 1
+            or not 0 <= args.ep_overlap <= 1
+            or args.top < 1
+        ):
+            raise PlanError(
+                "assumptions out of range: 0 < --efficiency <= 1, 0 <= --margin < 1, --reserve-gib >= 0, "
+                "--moe-imbalance >= 1, 0 <= --ep-overlap <= 1, --top >= 1"
+            )
+        a = Assumptions(
+            compute_efficiency=args.efficiency,
+            margin=args.margin,
+            reserve_gib=args.reserve_gib,
+            moe_imbalance=args.moe_imbalance,
+            ep_overlap=args.ep_overlap,
+        )
+        engines = (
+            ("fsdp2", "deepspeed") if args.engine == "all" else _csv(args.engine, ("fsdp2", "deepspeed"), "--engine")
+        )
         stages = None
         if args.zero_stage:
             stages = tuple(int(x) for x in _csv(args.zero_stage, ("1", "2", "3"), "--zero-stage"))
-        c = Constraints(tp=args.tp, cp=args.cp, ep=args.ep, etp=args.etp, engines=engines, zero_stages=stages,
-                        ac=_csv(args.ac, AC_MODES, "--ac"), grad_sync=_csv(args.grad_sync, GRAD_SYNCS, "--grad-sync"),
-                        micro_batch_rows=args.micro_batch, max_tp=args.max_tp,
-                        offload=(False,) if args.no_offload else (False, True))
+        c = Constraints(
+            tp=args.tp,
+            cp=args.cp,
+            ep=args.ep,
+            etp=args.etp,
+            engines=engines,
+            zero_stages=stages,
+            ac=_csv(args.ac, AC_MODES, "--ac"),
+            grad_sync=_csv(args.grad_sync, GRAD_SYNCS, "--grad-sync"),
+            micro_batch_rows=args.micro_batch,
+            max_tp=args.max_tp,
+            offload=(False,) if args.no_offload else (False, True),
+        )
         r = plan(w, a, c, top=args.top)
     except PlanError as e:
         print(f"plan_layout: error: {e}", file=sys.stderr)
@@ -1061,7 +1282,10 @@ def main(argv=None) -> int:
     else:
         print(format_result(r))
     if not r.plans:
-        print(f"plan_layout: no layout fits in {capacity_bytes(w, a) / GiB:.1f} GiB per GPU: use more GPUs, a smaller "
-              f"micro-batch or sequence, or a GPU with more memory", file=sys.stderr)
+        print(
+            f"plan_layout: no layout fits in {capacity_bytes(w, a) / GiB:.1f} GiB per GPU: use more GPUs, a smaller "
+            f"micro-batch or sequence, or a GPU with more memory",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -10,6 +10,7 @@ memory.png (max_memory_gb) and overview.png (all of them in one figure). One lin
 A run is a run directory (holding metrics.jsonl) or a .jsonl file. A resumed run logs the steps it redoes
 after a crash again: the last record of every step wins. Lines that are not JSON objects are skipped and
 counted."""
+
 from __future__ import annotations
 
 import json
@@ -143,9 +144,12 @@ def _draw(ax, runs: list[Run], name: str, title: str, ylabel: str, keys, log: bo
     return drawn
 
 
-def plot_runs(runs: list[Run], out: str | os.PathLike, *, x: str = "step", window: int = 1, dpi: int = 110) -> list[Path]:
+def plot_runs(
+    runs: list[Run], out: str | os.PathLike, *, x: str = "step", window: int = 1, dpi: int = 110
+) -> list[Path]:
     """Write one PNG per chart plus overview.png into `out`; return the paths written."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -167,7 +171,7 @@ def plot_runs(runs: list[Run], out: str | os.PathLike, *, x: str = "step", windo
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows))
     for ax, (name, title, ylabel, keys, log) in zip(axes.flat, CHARTS):
         _draw(ax, runs, name, title, ylabel, keys, log, x, window)
-    for ax in list(axes.flat)[len(CHARTS):]:
+    for ax in list(axes.flat)[len(CHARTS) :]:
         ax.axis("off")
     fig.suptitle(" vs ".join(r.label for r in runs), fontsize=12)
     fig.tight_layout()
@@ -185,8 +189,10 @@ def summarize(runs: list[Run]) -> str:
         tps = [v for v in (_num(x.get("tokens_per_s")) for x in r.records[1:]) if v is not None]
         val = [v for v in (_num(x.get("val_loss")) for x in r.records) if v is not None]
         loss = _num(last.get("loss"))
-        parts = [f"{r.label}: {len(r.records)} steps (last {last['step']})",
-                 f"loss {loss:.4f}" if loss is not None else "loss n/a"]
+        parts = [
+            f"{r.label}: {len(r.records)} steps (last {last['step']})",
+            f"loss {loss:.4f}" if loss is not None else "loss n/a",
+        ]
         if val:
             parts.append(f"val {val[-1]:.4f}")
         if tps:
@@ -199,15 +205,17 @@ def summarize(runs: list[Run]) -> str:
 
 def build_parser():
     import argparse
+
     ap = argparse.ArgumentParser(
         prog="tools/plot_metrics.py",
         description="Plot one or several runs' metrics.jsonl as PNG charts for comparison: loss (+ validation), "
-                    "learning rate, tokens/s, MFU, expert load imbalance, gradient norm, peak memory, and an "
-                    "overview of all of them.",
+        "learning rate, tokens/s, MFU, expert load imbalance, gradient norm, peak memory, and an "
+        "overview of all of them.",
         epilog="examples:\n"
-               "  tools/plot_metrics.py outputs/2026-01-01/12-00-00 --out plots\n"
-               "  tools/plot_metrics.py runs/a runs/b/metrics.jsonl --labels baseline,cp8 --x tokens --smooth 20",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  tools/plot_metrics.py outputs/2026-01-01/12-00-00 --out plots\n"
+        "  tools/plot_metrics.py runs/a runs/b/metrics.jsonl --labels baseline,cp8 --x tokens --smooth 20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl) or .jsonl files")
     ap.add_argument("--out", default="plots", help="output directory (default %(default)s)")
     ap.add_argument("--labels", help="comma-separated legend labels, one per run (default: directory names)")

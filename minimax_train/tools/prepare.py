@@ -21,6 +21,7 @@ Formats:
   num_tokens. Load it with datasets.load_from_disk(DIR); the trainer's loader does not read it (its
   sources hold text or Megatron data).
 A PREFIX.summary.json (arrow: DIR/summary.json) records the source, tokenizer, counts and histogram."""
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,10 @@ import shutil
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -103,12 +105,18 @@ class Summary:
 
     def to_dict(self) -> dict:
         arr = np.asarray(self.lengths or [0], dtype=np.int64)
-        return {"documents": self.documents, "tokens": self.tokens, "skipped_empty": self.skipped_empty,
-                "skipped_malformed": self.skipped_malformed, "mean_tokens": float(arr.mean()) if self.lengths else 0,
-                "median_tokens": float(np.median(arr)) if self.lengths else 0,
-                "p99_tokens": float(np.percentile(arr, 99)) if self.lengths else 0, "max_tokens": self.max_len,
-                "histogram": [{"min": lo, "max": hi, "documents": c} for lo, hi, c in self.histogram()],
-                "seconds": round(self.seconds, 3)}
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "skipped_empty": self.skipped_empty,
+            "skipped_malformed": self.skipped_malformed,
+            "mean_tokens": float(arr.mean()) if self.lengths else 0,
+            "median_tokens": float(np.median(arr)) if self.lengths else 0,
+            "p99_tokens": float(np.percentile(arr, 99)) if self.lengths else 0,
+            "max_tokens": self.max_len,
+            "histogram": [{"min": lo, "max": hi, "documents": c} for lo, hi, c in self.histogram()],
+            "seconds": round(self.seconds, 3),
+        }
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
@@ -119,10 +127,23 @@ def open_input(cfg: PrepareConfig):
 
     if cfg.kind not in KINDS:
         raise PrepareError(f"--kind {cfg.kind!r}: use one of {', '.join(KINDS)}")
-    src = SourceConfig(kind=cfg.kind, path=cfg.input, text_key=cfg.text_key, split=cfg.split, name=cfg.name,
-                       streaming=cfg.streaming, sample_by=cfg.sample_by)
-    dcfg = DataConfig(sources=[src], tokenizer=cfg.tokenizer, valid_fraction=0.0, add_eos=cfg.add_eos,
-                      max_bad_lines=cfg.max_bad_lines, cache_dir=cfg.cache_dir)
+    src = SourceConfig(
+        kind=cfg.kind,
+        path=cfg.input,
+        text_key=cfg.text_key,
+        split=cfg.split,
+        name=cfg.name,
+        streaming=cfg.streaming,
+        sample_by=cfg.sample_by,
+    )
+    dcfg = DataConfig(
+        sources=[src],
+        tokenizer=cfg.tokenizer,
+        valid_fraction=0.0,
+        add_eos=cfg.add_eos,
+        max_bad_lines=cfg.max_bad_lines,
+        cache_dir=cfg.cache_dir,
+    )
     validate_data_config(dcfg)
     return open_source(src, dcfg, 0), dcfg
 
@@ -166,11 +187,13 @@ def _worker_init(tokenizer_name: str, add_eos: bool) -> None:
 def _load_tokenizer(name: str, add_eos: bool):
     from minimax_train.data import load_tokenizer
     from minimax_train.data.config import DataConfig
+
     return load_tokenizer(DataConfig(tokenizer=name, add_eos=add_eos))
 
 
 def _tokenize(texts: list[str], add_eos: bool, tokenizer=None) -> list[np.ndarray]:
     from minimax_train.data.tokenizer import tokenize_documents
+
     return tokenize_documents(tokenizer or _WORKER_TOKENIZER, texts, add_eos)
 
 
@@ -181,6 +204,7 @@ def _worker_task(args):
 
 def tokenized_documents(cfg: PrepareConfig, source, summary: Summary, tokenizer, bar=None) -> Iterator[np.ndarray]:
     """Token arrays of the kept documents, in source order; updates `summary` and the progress bar."""
+
     def keep(batch):
         texts = []
         for d in batch:
@@ -205,6 +229,7 @@ def tokenized_documents(cfg: PrepareConfig, source, summary: Summary, tokenizer,
             yield from emit(len(batch), _tokenize(keep(batch), cfg.add_eos, tokenizer))
         return
     import multiprocessing as mp
+
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(cfg.workers, initializer=_worker_init, initargs=(cfg.tokenizer, cfg.add_eos)) as pool:
         window: deque = deque()
@@ -224,6 +249,7 @@ def _check_out(cfg: PrepareConfig) -> list[Path]:
         raise PrepareError(f"--format {cfg.format!r}: use one of {', '.join(FORMATS)}")
     if cfg.format == "megatron":
         from minimax_train.data.megatron import strip_prefix
+
         prefix = strip_prefix(cfg.out)
         targets = [Path(prefix + ".bin"), Path(prefix + ".idx"), Path(prefix + ".summary.json")]
     else:
@@ -243,6 +269,7 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise PrepareError("--workers, --batch-docs and --limit must be positive integers")
     targets = _check_out(cfg)
     import datasets
+
     restore_bars = not cfg.progress and datasets.is_progress_bar_enabled()
     if restore_bars:  # --quiet: no bars from datasets either (e.g. "Generating train split")
         datasets.disable_progress_bars()
@@ -263,6 +290,7 @@ def _prepare(cfg: PrepareConfig, targets: list[Path]) -> dict:
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=total, unit="doc", desc="tokenising", file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
@@ -282,12 +310,24 @@ def _prepare(cfg: PrepareConfig, targets: list[Path]) -> dict:
                 shutil.rmtree(t, ignore_errors=True)
             elif t.exists():
                 t.unlink()
-        raise PrepareError(f"{source.label}: no non-empty documents to write ({summary.skipped_empty} empty, "
-                           f"{summary.skipped_malformed} malformed)")
-    info = {"output": out, "format": cfg.format, "input": cfg.input, "kind": cfg.kind, "tokenizer": cfg.tokenizer,
-            "vocab_size": len(tokenizer), "add_eos": cfg.add_eos, "source": source.label, **summary.to_dict()}
+        raise PrepareError(
+            f"{source.label}: no non-empty documents to write ({summary.skipped_empty} empty, "
+            f"{summary.skipped_malformed} malformed)"
+        )
+    info = {
+        "output": out,
+        "format": cfg.format,
+        "input": cfg.input,
+        "kind": cfg.kind,
+        "tokenizer": cfg.tokenizer,
+        "vocab_size": len(tokenizer),
+        "add_eos": cfg.add_eos,
+        "source": source.label,
+        **summary.to_dict(),
+    }
     if cfg.format == "megatron":
         from minimax_train.data.megatron import choose_dtype
+
         info["dtype"] = np.dtype(choose_dtype(len(tokenizer) - 1)).name
         summary_path = Path(out + ".summary.json")
     else:
@@ -299,6 +339,7 @@ def _prepare(cfg: PrepareConfig, targets: list[Path]) -> dict:
 
 def _write_megatron(cfg: PrepareConfig, docs: Iterator[np.ndarray], vocab: int) -> str:
     from minimax_train.data.megatron import choose_dtype, strip_prefix, write_megatron_dataset
+
     prefix = strip_prefix(cfg.out)
     tmp = prefix + ".tmp"
     try:
@@ -321,8 +362,9 @@ def _write_arrow(cfg: PrepareConfig, docs: Iterator[np.ndarray]) -> str:
     tmp_dir = Path(str(out) + ".tmp")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
-                                  "num_tokens": datasets.Value("int64")})
+    features = datasets.Features(
+        {"input_ids": datasets.Sequence(datasets.Value("int32")), "num_tokens": datasets.Value("int64")}
+    )
     try:
         arrow = tmp_dir / "data.arrow"
         with ArrowWriter(features=features, path=str(arrow)) as writer:
@@ -346,22 +388,26 @@ def read_prepared(path: str, fmt: str = "megatron") -> list[np.ndarray]:
     """Every document of a prepared corpus as int64 arrays (tests and inspection)."""
     if fmt == "megatron":
         from minimax_train.data.megatron import read_megatron_documents
+
         return read_megatron_documents(path)
     import datasets
+
     ds = datasets.load_from_disk(path)
     return [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
 
 
 # ---- printing -----------------------------------------------------------------------------------------------------
 def format_summary(info: dict) -> str:
-    lines = [f"wrote {info['output']} ({info['format']}{', ' + info['dtype'] if 'dtype' in info else ''}) from "
-             f"{info['source']} with tokenizer {info['tokenizer']!r} (vocab {info['vocab_size']:,}, "
-             f"EOS {'appended' if info['add_eos'] else 'not appended'})",
-             f"documents {info['documents']:,}, tokens {info['tokens']:,} (skipped: {info['skipped_empty']:,} empty, "
-             f"{info['skipped_malformed']:,} malformed) in {info['seconds']:.1f}s",
-             f"tokens per document: mean {info['mean_tokens']:,.1f}, median {info['median_tokens']:,.0f}, "
-             f"p99 {info['p99_tokens']:,.0f}, max {info['max_tokens']:,}",
-             "length histogram (tokens per document):"]
+    lines = [
+        f"wrote {info['output']} ({info['format']}{', ' + info['dtype'] if 'dtype' in info else ''}) from "
+        f"{info['source']} with tokenizer {info['tokenizer']!r} (vocab {info['vocab_size']:,}, "
+        f"EOS {'appended' if info['add_eos'] else 'not appended'})",
+        f"documents {info['documents']:,}, tokens {info['tokens']:,} (skipped: {info['skipped_empty']:,} empty, "
+        f"{info['skipped_malformed']:,} malformed) in {info['seconds']:.1f}s",
+        f"tokens per document: mean {info['mean_tokens']:,.1f}, median {info['median_tokens']:,.0f}, "
+        f"p99 {info['p99_tokens']:,.0f}, max {info['max_tokens']:,}",
+        "length histogram (tokens per document):",
+    ]
     hist = info["histogram"]
     top = max((h["documents"] for h in hist), default=1) or 1
     for h in hist:
@@ -373,37 +419,50 @@ def format_summary(info: dict) -> str:
 
 def build_parser():
     import argparse
+
     ap = argparse.ArgumentParser(
         prog="tools/prepare_data.py",
         description="Tokenise a corpus (jsonl / parquet / text files, a directory or glob of them, or a Hugging Face "
-                    "dataset) in parallel into a Megatron indexed dataset (.bin/.idx, what the trainer reads with "
-                    "data.sources kind=megatron) or an Arrow dataset, and print a summary (documents, tokens, length "
-                    "histogram). Records the trainer would skip (malformed, empty) are skipped and counted; tokens "
-                    "are those of minimax_train.data.tokenize_documents, so training on the output equals training "
-                    "on the raw corpus.",
+        "dataset) in parallel into a Megatron indexed dataset (.bin/.idx, what the trainer reads with "
+        "data.sources kind=megatron) or an Arrow dataset, and print a summary (documents, tokens, length "
+        "histogram). Records the trainer would skip (malformed, empty) are skipped and counted; tokens "
+        "are those of minimax_train.data.tokenize_documents, so training on the output equals training "
+        "on the raw corpus.",
         epilog="examples:\n"
-               "  tools/prepare_data.py --input corpus.jsonl --out data/corpus --workers 8\n"
-               "  tools/prepare_data.py --kind parquet --input 'shards/*.parquet' --tokenizer ./tok --out data/web\n"
-               "  tools/prepare_data.py --kind hf --input org/dataset --split train --streaming --limit 100000 \\\n"
-               "      --format arrow --out data/sample_arrow\n"
-               "train on a megatron output:  python -m minimax_train.train \"data.sources=[{kind: megatron, path: "
-               "data/corpus}]\"",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  tools/prepare_data.py --input corpus.jsonl --out data/corpus --workers 8\n"
+        "  tools/prepare_data.py --kind parquet --input 'shards/*.parquet' --tokenizer ./tok --out data/web\n"
+        "  tools/prepare_data.py --kind hf --input org/dataset --split train --streaming --limit 100000 \\\n"
+        "      --format arrow --out data/sample_arrow\n"
+        'train on a megatron output:  python -m minimax_train.train "data.sources=[{kind: megatron, path: '
+        'data/corpus}]"',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--input", required=True, help="file, directory, glob, or hf dataset id / local dataset dir")
     ap.add_argument("--out", required=True, help="megatron: output prefix (PREFIX.bin/.idx); arrow: output directory")
     ap.add_argument("--kind", default="jsonl", choices=KINDS, help="input kind (default %(default)s)")
     ap.add_argument("--format", default="megatron", choices=FORMATS, help="output format (default %(default)s)")
-    ap.add_argument("--tokenizer", default="embedded",
-                    help="'embedded', a tokenizer directory, a tokenizer.json, or a cached hub id (default %(default)s)")
+    ap.add_argument(
+        "--tokenizer",
+        default="embedded",
+        help="'embedded', a tokenizer directory, a tokenizer.json, or a cached hub id (default %(default)s)",
+    )
     ap.add_argument("--text-key", default="text", help="field/column with the text (jsonl, parquet, hf)")
     ap.add_argument("--split", default="train", help="hf split (default %(default)s)")
     ap.add_argument("--name", default=None, help="hf dataset config name")
     ap.add_argument("--streaming", action="store_true", help="hf: stream instead of downloading/converting")
-    ap.add_argument("--sample-by", default="document", choices=("document", "paragraph", "line"),
-                    help="text files: one document per file, paragraph or line (default %(default)s)")
+    ap.add_argument(
+        "--sample-by",
+        default="document",
+        choices=("document", "paragraph", "line"),
+        help="text files: one document per file, paragraph or line (default %(default)s)",
+    )
     ap.add_argument("--no-eos", action="store_true", help="do not append the tokenizer's EOS to each document")
-    ap.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                    help="tokenising processes (default %(default)s)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+        help="tokenising processes (default %(default)s)",
+    )
     ap.add_argument("--batch-docs", type=int, default=256, help="documents per worker task (default %(default)s)")
     ap.add_argument("--limit", type=int, default=None, help="read at most this many documents")
     ap.add_argument("--max-bad-lines", type=int, default=100, help="malformed records tolerated (default %(default)s)")
@@ -416,12 +475,28 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = PrepareConfig(input=args.input, out=args.out, kind=args.kind, tokenizer=args.tokenizer, format=args.format,
-                        text_key=args.text_key, split=args.split, name=args.name, streaming=args.streaming,
-                        sample_by=args.sample_by, add_eos=not args.no_eos, workers=args.workers,
-                        batch_docs=args.batch_docs, limit=args.limit, max_bad_lines=args.max_bad_lines,
-                        overwrite=args.overwrite, progress=not args.quiet, cache_dir=args.cache_dir)
+    cfg = PrepareConfig(
+        input=args.input,
+        out=args.out,
+        kind=args.kind,
+        tokenizer=args.tokenizer,
+        format=args.format,
+        text_key=args.text_key,
+        split=args.split,
+        name=args.name,
+        streaming=args.streaming,
+        sample_by=args.sample_by,
+        add_eos=not args.no_eos,
+        workers=args.workers,
+        batch_docs=args.batch_docs,
+        limit=args.limit,
+        max_bad_lines=args.max_bad_lines,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        cache_dir=args.cache_dir,
+    )
     from minimax_train.data.config import DataError
+
     try:
         info = prepare(cfg)
     except (PrepareError, DataError, FileNotFoundError, FileExistsError) as e:

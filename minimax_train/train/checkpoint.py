@@ -14,6 +14,7 @@ Layout of checkpoint.dir:
 A save writes everything into step_X.tmp, fsyncs, writes COMPLETE and renames the directory: a crash at
 any point leaves either the previous complete checkpoints or the new one, never a half one that looks
 complete. keep_last prunes older complete checkpoints after each successful save."""
+
 from __future__ import annotations
 
 import contextlib
@@ -193,8 +194,15 @@ class CheckpointManager:
             dcp.save(state, checkpoint_id=str(tmp), no_dist=self.mesh.world_size == 1)
         ranks = self.mesh.all_gather_object(plain(rank_state))
         if self.mesh.is_main:
-            torch.save({"meta": plain(meta), "ranks": ranks, "world_size": self.mesh.world_size,
-                        "dp_size": self.mesh.layout.dp}, tmp / META)
+            torch.save(
+                {
+                    "meta": plain(meta),
+                    "ranks": ranks,
+                    "world_size": self.mesh.world_size,
+                    "dp_size": self.mesh.layout.dp,
+                },
+                tmp / META,
+            )
             (tmp / CONFIG).write_text(config_yaml)
             _fsync_tree(tmp)
             if self.faults is not None:
@@ -217,7 +225,7 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         found = list_checkpoints(self.root)
-        for old in found[:-self.keep_last]:
+        for old in found[: -self.keep_last]:
             gone = old.with_name(old.name + ".deleting")
             os.rename(old, gone)  # no longer looks complete before its files go
             shutil.rmtree(gone, ignore_errors=True)
@@ -241,8 +249,12 @@ def load_model_and_optim(path: Path, model, optimizer=None, *, no_dist: bool | N
     """Load the model (and optimiser) state of checkpoint `path` into the current layout (DCP reshards)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                         set_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
     if no_dist is None:
         no_dist = not (dist.is_available() and dist.is_initialized())

@@ -2,6 +2,7 @@
 
 conf/ lives at the repository top level; it is found relative to this package (editable installs),
 or inside the package as minimax_train/conf when a wheel ships it there, or at $MINIMAX_TRAIN_CONF."""
+
 from __future__ import annotations
 
 import logging
@@ -19,8 +20,10 @@ def conf_dir() -> str:
     for c in candidates:
         if (c / "config.yaml").is_file():
             return str(c)
-    raise SystemExit(f"minimax_train: cannot find the config tree (conf/config.yaml); looked in "
-                     f"{', '.join(str(c) for c in candidates)}. Set MINIMAX_TRAIN_CONF to the conf directory.")
+    raise SystemExit(
+        f"minimax_train: cannot find the config tree (conf/config.yaml); looked in "
+        f"{', '.join(str(c) for c in candidates)}. Set MINIMAX_TRAIN_CONF to the conf directory."
+    )
 
 
 def _non_main_rank_overrides(argv: list[str]) -> list[str]:

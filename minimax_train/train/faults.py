@@ -8,6 +8,7 @@ MINIMAX_TRAIN_FAULTS="kill@7,nan@3+4,save_crash@6"
   sigterm@S     send SIGTERM to this process after step S (as slurm preemption would); ranks agree on it
                 in the next step's statistics all-reduce, so the run saves and stops after step S+1
 Only rank 0 kills/signals itself unless the entry is suffixed with :all (e.g. kill@7:all)."""
+
 from __future__ import annotations
 
 import os

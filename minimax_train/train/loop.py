@@ -6,6 +6,7 @@ data-parallel size, because FSDP averages gradients) plus coef * aux_loss / accu
 update when the loss or gradient norm is not finite, step AdamW, all-reduce the step's statistics
 (second small all-reduce, which also carries the preemption flag), write metrics, evaluate and save
 when due. The same global batch therefore gives the same update in any data-parallel layout."""
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,14 @@ from minimax_train.parallel.mesh import ParallelMesh
 from minimax_train.parallel.parallelize import parallelize
 from minimax_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from minimax_train.train.faults import Faults
-from minimax_train.train.metrics import (MetricsWriter, WandbLogger, format_duration, format_progress, max_memory_gb,
-                                         peak_tflops)
+from minimax_train.train.metrics import (
+    MetricsWriter,
+    WandbLogger,
+    format_duration,
+    format_progress,
+    max_memory_gb,
+    peak_tflops,
+)
 from minimax_train.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
 from minimax_train.train.profiler import StepProfiler
 
@@ -70,6 +77,7 @@ class StopFlag:
 
     def install(self):
         import threading
+
         if threading.current_thread() is not threading.main_thread():
             return
         for s in self.SIGNALS:
@@ -96,6 +104,7 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
     _seed_all(job.train.seed)
     if init_from_hf:
         from minimax_train.hf import load_hf
+
         model = load_hf(init_from_hf, dtype=torch.float32)
         log.info("initialised from transformers weights in %s", init_from_hf)
     else:
@@ -105,8 +114,13 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
     model.loss_chunk_tokens = job.train.loss_chunk_tokens  # read by lm_loss_sum (ops/cross_entropy.py)
     if job.parallel.engine == "deepspeed":
         return model  # DeepSpeed wraps it with its optimiser (build_engine)
-    parallelize(model, mesh, job.parallel, param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda")
-                else None, reduce_dtype=torch.float32)
+    parallelize(
+        model,
+        mesh,
+        job.parallel,
+        param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None,
+        reduce_dtype=torch.float32,
+    )
     return model
 
 
@@ -150,12 +164,14 @@ class TorchEngine:
         pass
 
 
-def build_engine(job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool = False,
-                 init_from_hf: Optional[str] = None):
+def build_engine(
+    job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool = False, init_from_hf: Optional[str] = None
+):
     """(engine adapter, optimiser implementation name) for parallel.engine."""
     model = build_model(job, mesh, bf16=bf16, init_from_hf=init_from_hf)
     if job.parallel.engine == "deepspeed":
         from minimax_train.parallel.deepspeed_engine import DeepSpeedEngine
+
         # offloaded optimiser state lives on the host: step it with the CPU (foreach) AdamW
         opt_device = torch.device("cpu") if job.parallel.offload_optimizer else mesh.device
         optimizer, opt_impl = build_optimizer(model, job.optim, device=opt_device, sharded=True)
@@ -189,6 +205,7 @@ def model_inputs(b, mesh: ParallelMesh) -> dict:
     cp rank's zigzag share of every row (lm_loss_sum / num_loss_tokens then cover that share only)."""
     if mesh.cp_size > 1:
         from minimax_train.parallel.context_parallel import shard_batch
+
         ids, labels, seq = shard_batch(b, mesh.cp_rank, mesh.cp_size)
         return {"input_ids": ids, "labels": labels, "seq": seq}
     return {"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids, "cu_seqlens": b.cu_seqlens}
@@ -199,6 +216,7 @@ def local_loss_tokens(b, mesh: ParallelMesh) -> int:
     the sum over the dp x cp group is the global count."""
     if mesh.cp_size > 1:
         from minimax_train.parallel.cp_shard import zigzag_token_index
+
         idx = zigzag_token_index(b.labels.shape[0], b.labels.shape[1], mesh.cp_rank, mesh.cp_size)
         return int((b.labels.reshape(-1)[idx] != -100).sum())
     return b.num_loss_tokens()
@@ -212,8 +230,16 @@ class ForwardBackward:
     expert_load: torch.Tensor  # this rank's [layers, experts] token counts (fp64)
 
 
-def forward_backward(model, batches, *, mesh: ParallelMesh, autocast=contextlib.nullcontext, coef: float,
-                     inject_nan: bool = False, engine=None) -> ForwardBackward:
+def forward_backward(
+    model,
+    batches,
+    *,
+    mesh: ParallelMesh,
+    autocast=contextlib.nullcontext,
+    coef: float,
+    inject_nan: bool = False,
+    engine=None,
+) -> ForwardBackward:
     """Accumulate the gradient of one optimiser step's share of this rank: `batches` are its micro-batches.
 
     The gradient (after FSDP's average over the dp group) is that of
@@ -295,27 +321,42 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         init_hf = job.checkpoint.init_from_hf if not resume_from else None
         if init_hf:
             from minimax_train.hf import read_hf_config
+
             hf_cfg = read_hf_config(init_hf)
             if hf_cfg != job.model:
-                log.warning("checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)",
-                            init_hf)
+                log.warning(
+                    "checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)", init_hf
+                )
                 job.model = hf_cfg
         if len(tokenizer) > job.model.vocab_size:
-            raise ConfigError(f"model.vocab_size={job.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                              f"({len(tokenizer)} tokens, data.tokenizer={job.data.tokenizer!r})")
-        loader_kw = dict(seq_len=T, micro_batch_size=job.train.micro_batch_size, dp_rank=mesh.dp_rank, dp_size=dp,
-                         seed=job.train.seed)
+            raise ConfigError(
+                f"model.vocab_size={job.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({len(tokenizer)} tokens, data.tokenizer={job.data.tokenizer!r})"
+            )
+        loader_kw = dict(
+            seq_len=T,
+            micro_batch_size=job.train.micro_batch_size,
+            dp_rank=mesh.dp_rank,
+            dp_size=dp,
+            seed=job.train.seed,
+        )
         train_loader = build_loader(job.data, tokenizer, split="train", **loader_kw)
         for src in train_loader.stats["sources"]:
-            log.info("data %s: %s documents, %d malformed records skipped", src["label"], src["documents"],
-                     src["bad_records"])
+            log.info(
+                "data %s: %s documents, %d malformed records skipped",
+                src["label"],
+                src["documents"],
+                src["bad_records"],
+            )
         valid_loader = None
         if job.train.eval_interval > 0:
             try:
                 valid_loader = build_loader(job.data, tokenizer, split="valid", **loader_kw)
             except DataError as e:
-                raise DataError(f"{e} (validation: train.eval_interval={job.train.eval_interval}; set "
-                                f"train.eval_interval=0 to train without a held-out split)") from None
+                raise DataError(
+                    f"{e} (validation: train.eval_interval={job.train.eval_interval}; set "
+                    f"train.eval_interval=0 to train without a held-out split)"
+                ) from None
 
         # ---- model and optimiser -----------------------------------------------------------------------------
         engine, opt_impl = build_engine(job, mesh, accum=accum, bf16=bf16, init_from_hf=init_hf)
@@ -324,6 +365,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         ckpt_model, ckpt_optim = (engine, None) if engine.name == "deepspeed" else (engine.model, engine.optimizer)
         coef = float(job.model.router_aux_loss_coef)
         from minimax_train.model.flops import count_params, train_flops_per_token
+
         flops_per_token = train_flops_per_token(job.model, T)
         peak = peak_tflops(device, job.logging.peak_tflops)
         n_params = count_params(job.model)
@@ -340,8 +382,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             if mine is not None:
                 set_rng_state(mine["rng"])
             else:
-                log.warning("world size changed (%d -> %d): RNG streams reseeded", blob["world_size"],
-                            mesh.world_size)
+                log.warning("world size changed (%d -> %d): RNG streams reseeded", blob["world_size"], mesh.world_size)
                 _seed_all(job.train.seed + 1000003 * step)  # same on every rank, as at the start (TP ranks must agree)
             log.info("resumed from %s (step %d, %.2fs)", resume_from, step, time.perf_counter() - t0)
         if step >= job.train.steps:
@@ -356,16 +397,33 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             wandb_logger = WandbLogger(job.logging.wandb, run_dir, job_to_container(job), wandb_id)
             wandb_id = wandb_logger.run_id
         log.info("run dir %s | checkpoints %s | %s", run_dir, ckpt_root, mesh.describe())
-        log.info("model %.2fM params (%.2fM active/token) | batch %d rows x %d tokens = %d tokens/step, micro %d, "
-                 "accum %d, dp %d | %s | precision %s | optimizer %s", n_params.total / 1e6, n_params.active / 1e6,
-                 G, T, G * T, job.train.micro_batch_size, accum, dp, job.optim.schedule, "bf16" if bf16 else "fp32",
-                 opt_impl)
+        log.info(
+            "model %.2fM params (%.2fM active/token) | batch %d rows x %d tokens = %d tokens/step, micro %d, "
+            "accum %d, dp %d | %s | precision %s | optimizer %s",
+            n_params.total / 1e6,
+            n_params.active / 1e6,
+            G,
+            T,
+            G * T,
+            job.train.micro_batch_size,
+            accum,
+            dp,
+            job.optim.schedule,
+            "bf16" if bf16 else "fp32",
+            opt_impl,
+        )
 
         def save(at_step: int) -> Path:
             t0 = time.perf_counter()
-            meta = {"step": at_step, "tokens": tokens, "skipped_steps": skipped,
-                    "consecutive_nonfinite": consecutive, "wandb_run_id": wandb_id,
-                    "data": train_loader.state_dict(), "dp_size": dp}
+            meta = {
+                "step": at_step,
+                "tokens": tokens,
+                "skipped_steps": skipped,
+                "consecutive_nonfinite": consecutive,
+                "wandb_run_id": wandb_id,
+                "data": train_loader.state_dict(),
+                "dp_size": dp,
+            }
             path = manager.save(at_step, ckpt_model, ckpt_optim, meta, {"rng": rng_state()}, config_yaml)
             log.info("saved checkpoint %s (%.2fs)", path, time.perf_counter() - t0)
             return path
@@ -378,8 +436,9 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         start_step = step
         it = iter(train_loader)
         engine.train()
-        profiler = StepProfiler(job.logging.profile_start, job.logging.profile_steps, run_dir / "profile",
-                                mesh.rank, device)
+        profiler = StepProfiler(
+            job.logging.profile_start, job.logging.profile_steps, run_dir / "profile", mesh.rank, device
+        )
 
         while step < job.train.steps:
             profiler.before_step(step + 1)
@@ -387,8 +446,15 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             lr = lr_at(step, job.optim, job.train.steps)
             engine.set_lr(lr)
             batches = [next(it) for _ in range(accum)]
-            fb = forward_backward(model, batches, mesh=mesh, autocast=autocast, coef=coef,
-                                  inject_nan=faults.hit("nan", step + 1), engine=engine)
+            fb = forward_backward(
+                model,
+                batches,
+                mesh=mesh,
+                autocast=autocast,
+                coef=coef,
+                inject_nan=faults.hit("nan", step + 1),
+                engine=engine,
+            )
             global_tokens, lm_sum, aux_sum, load = fb.global_tokens, fb.lm_sum, fb.aux_sum, fb.expert_load
 
             max_norm = job.optim.clip_grad if job.optim.clip_grad > 0 else float("inf")
@@ -423,12 +489,22 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             step_times.append(dt)
             profiler.after_step(step)
             if step == start_step + 1 and device.type == "cuda" and dt > 20 and mesh.is_main:
-                log.info("the first step took %.0f s: one-time kernel compilation (fla's autotuned Triton kernels, "
-                         "FlexAttention), cached on this machine for later runs; the ETA leaves it out", dt)
+                log.info(
+                    "the first step took %.0f s: one-time kernel compilation (fla's autotuned Triton kernels, "
+                    "FlexAttention), cached on this machine for later runs; the ETA leaves it out",
+                    dt,
+                )
 
             if not finite:
-                log.warning("step %d: non-finite %s (loss %s, grad norm %s): update skipped (%d in a row, %d total)",
-                            step, "loss" if not math.isfinite(loss) else "gradient", loss, gn, consecutive, skipped)
+                log.warning(
+                    "step %d: non-finite %s (loss %s, grad norm %s): update skipped (%d in a row, %d total)",
+                    step,
+                    "loss" if not math.isfinite(loss) else "gradient",
+                    loss,
+                    gn,
+                    consecutive,
+                    skipped,
+                )
             else:
                 last_loss = loss
 
@@ -438,11 +514,22 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             tps = G * T / dt
             tflops = flops_per_token * tps / mesh.world_size / 1e12
             rec: dict[str, Any] = {
-                "step": step, "loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": gn,
-                "tokens": tokens, "tokens_per_s": tps, "tflops_per_device": tflops,
-                "mfu": (tflops / peak) if peak else None, "max_memory_gb": max_memory_gb(device),
-                "expert_load_imbalance": imbalance, "step_time_s": dt, "loss_tokens": int(global_tokens),
-                "skipped": not finite, "skipped_steps": skipped,
+                "step": step,
+                "loss": loss,
+                "lm_loss": lm_loss,
+                "aux_loss": aux_loss,
+                "lr": lr,
+                "grad_norm": gn,
+                "tokens": tokens,
+                "tokens_per_s": tps,
+                "tflops_per_device": tflops,
+                "mfu": (tflops / peak) if peak else None,
+                "max_memory_gb": max_memory_gb(device),
+                "expert_load_imbalance": imbalance,
+                "step_time_s": dt,
+                "loss_tokens": int(global_tokens),
+                "skipped": not finite,
+                "skipped_steps": skipped,
             }
             if valid_loader is not None and (step % job.train.eval_interval == 0 or step == job.train.steps):
                 acc = _local_eval(model, valid_loader, job.train.eval_iters, device, autocast, mesh)
@@ -452,8 +539,12 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             if mesh.is_main:
                 metrics.write(rec)
                 wandb_logger.log(rec)
-                if step % job.logging.interval == 0 or step == job.train.steps or step == start_step + 1 \
-                        or stop_requested:
+                if (
+                    step % job.logging.interval == 0
+                    or step == job.train.steps
+                    or step == start_step + 1
+                    or stop_requested
+                ):
                     recent = step_times[1:][-20:] or step_times
                     eta = (job.train.steps - step) * (sum(recent) / len(recent))
                     log.info(format_progress(rec, job.train.steps, eta))
@@ -463,7 +554,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                     f"non-finite loss or gradient (train.max_nonfinite_steps={job.train.max_nonfinite_steps}); "
                     f"their updates were skipped, the weights are those of step {step - consecutive}. Lower "
                     f"optim.lr or lengthen optim.warmup_steps, check the data, or resume from the last checkpoint "
-                    f"({last_ckpt or 'none saved yet'}).")
+                    f"({last_ckpt or 'none saved yet'})."
+                )
             faults.maybe_kill("kill", step)
 
             due = job.checkpoint.interval > 0 and step % job.checkpoint.interval == 0
@@ -472,8 +564,9 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 last_saved = step
             faults.maybe_signal(step)
             if stop_requested:
-                log.warning("stopping after step %d on %s (checkpoint %s)", step, stop.name or "a peer's signal",
-                            last_ckpt)
+                log.warning(
+                    "stopping after step %d on %s (checkpoint %s)", step, stop.name or "a peer's signal", last_ckpt
+                )
                 failed = False
                 return TrainResult(step, tokens, last_loss, skipped, True, last_ckpt, str(run_dir))
 
@@ -481,9 +574,14 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             last_ckpt = str(save(step))
         total = sum(step_times)
         if step_times:
-            log.info("done: %d steps in %s (%.1fk tokens/s), last loss %s, %d skipped", step - start_step,
-                     format_duration(total), (step - start_step) * G * T / max(total, 1e-9) / 1e3,
-                     f"{last_loss:.4f}" if last_loss is not None else "n/a", skipped)
+            log.info(
+                "done: %d steps in %s (%.1fk tokens/s), last loss %s, %d skipped",
+                step - start_step,
+                format_duration(total),
+                (step - start_step) * G * T / max(total, 1e-9) / 1e3,
+                f"{last_loss:.4f}" if last_loss is not None else "n/a",
+                skipped,
+            )
         failed = False
         return TrainResult(step, tokens, last_loss, skipped, False, last_ckpt, str(run_dir))
     finally:

@@ -1,4 +1,5 @@
 """Per-step metrics: metrics.jsonl, the console progress line, and W&B (imported only when enabled)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ from minimax_train.config import WandbConfig
 log = logging.getLogger("minimax_train.train")
 
 # Dense bf16 tensor-core peaks (TFLOP/s per device) for MFU; override with logging.peak_tflops.
-_PEAKS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4), ("B200", 2250.0),
-          ("A100", 312.0), ("L40S", 362.0), ("A10G", 125.0))
+_PEAKS = (
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 125.0),
+)
 
 
 def peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
@@ -71,8 +80,14 @@ def format_duration(s: float) -> str:
 
 
 def format_progress(rec: dict[str, Any], total_steps: int, eta_s: float) -> str:
-    parts = [f"step {rec['step']}/{total_steps}", f"loss {rec['loss']:.4f}", f"lm {rec['lm_loss']:.4f}",
-             f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.3f}", f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s"]
+    parts = [
+        f"step {rec['step']}/{total_steps}",
+        f"loss {rec['loss']:.4f}",
+        f"lm {rec['lm_loss']:.4f}",
+        f"lr {rec['lr']:.2e}",
+        f"gnorm {rec['grad_norm']:.3f}",
+        f"{rec['tokens_per_s'] / 1e3:.1f}k tok/s",
+    ]
     if rec.get("mfu") is not None:
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")
     if rec.get("val_loss") is not None:
@@ -95,13 +110,25 @@ class WandbLogger:
         try:
             import wandb
         except ImportError as e:
-            raise RuntimeError(f"logging.wandb.mode={cfg.mode} but wandb is not installed "
-                               f"(pip install wandb, or logging.wandb.mode=disabled)") from e
+            raise RuntimeError(
+                f"logging.wandb.mode={cfg.mode} but wandb is not installed "
+                f"(pip install wandb, or logging.wandb.mode=disabled)"
+            ) from e
         wdir = Path(cfg.dir) if cfg.dir else Path(run_dir)
         wdir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(mode=cfg.mode, project=cfg.project, entity=cfg.entity, name=cfg.name, group=cfg.group,
-                              tags=list(cfg.tags) or None, notes=cfg.notes, dir=str(wdir), config=config,
-                              id=run_id, resume="allow" if run_id else None)
+        self.run = wandb.init(
+            mode=cfg.mode,
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name,
+            group=cfg.group,
+            tags=list(cfg.tags) or None,
+            notes=cfg.notes,
+            dir=str(wdir),
+            config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
         self.run_id = self.run.id
         log.info("W&B run %s (mode %s, dir %s)", self.run_id, cfg.mode, wdir)
 

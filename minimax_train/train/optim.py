@@ -1,6 +1,7 @@
 """AdamW (apex FusedAdam, torch fused or foreach) and the learning-rate schedules.
 
 The schedule is a pure function of the step, so its checkpointed state is the step number."""
+
 from __future__ import annotations
 
 import logging
@@ -64,16 +65,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def _apex_fused_adam():
     try:
         from apex.optimizers import FusedAdam  # NVIDIA apex built from source; never the PyPI 'apex'
+
         return FusedAdam
     except Exception:
         return None
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device: torch.device, sharded: bool
-                    ) -> tuple[torch.optim.Optimizer, str]:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, *, device: torch.device, sharded: bool
+) -> tuple[torch.optim.Optimizer, str]:
     """Return (optimizer, implementation name). `sharded`: parameters apex cannot step (FSDP or DeepSpeed
     partitions); DTensor parameters (tensor / expert parallel, also without FSDP) count as sharded too."""
     from torch.distributed.tensor import DTensor
+
     sharded = sharded or any(isinstance(p, DTensor) for p in model.parameters())
     groups = param_groups(model, cfg.weight_decay)
     kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
@@ -86,8 +90,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, device: torch.device,
     if impl == "apex":
         FusedAdam = _apex_fused_adam()
         if FusedAdam is None:
-            raise RuntimeError("optim.impl=apex but apex.optimizers.FusedAdam is not importable (build NVIDIA apex "
-                               "from source; the PyPI package named 'apex' is unrelated)")
+            raise RuntimeError(
+                "optim.impl=apex but apex.optimizers.FusedAdam is not importable (build NVIDIA apex "
+                "from source; the PyPI package named 'apex' is unrelated)"
+            )
         if device.type != "cuda" or sharded:
             raise RuntimeError("optim.impl=apex needs unsharded CUDA parameters (one GPU); use fused or auto")
         return FusedAdam(groups, adam_w_mode=True, **kw), "apex"

@@ -3,6 +3,7 @@
 Each rank writes <run dir>/profile/rank{r}_trace.json.gz (open in Perfetto or chrome://tracing) and
 rank{r}_ops.txt: the ops of the window sorted by device time (CPU time on CPU), the first place to
 look when a step is slower than its FLOPs say."""
+
 from __future__ import annotations
 
 import logging

@@ -7,13 +7,13 @@ cp GPUs vs one GPU. Needs >= 2 CUDA devices and fla-core; skipped otherwise (CPU
 
     pytest tests/gpu/test_context_parallel_gpu.py        # on a host with 2-4 GPUs
 """
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-
 from test_context_parallel import run_gloo, tiny_model_config
 
 
@@ -47,6 +47,7 @@ def _lengths(seed=0):
 
 def _rel(got, ref, group):
     import torch.distributed as dist
+
     err = (got.double() - ref.double()).abs().max().reshape(1)
     dist.all_reduce(err, op=dist.ReduceOp.MAX, group=group)
     return (err / ref.double().abs().max()).item()
@@ -55,6 +56,7 @@ def _rel(got, ref, group):
 def _gpu_worker():
     import torch.distributed as dist
     import torch.nn.functional as F
+
     from minimax_train.model.layers import PackedSequence
     from minimax_train.ops.attention import varlen_attention
     from minimax_train.ops.lightning import lightning_attention, lightning_slopes
@@ -84,14 +86,16 @@ def _gpu_worker():
         xs = [x.to(dtype).requires_grad_(True) for x in (q, k, v)]
         o1, _ = lightning_attention(*(x[None] for x in xs), slopes, cu_seqlens=cu, backend="fla")
         g1 = torch.autograd.grad(o1[0], xs, g.to(dtype))
-        out[f"lightning/{name}/single"] = max([_rel(o1[0], ref, group)]
-                                              + [_rel(a, b, group) for a, b in zip(g1, ref_g)])
+        out[f"lightning/{name}/single"] = max(
+            [_rel(o1[0], ref, group)] + [_rel(a, b, group) for a, b in zip(g1, ref_g)]
+        )
         for mode in ("plus", "serial"):
             xl = [x.to(dtype)[idx].requires_grad_(True) for x in (q, k, v)]
             o = lasp_attention(*xl, slopes, seq, group, block_size=64, mode=mode, backend="fla")
             gl = torch.autograd.grad(o, xl, g[idx].to(dtype))
-            out[f"lightning/{name}/{mode}"] = max([_rel(o, ref[idx], group)]
-                                                  + [_rel(a, b[idx], group) for a, b in zip(gl, ref_g)])
+            out[f"lightning/{name}/{mode}"] = max(
+                [_rel(o, ref[idx], group)] + [_rel(a, b[idx], group) for a, b in zip(gl, ref_g)]
+            )
 
     # ---- softmax: flex (single GPU, whole row) and ring attention on flex, vs float64 torch ----------------
     Hq, Hkv = 8, 2
@@ -99,8 +103,14 @@ def _gpu_worker():
     k, v = (torch.randn(ROW, Hkv, D, generator=gen).to(dev) for _ in range(2))
     g = torch.randn(ROW, Hq, D, generator=gen).to(dev)
     for window in (None, 1500):
-        kw = dict(q_doc=full.doc_ids, q_pos=full.causal_pos, k_doc=full.doc_ids, k_pos=full.causal_pos,
-                  scale=D ** -0.5, sliding_window=window)
+        kw = dict(
+            q_doc=full.doc_ids,
+            q_pos=full.causal_pos,
+            k_doc=full.doc_ids,
+            k_pos=full.causal_pos,
+            scale=D**-0.5,
+            sliding_window=window,
+        )
         x64 = [x.double().requires_grad_(True) for x in (q, k, v)]
         ref = varlen_attention(*x64, backend="torch", **kw)
         ref_g = torch.autograd.grad(ref, x64, g.double())
@@ -112,14 +122,16 @@ def _gpu_worker():
             g1 = torch.autograd.grad(o1, xs, g.to(dtype))
             out[f"ring/{name}/single"] = max([_rel(o1, ref, group)] + [_rel(a, b, group) for a, b in zip(g1, ref_g)])
             xl = [x.to(dtype)[idx].requires_grad_(True) for x in (q, k, v)]
-            o = ring_attention(*xl, seq, group, scale=D ** -0.5, sliding_window=window, backend="flex")
+            o = ring_attention(*xl, seq, group, scale=D**-0.5, sliding_window=window, backend="flex")
             gl = torch.autograd.grad(o, xl, g[idx].to(dtype))
-            out[f"ring/{name}/cp"] = max([_rel(o, ref[idx], group)]
-                                         + [_rel(a, b[idx], group) for a, b in zip(gl, ref_g)])
+            out[f"ring/{name}/cp"] = max(
+                [_rel(o, ref[idx], group)] + [_rel(a, b[idx], group) for a, b in zip(gl, ref_g)]
+            )
 
     # ---- the model (fp32): cp GPUs vs one GPU, both on fla + flex --------------------------------------------
     from minimax_train.model.transformer import MiniMaxForCausalLM
     from minimax_train.parallel.context_parallel import apply_context_parallel, cp_loss_for_backward
+
     cfg = tiny_model_config(hidden_size=64, head_dim=16, block_size=64, max_position_embeddings=ROW)
     torch.manual_seed(0)
     ref_m = MiniMaxForCausalLM(cfg).to(dev)

@@ -34,13 +34,17 @@ def _rel(got, ref):
 
 
 @pytest.mark.parametrize("layer_idx", [0, 79])  # strongest and weakest decay of an 80-layer model
-@pytest.mark.parametrize("B,T,H,D,docs,dtype", CASES,
-                         ids=lambda x: str(x).replace("torch.", "") if isinstance(x, torch.dtype) else None)
+@pytest.mark.parametrize(
+    "B,T,H,D,docs,dtype", CASES, ids=lambda x: str(x).replace("torch.", "") if isinstance(x, torch.dtype) else None
+)
 def test_fla_matches_torch(B, T, H, D, docs, dtype, layer_idx):
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(T + H)
-    cu = None if docs is None else torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist(), device=dev,
-                                                dtype=torch.int32)
+    cu = (
+        None
+        if docs is None
+        else torch.tensor([0] + torch.tensor(docs).cumsum(0).tolist(), device=dev, dtype=torch.int32)
+    )
     N = B if docs is None else len(docs)
     # Activated inputs as in the model (silu), v zero-mean so outputs do not share one large mean.
     q = torch.nn.functional.silu(torch.randn(B, T, H, D, generator=g, device=dev)).to(dtype)
@@ -53,8 +57,9 @@ def test_fla_matches_torch(B, T, H, D, docs, dtype, layer_idx):
 
     def run(inputs, backend):
         leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
-        o, ht = lightning_attention(*leaves[:3], slopes, cu_seqlens=cu, initial_state=leaves[3],
-                                    output_final_state=True, backend=backend)
+        o, ht = lightning_attention(
+            *leaves[:3], slopes, cu_seqlens=cu, initial_state=leaves[3], output_final_state=True, backend=backend
+        )
         loss = (o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()
         return [o, ht] + list(torch.autograd.grad(loss, leaves))
 
@@ -78,5 +83,6 @@ def test_auto_picks_fla_on_cuda():
 
 def test_slopes_on_cuda_match_cpu():
     # The buffers an export writes are computed on CPU; the GPU copy must not drift from them.
-    torch.testing.assert_close(lightning_slopes(64, 40, 80, device="cuda").cpu(), lightning_slopes(64, 40, 80),
-                               rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        lightning_slopes(64, 40, 80, device="cuda").cpu(), lightning_slopes(64, 40, 80), rtol=1e-6, atol=0
+    )

@@ -1,5 +1,6 @@
 """The whole model on CUDA (fla lightning kernels, flex attention, grouped GEMM experts) against the
 same weights on the CPU reference path in float64."""
+
 import pytest
 import torch
 
@@ -10,17 +11,30 @@ from minimax_train.ops.experts import grouped_swiglu  # noqa: E402
 
 
 def _cfg():
-    return ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=8,
-                       softmax_every=2, block_size=64, rope_theta=1e4)
+    return ModelConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_local_experts=8,
+        softmax_every=2,
+        block_size=64,
+        rope_theta=1e4,
+    )
 
 
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize("dtype,autocast,tol", [(torch.float32, False, 5e-3), (torch.bfloat16, False, 3e-2),
-                                                (torch.float32, True, 3e-2)], ids=["fp32", "bf16", "autocast_bf16"])
+@pytest.mark.parametrize(
+    "dtype,autocast,tol",
+    [(torch.float32, False, 5e-3), (torch.bfloat16, False, 3e-2), (torch.float32, True, 3e-2)],
+    ids=["fp32", "bf16", "autocast_bf16"],
+)
 def test_model_cuda_matches_cpu_reference(dtype, autocast, tol):
     """autocast_bf16 is the trainer's GPU path: fp32 weights, bf16 autocast (grouped GEMM in bf16)."""
     pytest.importorskip("fla")

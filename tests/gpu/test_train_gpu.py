@@ -8,9 +8,9 @@ lightning and one softmax; 4 rows of 2048 tokens per step.
     pytest tests/gpu/test_train_gpu.py        # on a host with 2-4 GPUs
     pytest tests/gpu/test_train_gpu.py -k zero   # one group (each layout is one trainer launch, ~1-2 min)
 """
+
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -44,8 +44,22 @@ def _run(name, world, settings, extra, tmp_path_factory, devices=None):
         return _RUNS[name]
     import bench_layouts as bl
     from bench_train import single_document_corpus
-    a = bl.parse_args(["--preset", "minimax_1b", "--seq-len", "2048", "--rows", "4", "--steps", "5", "--warmup", "0",
-                       *[f"--override={o}" for o in MODEL]])
+
+    a = bl.parse_args(
+        [
+            "--preset",
+            "minimax_1b",
+            "--seq-len",
+            "2048",
+            "--rows",
+            "4",
+            "--steps",
+            "5",
+            "--warmup",
+            "0",
+            *[f"--override={o}" for o in MODEL],
+        ]
+    )
     a.trainer_arg = ["optim.lr=3e-4", *extra]
     _, _, kw = bl.parse_layout(f"{name}:{world}:{settings}", "none")
     lay = bl.planner_layout(kw, world, a.rows, a.micro)
@@ -74,6 +88,8 @@ def test_layout_matches_one_gpu_in_bf16(name, reference, tmp_path_factory):
     got = _run(name, world, settings, extra, tmp_path_factory)
     for key in ("losses", "grad_norms"):
         err = _max_rel(got[key], reference[key])
-        print(f"{name}: {key} max rel diff vs 1 GPU bf16 {err:.2e} (tolerance {TOL[key]:.0e}); "
-              f"{[round(x, 4) for x in got[key]]} vs {[round(x, 4) for x in reference[key]]}")
+        print(
+            f"{name}: {key} max rel diff vs 1 GPU bf16 {err:.2e} (tolerance {TOL[key]:.0e}); "
+            f"{[round(x, 4) for x in got[key]]} vs {[round(x, 4) for x in reference[key]]}"
+        )
         assert err <= TOL[key], (name, key, got[key], reference[key])

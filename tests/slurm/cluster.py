@@ -38,18 +38,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm.sbatch"
 TORCHRUN_SCRIPT = REPO_ROOT / "launch" / "torchrun.sh"
 PROBE_SCRIPT = Path(__file__).resolve().parent / "dist_probe.py"
 # launcher settings that must not leak from the developer's shell into test jobs
-LAUNCH_ENV_VARS = ("NPROC_PER_NODE", "MINIMAX_ENTRY", "MINIMAX_RUN_DIR", "MINIMAX_MASTER_PORT", "MINIMAX_ROOT",
-                   "MINIMAX_REQUEUE_ON_TERM", "MINIMAX_NNODES", "MINIMAX_RDZV_ENDPOINT", "MINIMAX_RDZV_ID",
-                   "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")
+LAUNCH_ENV_VARS = (
+    "NPROC_PER_NODE",
+    "MINIMAX_ENTRY",
+    "MINIMAX_RUN_DIR",
+    "MINIMAX_MASTER_PORT",
+    "MINIMAX_ROOT",
+    "MINIMAX_REQUEUE_ON_TERM",
+    "MINIMAX_NNODES",
+    "MINIMAX_RDZV_ENDPOINT",
+    "MINIMAX_RDZV_ID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "OMP_NUM_THREADS",
+)
 APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 NEEDED_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged", "munge")
 SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -66,6 +80,7 @@ class ClusterError(RuntimeError):
 # --------------------------------------------------------------------------
 # installation
 # --------------------------------------------------------------------------
+
 
 def _which(name: str) -> str | None:
     path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN_DIRS)
@@ -90,17 +105,25 @@ def require_slurm(install: bool = True, timeout: float = 600) -> None:
         cmd = [apt, "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:  # stale package lists: update once and retry
-            subprocess.run([apt, "-o", "DPkg::Lock::Timeout=300", "update"], env=env,
-                           capture_output=True, text=True, timeout=timeout)
+            subprocess.run(
+                [apt, "-o", "DPkg::Lock::Timeout=300", "update"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
-            raise SlurmUnavailable("apt-get install %s failed (rc=%d): %s"
-                                   % (" ".join(APT_PACKAGES), out.returncode, (out.stderr or out.stdout)[-1500:]))
+            raise SlurmUnavailable(
+                "apt-get install %s failed (rc=%d): %s"
+                % (" ".join(APT_PACKAGES), out.returncode, (out.stderr or out.stdout)[-1500:])
+            )
     missing = _missing_binaries()
     if missing:
         raise SlurmUnavailable(f"slurm binaries missing: {missing}")
     try:
         import pwd
+
         pwd.getpwnam("munge")
     except KeyError as e:
         raise SlurmUnavailable("user 'munge' does not exist (munge package broken?)") from e
@@ -109,6 +132,7 @@ def require_slurm(install: bool = True, timeout: float = 600) -> None:
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
+
 
 def _free_port(used: set[int], lo: int = 41000, hi: int = 59000) -> int:
     """A random TCP port in [lo, hi) that is free on all addresses right now."""
@@ -170,12 +194,12 @@ def parse_scontrol_oneliner(text: str) -> dict[str, str]:
 @dataclass
 class JobResult:
     job_id: int
-    returncode: int | None          # sbatch --wait exit status (None when not waited)
+    returncode: int | None  # sbatch --wait exit status (None when not waited)
     info: dict[str, str] = field(default_factory=dict)  # scontrol show job -o at the end
-    stdout: str = ""                # sbatch's own output
+    stdout: str = ""  # sbatch's own output
     stderr: str = ""
     output_path: Path | None = None  # the job's --output file
-    run_dir: Path | None = None      # launch(): the run directory the sbatch script uses
+    run_dir: Path | None = None  # launch(): the run directory the sbatch script uses
 
     @property
     def state(self) -> str:
@@ -207,6 +231,7 @@ class JobResult:
 # the cluster
 # --------------------------------------------------------------------------
 
+
 class LocalSlurmCluster:
     """Start/stop slurmctld + N slurmd (+ a private munged) on this host.
 
@@ -217,9 +242,16 @@ class LocalSlurmCluster:
     small value.
     """
 
-    def __init__(self, workdir: str | os.PathLike | None = None, nodes: Sequence[str] = ("n1", "n2"),
-                 cpus_per_node: int = 1, cred_expire: int = 10, kill_wait: int = 10,
-                 min_job_age: int = 300, keep_workdir: bool | None = None):
+    def __init__(
+        self,
+        workdir: str | os.PathLike | None = None,
+        nodes: Sequence[str] = ("n1", "n2"),
+        cpus_per_node: int = 1,
+        cred_expire: int = 10,
+        kill_wait: int = 10,
+        min_job_age: int = 300,
+        keep_workdir: bool | None = None,
+    ):
         self.nodes = list(nodes)
         self.cpus_per_node = cpus_per_node
         self.cred_expire = cred_expire
@@ -230,8 +262,9 @@ class LocalSlurmCluster:
             workdir = tempfile.mkdtemp(prefix="mmslurm-", dir="/tmp")
         self.dir = Path(workdir).resolve()
         # keep the directory after stop() when asked (MINIMAX_SLURM_KEEP=1) or when it was given to us
-        self.keep_workdir = (not self._own_dir or os.environ.get("MINIMAX_SLURM_KEEP") == "1") \
-            if keep_workdir is None else keep_workdir
+        self.keep_workdir = (
+            (not self._own_dir or os.environ.get("MINIMAX_SLURM_KEEP") == "1") if keep_workdir is None else keep_workdir
+        )
         self.conf = self.dir / "etc" / "slurm.conf"
         self.hostname = socket.gethostname().split(".")[0]
         self.ports: dict[str, int] = {}
@@ -294,6 +327,7 @@ class LocalSlurmCluster:
         # munged runs as 'munge': it must traverse self.dir and own its own dir
         os.chmod(d, 0o755)
         import pwd
+
         mu = pwd.getpwnam("munge")
         self.munge_dir.mkdir(exist_ok=True)
         os.chown(self.munge_dir, mu.pw_uid, mu.pw_gid)
@@ -306,12 +340,14 @@ class LocalSlurmCluster:
 
         nodes = "\n".join(
             f"NodeName={n} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={self.ports[n]} "
-            f"CPUs={self.cpus_per_node} State=UNKNOWN" for n in self.nodes)
+            f"CPUs={self.cpus_per_node} State=UNKNOWN"
+            for n in self.nodes
+        )
         conf = f"""\
 # generated by tests/slurm/cluster.py -- a local test cluster, not for production
 ClusterName={self.cluster_name}
 SlurmctldHost={self.hostname}(127.0.0.1)
-SlurmctldPort={self.ports['slurmctld']}
+SlurmctldPort={self.ports["slurmctld"]}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -345,24 +381,34 @@ InactiveLimit=0
 SlurmdTimeout=60
 MessageTimeout=10
 {nodes}
-PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """
         self.conf.write_text(conf)
         # CgroupPlugin=disabled stops slurmd 22.05 from starting; autodetect works
         (self.conf.parent / "cgroup.conf").write_text("CgroupPlugin=autodetect\n")
-        (self.dir / "cluster.json").write_text(json.dumps(
-            {"conf": str(self.conf), "nodes": self.nodes, "ports": self.ports,
-             "cluster_name": self.cluster_name, "hostname": self.hostname}, indent=1))
+        (self.dir / "cluster.json").write_text(
+            json.dumps(
+                {
+                    "conf": str(self.conf),
+                    "nodes": self.nodes,
+                    "ports": self.ports,
+                    "cluster_name": self.cluster_name,
+                    "hostname": self.hostname,
+                },
+                indent=1,
+            )
+        )
 
     # ---- processes -------------------------------------------------------
     def _daemon(self, name: str, argv: list[str], user: str | None = None) -> None:
         if user:
             argv = [_which("runuser") or "runuser", "-u", user, "--", *argv]
-        out = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60,
-                             stdin=subprocess.DEVNULL)
+        out = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         if out.returncode != 0:
-            raise ClusterError(f"starting {name} failed (rc={out.returncode}): {' '.join(argv)}\n"
-                               f"{out.stdout}{out.stderr}\n{self.logs()}")
+            raise ClusterError(
+                f"starting {name} failed (rc={out.returncode}): {' '.join(argv)}\n"
+                f"{out.stdout}{out.stderr}\n{self.logs()}"
+            )
 
     def _wait_for(self, what: str, pred: Callable[[], bool], timeout: float, interval: float = 0.25) -> None:
         deadline = time.monotonic() + timeout
@@ -372,22 +418,34 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             time.sleep(interval)
         raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}\n{self.logs()}")
 
-    def start(self, timeout: float = 90) -> "LocalSlurmCluster":
+    def start(self, timeout: float = 90) -> LocalSlurmCluster:
         require_slurm()
         t0 = time.monotonic()
         self._write_config()
         try:
             # munged: as user munge, private socket/key/pid/log/seed
             md = self.munge_dir
-            self._daemon("munged", [_which("munged"), f"--socket={self.munge_socket}",
-                                    f"--key-file={md / 'munge.key'}", f"--pid-file={md / 'munged.pid'}",
-                                    f"--log-file={md / 'munged.log'}", f"--seed-file={md / 'munged.seed'}",
-                                    "--num-threads=2"], user="munge")
+            self._daemon(
+                "munged",
+                [
+                    _which("munged"),
+                    f"--socket={self.munge_socket}",
+                    f"--key-file={md / 'munge.key'}",
+                    f"--pid-file={md / 'munged.pid'}",
+                    f"--log-file={md / 'munged.log'}",
+                    f"--seed-file={md / 'munged.seed'}",
+                    "--num-threads=2",
+                ],
+                user="munge",
+            )
             self._wait_for("munged socket", self.munge_socket.exists, 20)
             # -c: start clean, ignore any saved state
             self._daemon("slurmctld", [_which("slurmctld"), "-c", "-f", str(self.conf)])
-            self._wait_for("slurmctld to answer", lambda: self._cmd(["scontrol", "ping"], check=False,
-                                                                    timeout=10).returncode == 0, 30)
+            self._wait_for(
+                "slurmctld to answer",
+                lambda: self._cmd(["scontrol", "ping"], check=False, timeout=10).returncode == 0,
+                30,
+            )
             for n in self.nodes:
                 self._daemon(f"slurmd {n}", [_which("slurmd"), "-N", n, "-f", str(self.conf)])
             self._wait_for("all nodes idle", self._all_idle, timeout, interval=0.5)
@@ -452,7 +510,7 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             return None  # pid reused by something else
         return pid
 
-    def __enter__(self) -> "LocalSlurmCluster":
+    def __enter__(self) -> LocalSlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -461,8 +519,11 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
     # ---- diagnostics -----------------------------------------------------
     def logs(self, lines: int = 40) -> str:
         parts = []
-        files = [self.log_dir / "slurmctld.log", *(self.log_dir / f"slurmd.{n}.log" for n in self.nodes),
-                 self.munge_dir / "munged.log"]
+        files = [
+            self.log_dir / "slurmctld.log",
+            *(self.log_dir / f"slurmd.{n}.log" for n in self.nodes),
+            self.munge_dir / "munged.log",
+        ]
         for f in files:
             if f.exists():
                 parts.append(f"----- {f.name} (last {lines} lines) -----\n{_tail(f, lines)}")
@@ -473,8 +534,10 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         parts = []
         if job is not None:
             jid = job.job_id if isinstance(job, JobResult) else int(job)
-            parts.append(f"----- scontrol show job {jid} -----\n"
-                         + self._cmd(["scontrol", "show", "job", str(jid)], check=False, timeout=10).stdout)
+            parts.append(
+                f"----- scontrol show job {jid} -----\n"
+                + self._cmd(["scontrol", "show", "job", str(jid)], check=False, timeout=10).stdout
+            )
             if isinstance(job, JobResult):
                 parts.append(f"----- sbatch rc={job.returncode} stdout/stderr -----\n{job.stdout}{job.stderr}")
                 if job.output_path:
@@ -484,9 +547,14 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         return "\n".join(parts)
 
     # ---- client commands -------------------------------------------------
-    def _cmd(self, argv: Sequence[str], check: bool = True, timeout: float = 60,
-             env: Mapping[str, str | None] | None = None,
-             cwd: str | os.PathLike | None = None) -> subprocess.CompletedProcess:
+    def _cmd(
+        self,
+        argv: Sequence[str],
+        check: bool = True,
+        timeout: float = 60,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike | None = None,
+    ) -> subprocess.CompletedProcess:
         """Run a command with this cluster's SLURM_CONF; ``env`` values of None unset a variable."""
         full_env = self.env
         for k, v in (env or {}).items():
@@ -495,8 +563,15 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             else:
                 full_env[k] = str(v)
         try:
-            out = subprocess.run(list(argv), env=full_env, capture_output=True, text=True, timeout=timeout,
-                                 cwd=cwd, stdin=subprocess.DEVNULL)
+            out = subprocess.run(
+                list(argv),
+                env=full_env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+            )
         except subprocess.TimeoutExpired as e:
             raise ClusterError(f"{' '.join(argv)} timed out after {timeout}s\n{self.logs()}") from e
         if check and out.returncode != 0:
@@ -511,11 +586,21 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         out = self._cmd(["scontrol", "show", "job", "-o", str(job_id)], check=False, timeout=15)
         return parse_scontrol_oneliner(out.stdout) if out.returncode == 0 else {}
 
-    def sbatch(self, script: str | os.PathLike, args: Iterable[str] = (), *, nodes: int | None = None,
-               job_name: str | None = None, output: str | os.PathLike | None = None,
-               env: Mapping[str, str | None] | None = None, cwd: str | os.PathLike | None = None,
-               sbatch_args: Iterable[str] = (), wait: bool = False, sbatch_wait: bool = False,
-               timeout: float = 300) -> JobResult:
+    def sbatch(
+        self,
+        script: str | os.PathLike,
+        args: Iterable[str] = (),
+        *,
+        nodes: int | None = None,
+        job_name: str | None = None,
+        output: str | os.PathLike | None = None,
+        env: Mapping[str, str | None] | None = None,
+        cwd: str | os.PathLike | None = None,
+        sbatch_args: Iterable[str] = (),
+        wait: bool = False,
+        sbatch_wait: bool = False,
+        timeout: float = 300,
+    ) -> JobResult:
         """Submit ``script args`` with ``sbatch --parsable``.
 
         wait=True: poll ``scontrol show job`` (every 0.5 s) until the job has ended for
@@ -548,16 +633,32 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             res.returncode = res.exit_code
         return res
 
-    def wait_job(self, job: JobResult | int, timeout: float = 300,
-                 until: Callable[[dict[str, str]], bool] | None = None, interval: float = 0.5) -> dict[str, str]:
+    def wait_job(
+        self,
+        job: JobResult | int,
+        timeout: float = 300,
+        until: Callable[[dict[str, str]], bool] | None = None,
+        interval: float = 0.5,
+    ) -> dict[str, str]:
         """Poll ``scontrol show job`` until ``until(info)`` (default: the job has ended for good:
         COMPLETED/FAILED/CANCELLED/TIMEOUT/... and not about to be requeued)."""
         jid = job.job_id if isinstance(job, JobResult) else int(job)
-        final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                 "DEADLINE", "PREEMPTED"}
+        final = {
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        }
         if until is None:
+
             def until(info):  # noqa: E306
                 return info.get("JobState") in final and "REQUEUE" not in info.get("Reason", "")
+
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
@@ -567,11 +668,13 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
                     job.info = info
                 return info
             time.sleep(interval)
-        raise ClusterError(f"timed out after {timeout:.0f}s waiting for job {jid}; last info: {info}\n"
-                           + self.diagnose(job))
+        raise ClusterError(
+            f"timed out after {timeout:.0f}s waiting for job {jid}; last info: {info}\n" + self.diagnose(job)
+        )
 
-    def scancel(self, job: JobResult | int, signal_name: str | None = None, batch: bool = False,
-                full: bool = False) -> subprocess.CompletedProcess:
+    def scancel(
+        self, job: JobResult | int, signal_name: str | None = None, batch: bool = False, full: bool = False
+    ) -> subprocess.CompletedProcess:
         jid = job.job_id if isinstance(job, JobResult) else int(job)
         argv = ["scancel"]
         if signal_name:
@@ -582,11 +685,21 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             argv.append("--full")
         return self._cmd([*argv, str(jid)], timeout=30)
 
-    def launch(self, overrides: Iterable[str] = (), *, nodes: int = 2, nproc_per_node: int = 1,
-               entry: str | os.PathLike | None = None, job_name: str = "mmtest",
-               env: Mapping[str, str | None] | None = None, sbatch_args: Iterable[str] = (),
-               submit_dir: str | os.PathLike | None = None, wait: bool = False,
-               sbatch_wait: bool = False, timeout: float = 300) -> JobResult:
+    def launch(
+        self,
+        overrides: Iterable[str] = (),
+        *,
+        nodes: int = 2,
+        nproc_per_node: int = 1,
+        entry: str | os.PathLike | None = None,
+        job_name: str = "mmtest",
+        env: Mapping[str, str | None] | None = None,
+        sbatch_args: Iterable[str] = (),
+        submit_dir: str | os.PathLike | None = None,
+        wait: bool = False,
+        sbatch_wait: bool = False,
+        timeout: float = 300,
+    ) -> JobResult:
         """Submit launch/slurm.sbatch the way a user would.
 
         ``entry``: MINIMAX_ENTRY (None = the real trainer, ``-m minimax_train.train``;
@@ -604,11 +717,22 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         if entry is not None:
             job_env["MINIMAX_ENTRY"] = str(entry)
         job_env.update(env or {})
-        res = self.sbatch(SBATCH_SCRIPT, list(overrides), nodes=nodes, job_name=job_name,
-                          output=submit_dir / "%x-%j.out", env=job_env, cwd=submit_dir,
-                          sbatch_args=sbatch_args, wait=wait, sbatch_wait=sbatch_wait, timeout=timeout)
-        res.run_dir = Path(job_env["MINIMAX_RUN_DIR"]) if job_env.get("MINIMAX_RUN_DIR") \
-            else submit_dir / "runs" / job_name
+        res = self.sbatch(
+            SBATCH_SCRIPT,
+            list(overrides),
+            nodes=nodes,
+            job_name=job_name,
+            output=submit_dir / "%x-%j.out",
+            env=job_env,
+            cwd=submit_dir,
+            sbatch_args=sbatch_args,
+            wait=wait,
+            sbatch_wait=sbatch_wait,
+            timeout=timeout,
+        )
+        res.run_dir = (
+            Path(job_env["MINIMAX_RUN_DIR"]) if job_env.get("MINIMAX_RUN_DIR") else submit_dir / "runs" / job_name
+        )
         return res
 
     def preempt(self, job: JobResult | int) -> None:
@@ -627,8 +751,10 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
 # helpers for tests
 # --------------------------------------------------------------------------
 
-def wait_for_files(paths: Iterable[Path], timeout: float, cluster: LocalSlurmCluster | None = None,
-                   job: JobResult | int | None = None) -> None:
+
+def wait_for_files(
+    paths: Iterable[Path], timeout: float, cluster: LocalSlurmCluster | None = None, job: JobResult | int | None = None
+) -> None:
     paths = [Path(p) for p in paths]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -667,12 +793,17 @@ except ImportError:  # pragma: no cover - CLI use without pytest
 # CLI (tools/slurm_local.sh wraps this)
 # --------------------------------------------------------------------------
 
+
 def _main(argv: Sequence[str]) -> int:
     import argparse
+
     p = argparse.ArgumentParser(prog="tests/slurm/cluster.py", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["start", "stop", "status", "env", "logs"])
-    p.add_argument("--dir", default=os.environ.get("MINIMAX_SLURM_DIR", "/tmp/mmslurm-local"),
-                   help="cluster directory (default $MINIMAX_SLURM_DIR or /tmp/mmslurm-local)")
+    p.add_argument(
+        "--dir",
+        default=os.environ.get("MINIMAX_SLURM_DIR", "/tmp/mmslurm-local"),
+        help="cluster directory (default $MINIMAX_SLURM_DIR or /tmp/mmslurm-local)",
+    )
     p.add_argument("--nodes", default="n1,n2")
     p.add_argument("--cpus-per-node", type=int, default=1)
     a = p.parse_args(argv)

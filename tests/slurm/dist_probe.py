@@ -34,10 +34,17 @@ def main() -> int:
     restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     mode = os.environ.get("PROBE_MODE", "allreduce")
     info = {
-        "rank": rank, "world_size": world, "local_rank": int(os.environ["LOCAL_RANK"]),
-        "node": os.environ.get("SLURMD_NODENAME"), "host": socket.gethostname(), "pid": os.getpid(),
-        "restart_count": restart, "argv": sys.argv[1:], "master_addr": os.environ.get("MASTER_ADDR"),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "job_id": os.environ.get("SLURM_JOB_ID"),
+        "rank": rank,
+        "world_size": world,
+        "local_rank": int(os.environ["LOCAL_RANK"]),
+        "node": os.environ.get("SLURMD_NODENAME"),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "restart_count": restart,
+        "argv": sys.argv[1:],
+        "master_addr": os.environ.get("MASTER_ADDR"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "job_id": os.environ.get("SLURM_JOB_ID"),
     }
 
     def write(name, **extra):
