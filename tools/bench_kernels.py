@@ -31,6 +31,7 @@ A case that fails or does not fit prints its reason in the note column instead o
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from collections.abc import Callable
@@ -120,7 +121,11 @@ def parse_args(argv=None):
         softmax_heads=4 if tiny else 64,
         kv_heads=2 if tiny else 8,
         softmax_seq="256,512" if tiny else "8K,32K,128K",
-        softmax_impls=("flex-docs,flex-1doc,torch-docs,sdpa-math" if not gpu else "flex-docs,flex-1doc,sdpa-flash"),
+        softmax_impls=(
+            "flex-docs,flex-1doc,torch-docs,sdpa-math"
+            if not gpu
+            else "flex-docs,fa2-docs,cudnn-docs,flex-1doc,sdpa-flash,sdpa-cudnn"
+        ),
         experts="4" if tiny else "4,32",
         hidden=64 if tiny else 6144,
         ffn=128 if tiny else 9216,
@@ -413,6 +418,10 @@ def bench_softmax(b: Bench):
                     if dev.type != "cuda":
                         skip = "skipped: FlexAttention path is CUDA-only (no backward on CPU; CPU path is 'torch')"
                     note = "torch.compile(flex_attention), block mask from (doc, pos)"
+                elif impl in ("fa2-docs", "cudnn-docs"):
+                    if dev.type != "cuda":
+                        skip = "skipped: CUDA-only kernel"
+                    note = f"packed_causal_attention backend {impl[:-5]} (cu_seqlens), lse returned"
                 elif impl == "torch-docs":
                     note = "PyTorch reference (chunked, recompute in backward)"
                     if dev.type == "cuda" and T > 16384:
@@ -463,6 +472,21 @@ def bench_softmax(b: Bench):
 
                                 how = f"kv heads repeated (enable_gqa failed: {err[:80]})"
                         do_shape = (1, Hq, T, d)
+                    elif impl in ("fa2-docs", "cudnn-docs"):
+                        from minimax_train.ops.attention import packed_causal_attention
+
+                        cu = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=dev)
+                        q = torch.randn(T, Hq, d, device=dev, dtype=a.dt)
+                        k, v = (torch.randn(T, Hkv, d, device=dev, dtype=a.dt) for _ in range(2))
+
+                        longest = max(lens)
+
+                        def f(q, k, v, cu=cu, impl=impl, longest=longest):
+                            return packed_causal_attention(
+                                q, k, v, cu, longest, scale=scale, return_lse=True, backend=impl[:-5]
+                            )[0]
+
+                        do_shape, how = (T, Hq, d), ""
                     else:
                         backend = "flex" if impl.startswith("flex") else "torch"
                         doc = torch.cat(

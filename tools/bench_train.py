@@ -78,6 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--slice-layers", type=int, default=2, help="minimax_slice: layers (the last one softmax)")
     p.add_argument("--slice-experts", type=int, default=4, help="minimax_slice: local experts")
     p.add_argument("--seq-len", type=int, default=8192)
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=1,
+        help="rows of --seq-len tokens per optimiser step, one per micro-batch (accumulation)",
+    )
     p.add_argument("--steps", type=int, default=None, help="total steps per implementation (default 10; CPU 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3; CPU 1)")
     p.add_argument("--impls", default="ours,hf,megatron")
@@ -370,7 +376,7 @@ def run_ours(a, base: str, hydra_model: list[str], cfg, work: Path) -> dict[str,
         f"model={base}",
         *hydra_model,
         *bench_overrides(a.device, a.seq_len, a.steps),
-        "train.global_batch_size=1",
+        f"train.global_batch_size={a.rows}",
         "train.micro_batch_size=1",
         f"train.activation_checkpointing={a.ac}",
         f"train.seed={a.seed}",
@@ -379,7 +385,7 @@ def run_ours(a, base: str, hydra_model: list[str], cfg, work: Path) -> dict[str,
     if a.peak_tflops is not None:
         cmd.append(f"logging.peak_tflops={a.peak_tflops}")
     if a.ours_data == "single":
-        cmd += corpus_overrides(single_document_corpus((a.steps + 1) * a.seq_len))
+        cmd += corpus_overrides(single_document_corpus((a.steps + 1) * a.rows * a.seq_len))
     cmd += list(a.ours_arg)
     res: dict[str, Any] = {
         "impl": "ours",

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-__all__ = ["varlen_attention", "merge_partial_attention"]
+__all__ = ["varlen_attention", "packed_causal_attention", "merge_partial_attention"]
 
 # Scores held per query chunk in the torch backend: Hq * chunk * Tk elements (fp32: 128 MiB);
 # backward keeps about four such buffers alive.
@@ -287,6 +287,125 @@ def _flex_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_w
         return out[0].permute(1, 0, 2), aux.lse[0]
     out = flex(qf, kf, vf, block_mask=block_mask, scale=float(scale), enable_gqa=Hq != Hkv)
     return out[0].permute(1, 0, 2), None
+
+
+# ----------------------------------------------------------------------------------------------
+# flash kernels over cu_seqlens (CUDA): FA2 and cuDNN through PyTorch's own aten ops
+# ----------------------------------------------------------------------------------------------
+
+
+def _lse_heads_first(lse: torch.Tensor, t: int, h: int) -> torch.Tensor:
+    """The kernels' log-sum-exp as [H, T] fp32 (FA2 varlen gives [H, T]; cuDNN [T, H, 1] or [1, H, T, 1])."""
+    if lse.shape == (h, t):
+        return lse
+    flat = lse.reshape(-1)
+    if lse.dim() >= 2 and lse.shape[-1] == 1 and flat.numel() == t * h:
+        lead = [d for d in lse.shape if d != 1]
+        if lead == [t, h]:
+            return flat.view(t, h).t()
+        if lead == [h, t]:
+            return flat.view(h, t)
+    raise RuntimeError(f"unexpected log-sum-exp shape {tuple(lse.shape)} for T={t}, H={h}")
+
+
+def _windows(sliding_window):
+    # transformers' window: key j visible from query i iff i - j < w, i.e. FA's window_size_left = w - 1
+    return (-1, -1) if sliding_window is None else (int(sliding_window) - 1, 0)
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """FA2 (aten._flash_attention_forward/_backward) over packed documents: causal per document, GQA native."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale, sliding_window):
+        left, right = _windows(sliding_window)
+        out, lse, rng, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_len, max_len, 0.0, True, False, scale=scale,
+            window_size_left=left, window_size_right=right,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, cu, rng, unused)
+        ctx.max_len, ctx.scale, ctx.window = max_len, scale, (left, right)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse, cu, rng, unused = ctx.saved_tensors
+        left, right = ctx.window
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            do.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_len, ctx.max_len, 0.0, True, rng, unused,
+            scale=ctx.scale, window_size_left=left, window_size_right=right,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None
+
+
+class _CudnnVarlen(torch.autograd.Function):
+    """cuDNN's fused attention (aten._cudnn_attention_forward/_backward) over packed documents, causal per
+    document. K/V come with as many heads as q (the caller repeats them when cuDNN lacks GQA)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_len, scale):
+        res = torch.ops.aten._cudnn_attention_forward(
+            q, k, v, None, cu, cu, max_len, max_len, True, 0.0, True, False, scale=scale
+        )
+        out, lse, seed, offset = res[0], res[1], res[6], res[7]
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_len, ctx.scale = max_len, scale
+        lse_ht = _lse_heads_first(lse, q.shape[0], q.shape[1])
+        ctx.mark_non_differentiable(lse_ht)
+        return out, lse_ht
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._cudnn_attention_backward(
+            do.contiguous(), q, k, v, out, lse, seed, offset, None, cu, cu, ctx.max_len, ctx.max_len, 0.0, True,
+            scale=ctx.scale,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None
+
+
+PACKED_BACKENDS = ("auto", "fa2", "cudnn", "flex", "torch")
+
+
+def packed_causal_attention(
+    q, k, v, cu_seqlens, max_seqlen, *, scale, sliding_window=None, return_lse=False, backend="auto", seq_meta=None
+):
+    """Causal softmax attention within the documents of ONE packed token stream (the local, non-ring case).
+
+    q [T, Hq, D], k/v [T, Hkv, D] over the same T tokens; cu_seqlens [N+1] int32 document boundaries;
+    max_seqlen the longest document. Same result as varlen_attention with doc ids and positions from
+    cu_seqlens. backend: "fa2" / "cudnn" (CUDA bf16/fp16 flash kernels, the log-sum-exp is not
+    differentiable), "flex" / "torch" (through varlen_attention, which needs seq_meta = (doc_ids, positions,
+    mask_cache)), or "auto" (fa2 on CUDA in half precision, else flex on CUDA, torch on CPU)."""
+    if backend not in PACKED_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(PACKED_BACKENDS)}, got {backend!r}")
+    half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if backend == "auto":
+        backend = "fa2" if half else ("flex" if q.is_cuda else "torch")
+    if backend in ("fa2", "cudnn"):
+        if not half:
+            raise ValueError(f"backend {backend!r} needs CUDA fp16/bf16 inputs, got {q.dtype} on {q.device}")
+        cu = cu_seqlens.to(torch.int32)
+        if backend == "fa2":
+            o, lse = _FlashVarlen.apply(q, k, v, cu, int(max_seqlen), float(scale), sliding_window)
+        else:
+            if sliding_window is not None:
+                raise ValueError("backend 'cudnn' has no sliding window; use fa2 or flex")
+            rep = q.shape[1] // k.shape[1]
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            o, lse = _CudnnVarlen.apply(q, k, v, cu, int(max_seqlen), float(scale))
+        return (o, lse) if return_lse else o
+    if seq_meta is None:
+        raise ValueError(f"backend {backend!r} needs seq_meta=(doc_ids, positions, mask_cache)")
+    doc, pos, cache = seq_meta
+    return varlen_attention(
+        q, k, v, q_doc=doc, q_pos=pos, k_doc=doc, k_pos=pos, scale=scale, sliding_window=sliding_window,
+        return_lse=return_lse, backend=backend, mask_cache=cache,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
