@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Layouts on one node: the real trainer under torchrun for each layout, side by side (issues 4, 7, 8).
+"""Layouts on one node: the real trainer under torchrun for each layout, side by side.
 
 For each layout it prints tokens/s, tokens/s per GPU, the scaling efficiency against the first 1-GPU
 layout (tokens/s per GPU over the 1-GPU run's), MFU, the measured peak memory of the busiest rank
@@ -31,13 +31,14 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import REPO, fmt, fmt_pct, markdown_table, median, reproduce_command, write_json  # noqa: E402
 from bench_train import (  # noqa: E402
-    _free_port,
     bench_overrides,
     build_model_config,
     corpus_overrides,
     run_trainer,
     single_document_corpus,
 )
+
+from minimax_train.tools.spawn import free_port  # noqa: E402
 
 DEFAULT_LAYOUTS = ("1gpu:1:", "tp2:2:tp=2", "tp4:4:tp=4", "dp4:4:", "tp2dp2:4:tp=2")
 
@@ -137,7 +138,7 @@ def run_layout(
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={world}",
-        f"--master-port={_free_port()}",
+        f"--master-port={free_port()}",
         "-m",
         "minimax_train.train",
         f"model={a.preset}",

@@ -46,6 +46,11 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm.sbatch"
 TORCHRUN_SCRIPT = REPO_ROOT / "launch" / "torchrun.sh"
 PROBE_SCRIPT = Path(__file__).resolve().parent / "dist_probe.py"
+if str(REPO_ROOT) not in sys.path:  # run as a script by tools/slurm_local.sh
+    sys.path.insert(0, str(REPO_ROOT))
+
+from minimax_train.tools.spawn import free_port  # noqa: E402
+
 # launcher settings that must not leak from the developer's shell into test jobs
 LAUNCH_ENV_VARS = (
     "NPROC_PER_NODE",
@@ -132,23 +137,6 @@ def require_slurm(install: bool = True, timeout: float = 600) -> None:
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-def _free_port(used: set[int], lo: int = 41000, hi: int = 59000) -> int:
-    """A random TCP port in [lo, hi) that is free on all addresses right now."""
-    rng = random.SystemRandom()
-    for _ in range(500):
-        port = rng.randrange(lo, hi)
-        if port in used:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-        used.add(port)
-        return port
-    raise ClusterError("no free port found")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -314,10 +302,9 @@ class LocalSlurmCluster:
 
     # ---- configuration ---------------------------------------------------
     def _write_config(self) -> None:
-        used: set[int] = set()
-        self.ports = {"slurmctld": _free_port(used)}
-        for n in self.nodes:
-            self.ports[n] = _free_port(used)
+        self.ports: dict[str, int] = {}
+        for name in ("slurmctld", *self.nodes):  # free on every address, one per daemon
+            self.ports[name] = free_port("", exclude=self.ports.values())
         self.cluster_name = "mm%06d" % random.SystemRandom().randrange(10**6)
         first_job_id = random.SystemRandom().randrange(1000, 5_000_000)
 
