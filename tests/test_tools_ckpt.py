@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_job, run_train
+from util_train import TINY, run_train
 
+from minimax_train.conf_tree import compose_job
 from minimax_train.tools import ckpt_tools as C
 
 REPO = Path(__file__).resolve().parent.parent
