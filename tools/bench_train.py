@@ -1,4 +1,4 @@
-"""Training throughput benchmark (issue 7): tokens/s, TFLOP/s per GPU, MFU and peak memory of
+"""Training throughput benchmark: tokens/s, TFLOP/s per GPU, MFU and peak memory of
   (a) ours      -- the real trainer (`python -m minimax_train.train ...`) as a subprocess, read from its metrics.jsonl;
   (b) hf        -- transformers' MiniMaxForCausalLM trained eagerly on random tokens [1, seq_len]: fp32 params,
                    bf16 autocast, torch.optim.AdamW(fused=True), sdpa attention (how a user trains it);
@@ -15,8 +15,8 @@ others), all with AdamW at a constant lr 1e-4. Every implementation runs --warmu
 FLOPs: minimax_train.model.flops.train_flops_per_token(cfg, seq_len) -- the function the trainer's own metric
 uses -- for ours and transformers (the same hybrid model), and for megatron the same function on the config with
 every layer softmax ("full_attention"), i.e. the FLOPs of the model megatron actually trains. Model FLOPs:
-activation recomputation is not counted. MFU = TFLOP/s per GPU / peak (bf16 dense: H100 SXM and H200 989.4,
-from the trainer's table; --peak-tflops overrides). Peak memory: torch.cuda.max_memory_allocated (peak RSS on
+activation recomputation is not counted. MFU = TFLOP/s per GPU / peak (bf16 dense: H100 SXM and H200 989,
+from minimax_train/hardware.py; --peak-tflops overrides). Peak memory: torch.cuda.max_memory_allocated (peak RSS on
 CPU). The ratio column is ours' tokens/s over the implementation's tokens/s.
 
 Presets: the conf/model names (tiny, minimax_1b, minimax_text_01) and minimax_slice = minimax_text_01's widths
@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -55,6 +54,8 @@ from bench_common import (  # noqa: E402
     reproduce_command,
     write_json,
 )
+
+from minimax_train.tools.spawn import free_port  # noqa: E402
 
 IMPLS = ("ours", "hf", "megatron")
 SLICE_BASE = "minimax_text_01"
@@ -216,12 +217,6 @@ def all_softmax(cfg):
 # ---------------------------------------------------------------------------------------------------
 # orchestration
 # ---------------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict[str, str]:
@@ -672,7 +667,7 @@ def worker_megatron(spec) -> dict[str, Any]:
     notes += _megatron_shims()
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     if gpu:
         torch.cuda.set_device(dev)
         dist.init_process_group("nccl", rank=0, world_size=1, device_id=dev)
