@@ -1,6 +1,6 @@
 """CPU smoke tests of the benchmark scripts (tools/bench_kernels.py, tools/bench_train.py): they run end to end in
 their --device cpu modes, print their tables, report the GPU-only paths as skipped, and write strict JSON with
-finite numbers. Speed itself is never asserted (design.md, "Testing conventions")."""
+finite numbers. Speed itself is never asserted (tests never assert timings)."""
 
 from __future__ import annotations
 

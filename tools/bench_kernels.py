@@ -1,4 +1,4 @@
-"""Kernel benchmark (issue 7): lightning attention, varlen softmax attention and the expert grouped GEMM,
+"""Kernel benchmark: lightning attention, varlen softmax attention and the expert grouped GEMM,
 at MiniMax head shapes, against library kernels and against the hardware floor.
 
     python tools/bench_kernels.py --out bench_kernels.json            # GPU defaults (bf16)
