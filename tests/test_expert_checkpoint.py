@@ -33,7 +33,7 @@ def _resumed_matches_reference(reference_run, run_dir, steps):
 
 def test_ep2_etp2_checkpoint_resumes_in_one_process_and_exports(reference_run, tmp_path):
     from minimax_train.export import load_checkpoint_model
-    from minimax_train.tools.ckpt_tools import tensor_metadata
+    from minimax_train.tools.ckpt import tensor_metadata
 
     ckpt = tmp_path / "ckpt"
     steps = run_distributed(
@@ -84,7 +84,7 @@ def test_single_process_checkpoint_resumes_at_ep2_etp2_then_at_tp4_etp2(referenc
     )
     assert steps == [8] * 4
     _resumed_matches_reference(reference_run, tmp_path / "b", range(7, 9))
-    from minimax_train.tools.ckpt_tools import tensor_metadata
+    from minimax_train.tools.ckpt import tensor_metadata
 
     md = tensor_metadata(ckpt / "step_00000008")  # 4 ranks (2 experts x half of I each) x (gate rows, up rows)
     assert md[GATE_UP]["shape"] == [4, 256, 64] and md[GATE_UP]["chunks"] == 8
@@ -98,7 +98,7 @@ def test_standard_gate_up_view_round_trip(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from minimax_train.parallel.expert_parallel import standard_gate_up
-    from minimax_train.tools.ckpt_tools import tensor_metadata
+    from minimax_train.tools.ckpt import tensor_metadata
 
     torch.manual_seed(0)
     four = torch.randn(3, 2, 5, 4)
