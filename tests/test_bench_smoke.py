@@ -46,7 +46,7 @@ def test_kernel_flops_match_the_model_counter():
     from minimax_train.model.config import FULL, LINEAR, ModelConfig
     from minimax_train.model.flops import forward_flops_per_token
 
-    bk = _load_tool("bench_kernels")
+    bk = _load_tool("bench_kernel_cases")
     h, d, T = 256, 32, 4096
     for kind in (LINEAR, FULL):
 

@@ -20,7 +20,6 @@ same thing. Every run uses the same global batch (--rows rows of --seq-len token
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -30,10 +29,11 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import REPO, fmt, fmt_pct, markdown_table, median, reproduce_command, write_json  # noqa: E402
-from bench_train import (  # noqa: E402
+from bench_runs import (  # noqa: E402
     bench_overrides,
     build_model_config,
     corpus_overrides,
+    parse_model_overrides,
     run_trainer,
     single_document_corpus,
 )
@@ -183,12 +183,8 @@ def main(argv=None) -> int:
     from minimax_train.model.flops import count_params
     from minimax_train.tools.planner import Workload, estimate_memory, gpu_spec
 
-    over = {}
-    for kv in a.override:
-        k, _, v = kv.partition("=")
-        over[k.removeprefix("model.")] = json.loads(v) if v.lower() not in ("true", "false") else v.lower() == "true"
+    over, model_hydra = parse_model_overrides(a.override)
     cfg = build_model_config(a.preset, over)
-    model_hydra = [f"model.{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in over.items()]
     layouts = [parse_layout(t, a.ac) for t in (a.layout or DEFAULT_LAYOUTS)]
     work = Path(a.workdir or REPO / "outputs" / "bench_layouts" / time.strftime("%Y%m%d-%H%M%S"))
     work.mkdir(parents=True, exist_ok=True)

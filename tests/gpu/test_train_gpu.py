@@ -43,7 +43,7 @@ def _run(name, world, settings, extra, tmp_path_factory, devices=None):
     if name in _RUNS:
         return _RUNS[name]
     import bench_layouts as bl
-    from bench_train import single_document_corpus
+    from bench_runs import single_document_corpus
 
     a = bl.parse_args(
         [
