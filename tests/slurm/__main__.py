@@ -30,7 +30,7 @@ def _main(argv: Sequence[str]) -> int:
         nodes = json.loads((Path(a.dir) / "cluster.json").read_text())["nodes"]
     c = LocalSlurmCluster(a.dir, nodes=nodes, cpus_per_node=a.cpus_per_node, keep_workdir=True)
     if a.action == "start":
-        if c._pid("slurmctld"):
+        if c.pid("slurmctld"):
             print(f"already running in {c.dir}", file=sys.stderr)
             return 1
         try:
@@ -43,7 +43,7 @@ def _main(argv: Sequence[str]) -> int:
         c.stop()
         print(f"stopped (files kept in {c.dir})", file=sys.stderr)
     elif a.action == "status":
-        pids = {k: c._pid(k) for k in c.pid_files()}
+        pids = {k: c.pid(k) for k in c.pid_files()}
         print(json.dumps(pids))
         if pids.get("slurmctld"):
             print(c.run(["sinfo", "-N"], check=False).stdout, end="")

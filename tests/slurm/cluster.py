@@ -318,7 +318,7 @@ class LocalSlurmCluster:
 
     def stop(self, timeout: float = 30) -> None:
         """Cancel all jobs, then SIGTERM the daemons by their pid files (SIGKILL after timeout)."""
-        if self.conf.exists() and self._pid("slurmctld"):
+        if self.conf.exists() and self.pid("slurmctld"):
             self._cmd(["scancel", "--quiet", "-u", "root"], check=False, timeout=15)
             # give running jobs a moment to be killed by their slurmd
             deadline = time.monotonic() + min(timeout, self.kill_wait + 5)
@@ -329,7 +329,7 @@ class LocalSlurmCluster:
                 time.sleep(0.5)
         order = [f"slurmd:{n}" for n in self.nodes] + ["slurmctld", "munged"]
         for name in order:
-            pid = self._pid(name)
+            pid = self.pid(name)
             if pid:
                 try:
                     os.kill(pid, signal.SIGTERM)
@@ -347,7 +347,7 @@ class LocalSlurmCluster:
         if self._own_dir and not self.keep_workdir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _pid(self, name: str) -> int | None:
+    def pid(self, name: str) -> int | None:
         """The pid from a pid file, if that process is alive and really is ours."""
         f = self.pid_files()[name]
         try:
