@@ -10,11 +10,10 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from util_train import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "tools"
 
 

@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from util_train import TINY, run_train
+from util_train import REPO, TINY, run_train
 
 from minimax_train.conf_tree import compose_job
 from minimax_train.tools import ckpt as C
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,14 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from util_train import REPO
 
 from minimax_train.model.config import ModelConfig
 from minimax_train.model.flops import count_params, train_flops_per_token
 from minimax_train.tools import planner as P
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _workload(name="minimax_text_01", seq=1 << 20, batch=16 << 20, gpus=256, kind="h100", **kw):

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from util_train import REPO
 
 from minimax_train.data import DataConfig, SourceConfig, build_loader, load_tokenizer, tokenize_documents
 from minimax_train.tools import prepare as PR
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def read_prepared(path: str, fmt: str = "megatron") -> list[np.ndarray]:
