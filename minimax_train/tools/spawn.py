@@ -19,9 +19,11 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from queue import Empty
 from typing import Any
 
 LOCALHOST = "127.0.0.1"
+FAILURE_SETTLE_S = 5.0  # after a rank fails, how long to wait for the others' reports
 
 
 def free_port(host: str = LOCALHOST, exclude: Iterable[int] = ()) -> int:
@@ -49,6 +51,7 @@ def rank_env(rank: int, world_size: int, port: int, host: str = LOCALHOST) -> di
 
 def _child(fn, rank, world, port, backend, threads, queue, args, kwargs):
     os.environ.update(rank_env(rank, world, port))
+    failed_at = None
     try:
         import torch
         import torch.distributed as dist
@@ -65,11 +68,15 @@ def _child(fn, rank, world, port, backend, threads, queue, args, kwargs):
         elif backend is not None:
             dist.init_process_group(backend, rank=rank, world_size=world)
         with process_group_teardown(device):
-            result = fn(*args, **kwargs)
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException:
+                failed_at = time.time()  # before the teardown, which then breaks the peers' collectives
+                raise
         # plain pickle (tensors copied into the bytes): no shared-memory handles that outlive this process
-        queue.put((rank, True, pickle.dumps(result)))
+        queue.put((rank, True, pickle.dumps(result), None))
     except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, False, traceback.format_exc()))
+        queue.put((rank, False, traceback.format_exc(), failed_at or time.time()))
         return
     # A clean rank ends without interpreter finalization: gloo's worker threads can still hold tensors then,
     # and freeing them there aborts the process ("terminate called without an active exception").
@@ -116,49 +123,46 @@ def run_distributed(
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    results: dict[int, Any] = {}
-    errors: dict[int, str] = {}
+    results: dict[int, bytes] = {}
+    errors: dict[int, tuple[float, str]] = {}  # rank -> (when it failed, its traceback)
+    dead_since: dict[int, float] = {}
     deadline = None if timeout is None else time.monotonic() + timeout
+    settle = None  # after the first failure, how long the other ranks' reports may still take
     try:
         while len(results) + len(errors) < world_size:
-            remaining = 1.0 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            if settle is not None and now > settle:
+                break  # the rest hang in collectives with the failed rank: stop them
+            if deadline is not None and now > deadline:
                 raise TimeoutError(
                     f"run_distributed: {world_size - len(results) - len(errors)} rank(s) did not "
                     f"finish within {timeout:.0f}s (finished: {sorted(results)}, failed: {sorted(errors)})"
                 )
             try:
-                rank, ok, value = queue.get(timeout=min(remaining, 1.0))
-            except Exception:  # queue.Empty: check for ranks that died without reporting
-                dead = [
-                    r
-                    for r, p in enumerate(procs)
-                    if p.exitcode not in (None, 0) and r not in results and r not in errors
-                ]
-                if dead:
-                    # give a dying rank's own report a moment to arrive
-                    time.sleep(0.5)
-                    while not queue.empty():
-                        rank, ok, value = queue.get()
-                        (results if ok else errors)[rank] = value
-                    dead = [r for r in dead if r not in results and r not in errors]
-                    for r in dead:
-                        errors[r] = f"rank {r} exited with code {procs[r].exitcode} without a result"
-                    if errors:
-                        break
+                rank, ok, value, failed_at = queue.get(timeout=1.0)
+            except Empty:  # a rank that died without a report (killed, crashed) fails after a grace second
+                for r, p in enumerate(procs):
+                    if p.exitcode not in (None, 0) and r not in results and r not in errors:
+                        if now - dead_since.setdefault(r, now) > 1.0:
+                            errors[r] = (time.time(), f"rank {r} exited with code {p.exitcode} without a result")
+                            settle = settle or time.monotonic() + FAILURE_SETTLE_S
                 continue
             if ok:
                 results[rank] = value
             else:
-                errors[rank] = value
-                break  # the others will hang in collectives: stop them
+                errors[rank] = (failed_at, value)
+                settle = settle or time.monotonic() + FAILURE_SETTLE_S
     finally:
+        clean = len(results) == world_size  # the ranks are exiting: let them; else end them now
         for p in procs:
-            p.join(timeout=0 if errors else 10)
+            p.join(timeout=10 if clean else 0)
             if p.is_alive():
                 p.kill()
                 p.join()
     if errors:
-        rank = min(errors)
-        raise RuntimeError(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
+        # the first rank to fail is the cause; the others' collectives broke because of it
+        first = min(errors, key=lambda r: errors[r][0])
+        later = sorted(set(errors) - {first})
+        note = f" (then rank(s) {', '.join(map(str, later))})" if later else ""
+        raise RuntimeError(f"rank {first} of {world_size} failed{note}:\n{errors[first][1]}")
     return [pickle.loads(results[r]) for r in range(world_size)]
