@@ -1,6 +1,6 @@
 """CPU smoke tests of the benchmark scripts (tools/bench_kernels.py, tools/bench_train.py): they run end to end in
 their --device cpu modes, print their tables, report the GPU-only paths as skipped, and write strict JSON with
-finite numbers. Speed itself is never asserted (design.md, "Testing conventions")."""
+finite numbers. Speed itself is never asserted (tests never assert timings)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from util_train import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "tools"
 
 
@@ -46,7 +45,7 @@ def test_kernel_flops_match_the_model_counter():
     from minimax_train.model.config import FULL, LINEAR, ModelConfig
     from minimax_train.model.flops import forward_flops_per_token
 
-    bk = _load_tool("bench_kernels")
+    bk = _load_tool("bench_kernel_cases")
     h, d, T = 256, 32, 4096
     for kind in (LINEAR, FULL):
 

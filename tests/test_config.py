@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compose_job, run_train
+from util_train import run_train
 
+from minimax_train.conf_tree import compose_job
 from minimax_train.config import ConfigError, JobConfig, TrainConfig, check_batch_layout, to_job_config
 from minimax_train.parallel.mesh import ParallelConfig, ParallelConfigError, rank_groups, resolve_layout
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import time
-import traceback
 
 import pytest
 import torch
+from util_models import tiny_model_config
+
+from minimax_train.tools.spawn import run_distributed
 
 LENGTHS = [7, 5, 1, 3, 12, 20]  # T=48: starts 0, 7, 12, 13, 16, 28 (cp=2: chunks of 12, cp=4: chunks of 6)
 ROW_LEN = 48
@@ -106,27 +106,6 @@ def _ring_checks(rank, cp, group):
                 for t, gl, gr in zip("qkv", grads, ref_g):
                     out[f"{name}/d{t}"] = _max_err(gl, gr[idx], group)
     return out
-
-
-def tiny_model_config(**kw):
-    from minimax_train.model.config import FULL, LINEAR, ModelConfig
-
-    base = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=24,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        layer_types=[LINEAR, FULL, LINEAR, FULL],
-        block_size=4,
-        router_aux_loss_coef=0.02,
-    )
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 def _packed_batch(rows, lengths, seed):
@@ -263,68 +242,12 @@ def _cp_ep_worker():
     return _model_checks(pm.cp_rank, 2, pm.cp_group, expert_mesh=pm, tag="cp2ep2")
 
 
-# ---------------------------------------------------------------------------------------------------
-# a minimal gloo launcher (spawned children import this module by name: tests/ is on sys.path)
-# ---------------------------------------------------------------------------------------------------
-def _child(fn, rank, world, port, queue, backend, args):
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-        }
-    )
-    try:
-        import torch.distributed as dist
-
-        torch.set_num_threads(1)
-        kw = {}
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-            kw["device_id"] = torch.device("cuda", rank)
-        dist.init_process_group(backend, rank=rank, world_size=world, **kw)
-        result = fn(*args)
-        dist.destroy_process_group()
-        queue.put((rank, True, result))
-    except BaseException:  # noqa: BLE001
-        queue.put((rank, False, traceback.format_exc()))
-
-
-def run_gloo(fn, world, *args, timeout=240.0, backend="gloo"):
-    """fn(*args) on `world` fresh processes of one torch.distributed job; returns their results."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_child, args=(fn, r, world, port, queue, backend, args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results, deadline = {}, time.monotonic() + timeout
-    try:
-        while len(results) < world:
-            rank, ok, value = queue.get(timeout=max(1.0, deadline - time.monotonic()))
-            if not ok:
-                raise RuntimeError(f"rank {rank} failed:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
-
-
 _RESULTS: dict[int, dict] = {}
 
 
 def results_for(cp):
     if cp not in _RESULTS:
-        _RESULTS[cp] = run_gloo(_worker, cp, cp)[0]
+        _RESULTS[cp] = run_distributed(_worker, cp, cp, timeout=240)[0]
     return _RESULTS[cp]
 
 
@@ -364,7 +287,7 @@ def test_model_losses_and_grads_match_single_process(cp):
 @pytest.mark.parametrize("sp", [0, 1])
 def test_cp2_tp2_model_matches_single_process(sp):
     if "cp2tp2" not in _RESULTS:
-        _RESULTS["cp2tp2"] = run_gloo(_cp_tp_worker, 4)[0]
+        _RESULTS["cp2tp2"] = run_distributed(_cp_tp_worker, 4, timeout=240)[0]
     res = _RESULTS["cp2tp2"]
     tag = f"cp2tp2_sp{sp}"
     errs = {k: v for k, v in res.items() if k.startswith(tag + "/step")}
@@ -375,7 +298,7 @@ def test_cp2_tp2_model_matches_single_process(sp):
 
 def test_cp2_ep2_model_matches_single_process():
     """Expert parallelism folded over the context-parallel ranks (each rank's experts serve both shards)."""
-    res = run_gloo(_cp_ep_worker, 2)[0]
+    res = run_distributed(_cp_ep_worker, 2, timeout=240)[0]
     errs = {k: v for k, v in res.items() if k.startswith("cp2ep2/step")}
     assert len(errs) == 9
     bad = {k: v for k, v in errs.items() if not v <= TOL}

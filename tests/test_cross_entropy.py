@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose_job, read_metrics
-from util_dist import run_distributed
 from util_memory import peak_live_bytes
+from util_train import TINY, read_metrics
+
+from minimax_train.conf_tree import compose_job
+from minimax_train.tools.spawn import run_distributed
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,7 +159,7 @@ TP_CHUNK = 24  # 64 tokens per micro-batch: chunks of 24, 24, 16 (one fully igno
 
 
 def _tp_labels():
-    from test_tensor_parallel import make_rows
+    from util_models import make_rows
 
     ids, labels, cu = make_rows()
     labels.view(-1)[TP_CHUNK : 2 * TP_CHUNK] = -100
@@ -177,8 +179,8 @@ def _loss_and_grads(model, chunk):
 
 
 def _tp_ranks():
-    from test_tensor_parallel import make_config, make_model
     from torch.distributed.device_mesh import init_device_mesh
+    from util_models import make_config, make_model
 
     from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -192,7 +194,7 @@ def _tp_ranks():
 
 
 def test_vocab_parallel_tp2_chunked_equals_single_process():
-    from test_tensor_parallel import make_config, make_model
+    from util_models import make_config, make_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -241,10 +243,10 @@ LAYOUT_STEPS = [*TINY, "train.steps=4", "checkpoint.interval=0", "checkpoint.sav
 
 @pytest.fixture(scope="module")
 def unchunked_run(tmp_path_factory):
-    from test_train_dp import _train_rank
+    from util_train import train_rank
 
     run_dir = tmp_path_factory.mktemp("unchunked")
-    run_distributed(_train_rank, 1, [*LAYOUT_STEPS, "train.loss_chunk_tokens=0"], str(run_dir))
+    run_distributed(train_rank, 1, [*LAYOUT_STEPS, "train.loss_chunk_tokens=0"], str(run_dir))
     return run_dir
 
 
@@ -255,12 +257,11 @@ def unchunked_run(tmp_path_factory):
 def test_trainer_chunked_loss_composes_with_layouts(name, extra, unchunked_run, tmp_path):
     """Chunks recomputed in backward under FSDP2 (root kept unsharded), context parallelism (local tokens)
     and DeepSpeed ZeRO-3 (lm_head re-gathered for the recompute): the unchunked single-process losses."""
-    from conftest import by_step
-    from test_train_dp import _compare, _train_rank
+    from util_train import by_step, compare_metrics, train_rank
 
     if name == "zero3":
         pytest.importorskip("deepspeed")
     run_distributed(
-        _train_rank, 2, [*LAYOUT_STEPS, *extra, "train.loss_chunk_tokens=16"], str(tmp_path / name), timeout=600
+        train_rank, 2, [*LAYOUT_STEPS, *extra, "train.loss_chunk_tokens=16"], str(tmp_path / name), timeout=600
     )
-    _compare(by_step(read_metrics(unchunked_run)), by_step(read_metrics(tmp_path / name)))
+    compare_metrics(by_step(read_metrics(unchunked_run)), by_step(read_metrics(tmp_path / name)))

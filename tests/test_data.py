@@ -1,12 +1,11 @@
 """Data pipeline core: packing invariants, dp sharding, determinism, exact resume, blending, valid split."""
 
 import io
-import json
-import os
 
 import numpy as np
 import pytest
 import torch
+from util_data import make_docs, write_jsonl
 
 from minimax_train.data import (
     IGNORE_INDEX,
@@ -15,50 +14,11 @@ from minimax_train.data import (
     PackedBatch,
     SourceConfig,
     build_loader,
-    load_tokenizer,
     tokenize_documents,
 )
 from minimax_train.data.loader import Blender
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi".split()
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    # One embedded build per session, in a temp cache (both data test modules share it).
-    path = tmp_path_factory.getbasetemp() / "minimax_cache"
-    path.mkdir(exist_ok=True)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _cache_env(cache_dir, monkeypatch):
-    monkeypatch.setenv("MINIMAX_CACHE", str(cache_dir))
-
-
-@pytest.fixture(scope="session")
-def tok(cache_dir):
-    old = os.environ.get("MINIMAX_CACHE")
-    os.environ["MINIMAX_CACHE"] = str(cache_dir)
-    try:
-        return load_tokenizer(DataConfig())
-    finally:
-        if old is None:
-            del os.environ["MINIMAX_CACHE"]
-        else:
-            os.environ["MINIMAX_CACHE"] = old
-
-
-def make_docs(n, seed=0, prefix="doc", max_words=60):
-    rng = np.random.default_rng(seed)
-    return [f"{prefix} {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(1, max_words)))) for i in range(n)]
-
-
-def write_jsonl(path, docs, key="text"):
-    with open(path, "w") as f:
-        for d in docs:
-            f.write(json.dumps({key: d}) + "\n")
-    return str(path)
+pytestmark = pytest.mark.usefixtures("data_cache_env")
 
 
 def cfg_for(*paths, weights=None, **kw):

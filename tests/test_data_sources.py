@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from util_data import make_docs, write_jsonl
 
 from minimax_train.data import (
     EMBEDDED_VOCAB_SIZE,
@@ -21,10 +22,7 @@ from minimax_train.data import (
     tokenize_documents,
 )
 
-try:  # shared fixtures (tests/ is on sys.path under pytest's default import mode)
-    from test_data import _cache_env, cache_dir, make_docs, tok, write_jsonl  # noqa: F401
-except ImportError:  # tests/ became a package
-    from tests.test_data import _cache_env, cache_dir, make_docs, tok, write_jsonl  # noqa: F401
+pytestmark = pytest.mark.usefixtures("data_cache_env")
 
 
 def stream_tokens(cfg, tok, n_rows, seq_len=64, seed=0, split="train"):

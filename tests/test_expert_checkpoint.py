@@ -9,9 +9,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import TINY, by_step, read_metrics
-from test_train_dp import _compare, _train_rank
-from util_dist import run_distributed
+from util_train import TINY, by_step, compare_metrics, read_metrics, train_rank
+
+from minimax_train.tools.spawn import run_distributed
 
 # experts over ep=2 x etp=2 inside tp=2 with sequence parallelism (dp=2, edp=1): gate/up [E, 2, I, H]
 EP2_ETP2 = ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "parallel.sequence_parallel=true"]
@@ -28,16 +28,16 @@ def _stop_after(step: int) -> dict:
 def _resumed_matches_reference(reference_run, run_dir, steps):
     ref, got = by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir))
     assert sorted(got) == list(steps)
-    _compare({s: ref[s] for s in got}, got)
+    compare_metrics({s: ref[s] for s in got}, got)
 
 
 def test_ep2_etp2_checkpoint_resumes_in_one_process_and_exports(reference_run, tmp_path):
     from minimax_train.export import load_checkpoint_model
-    from minimax_train.tools.ckpt_tools import tensor_metadata
+    from minimax_train.tools.ckpt import tensor_metadata
 
     ckpt = tmp_path / "ckpt"
     steps = run_distributed(
-        _train_rank,
+        train_rank,
         4,
         TINY + EP2_ETP2 + [f"checkpoint.dir={ckpt}"],
         str(tmp_path / "a"),
@@ -58,7 +58,7 @@ def test_ep2_etp2_checkpoint_resumes_in_one_process_and_exports(reference_run, t
         r = ref_params[name]
         assert float((p - r).detach().norm() / r.detach().norm()) < 1e-5, name
     # resume in one process: steps 4..8 as the uninterrupted run
-    steps = run_distributed(_train_rank, 1, TINY + [f"checkpoint.dir={ckpt}"], str(tmp_path / "b"), timeout=600)
+    steps = run_distributed(train_rank, 1, TINY + [f"checkpoint.dir={ckpt}"], str(tmp_path / "b"), timeout=600)
     assert steps == [8]
     _resumed_matches_reference(reference_run, tmp_path / "b", range(4, 9))
 
@@ -69,7 +69,7 @@ def test_single_process_checkpoint_resumes_at_ep2_etp2_then_at_tp4_etp2(referenc
     shutil.copytree(reference_run / "checkpoints" / "step_00000003", ckpt / "step_00000003")
     # 1 process -> ep=2 x etp=2 (tp=2, SP): steps 4..6, saved at 6
     steps = run_distributed(
-        _train_rank,
+        train_rank,
         4,
         TINY + EP2_ETP2 + [f"checkpoint.dir={ckpt}"],
         str(tmp_path / "a"),
@@ -80,11 +80,11 @@ def test_single_process_checkpoint_resumes_at_ep2_etp2_then_at_tp4_etp2(referenc
     _resumed_matches_reference(reference_run, tmp_path / "a", range(4, 7))
     # ep=2 x etp=2 -> etp=2 inside tp=4 with the experts FSDP-sharded over edp=2: steps 7..8
     steps = run_distributed(
-        _train_rank, 4, TINY + TP4_ETP2 + [f"checkpoint.dir={ckpt}"], str(tmp_path / "b"), timeout=600
+        train_rank, 4, TINY + TP4_ETP2 + [f"checkpoint.dir={ckpt}"], str(tmp_path / "b"), timeout=600
     )
     assert steps == [8] * 4
     _resumed_matches_reference(reference_run, tmp_path / "b", range(7, 9))
-    from minimax_train.tools.ckpt_tools import tensor_metadata
+    from minimax_train.tools.ckpt import tensor_metadata
 
     md = tensor_metadata(ckpt / "step_00000008")  # 4 ranks (2 experts x half of I each) x (gate rows, up rows)
     assert md[GATE_UP]["shape"] == [4, 256, 64] and md[GATE_UP]["chunks"] == 8
@@ -98,7 +98,7 @@ def test_standard_gate_up_view_round_trip(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from minimax_train.parallel.expert_parallel import standard_gate_up
-    from minimax_train.tools.ckpt_tools import tensor_metadata
+    from minimax_train.tools.ckpt import tensor_metadata
 
     torch.manual_seed(0)
     four = torch.randn(3, 2, 5, 4)

@@ -12,14 +12,12 @@ this rank's slice) within 1e-5 relative, over several SGD steps, for overlap chu
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import socket
-import tempfile
 
 import pytest
 import torch
+
+from minimax_train.tools.spawn import run_distributed
 
 TOL = 1e-5
 STEPS = 3
@@ -183,12 +181,10 @@ def _run_case(name, spec, rank, world):
     return res
 
 
-def _worker(rank, world, port, names, outdir):
+def _worker(names):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name in names:
         try:
@@ -198,28 +194,11 @@ def _worker(rank, world, port, names, outdir):
 
             results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}
             break
-    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return results
 
 
 def _spawn(world: int) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    names = [n for n, c in CASES.items() if c[0] == world]
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(world, _free_port(), names, d), nprocs=world, join=True)
-        out = []
-        for r in range(world):
-            with open(os.path.join(d, f"rank{r}.json")) as f:
-                out.append(json.load(f))
-    return out
+    return run_distributed(_worker, world, [n for n, c in CASES.items() if c[0] == world], timeout=800)
 
 
 @pytest.fixture(scope="module")

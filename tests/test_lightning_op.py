@@ -260,7 +260,7 @@ def test_layer_matches_transformers(layer_idx):
     x = torch.randn(2, 11, cfg.hidden_size)  # 11 tokens: blocks of 3 leave a short last block
     with torch.no_grad():
         ref, ref_state = layer(x, position_embeddings=None, attention_mask=None)
-        # The layer around the op, as in minimax-architecture.md (silu on q, k, v; head-major interleave).
+        # The layer around the op, as MiniMax-Text-01 has it (silu on q, k, v; head-major interleave).
         u = torch.nn.functional.silu(layer.qkv_proj(x)).reshape(2, 11, H, 3 * d)
         q, k, v = u.split(d, dim=-1)
         o, state = lightning_attention(

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from minimax_train.conf_tree import conf_dir
 from minimax_train.model import FULL, ModelConfig
 from minimax_train.model.flops import count_params, train_flops_per_token
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(conf_dir()) / "model"
 
 
 def preset(name):

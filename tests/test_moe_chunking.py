@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, by_step, read_metrics
 from util_memory import peak_live_bytes
+from util_train import TINY, by_step, read_metrics
 
 from minimax_train.config import ConfigError
 from minimax_train.model import MiniMaxForCausalLM, ModelConfig
@@ -81,14 +81,14 @@ def test_chunking_bounds_the_expert_activations():
 def test_capacity_routing_is_refused():
     with pytest.raises(ValueError, match="moe_routing=dropless"):
         _model(moe_routing="capacity").set_activation_checkpointing("none", 16)
-    from conftest import compose_job
+    from minimax_train.conf_tree import compose_job
 
     with pytest.raises(ConfigError, match="train.moe_chunk_tokens=16 needs model.moe_routing=dropless"):
         compose_job("train.moe_chunk_tokens=16", "model.moe_routing=capacity")
 
 
 def test_trainer_with_moe_chunks_matches_reference(reference_run, tmp_path):
-    from conftest import run_train
+    from util_train import run_train
 
     run_train(tmp_path, *TINY, "train.moe_chunk_tokens=16")
     ref, got = by_step(read_metrics(reference_run)), by_step(read_metrics(tmp_path))

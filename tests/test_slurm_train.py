@@ -9,8 +9,7 @@ import re
 import time
 
 import pytest
-from conftest import TINY, by_step, read_metrics, run_train
-from test_train_dp import _compare
+from util_train import TINY, by_step, compare_metrics, read_metrics, run_train
 
 try:
     from tests.slurm.cluster import slurm_cluster  # noqa: F401  (pytest fixture)
@@ -29,7 +28,7 @@ LONG = [o for o in TINY if not o.startswith(("train.steps", "checkpoint.interval
 def test_two_node_job_matches_single_process(slurm_cluster, reference_run):
     job = slurm_cluster.launch(TINY, nodes=2, job_name="train2", wait=True, timeout=300)
     assert job.returncode == 0 and job.state == "COMPLETED", slurm_cluster.diagnose(job)
-    _compare(by_step(read_metrics(reference_run)), by_step(read_metrics(job.run_dir)))
+    compare_metrics(by_step(read_metrics(reference_run)), by_step(read_metrics(job.run_dir)))
     assert "world 2 = dp 2" in job.output(), slurm_cluster.diagnose(job)
 
 
@@ -57,4 +56,4 @@ def test_preempted_job_requeues_and_ends_at_the_uninterrupted_loss(slurm_cluster
     got = by_step(read_metrics(job.run_dir))
     assert max(got) == 30 and metrics.exists()
     # every step (the resumed ones included) equals the uninterrupted single-process run
-    _compare(ref, got)
+    compare_metrics(ref, got)

@@ -10,53 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from util_dist import run_distributed
+from util_models import make_config, make_model, make_rows
+
+from minimax_train.tools.spawn import run_distributed
 
 STEPS = 6
 LR = 3e-3
 TOL = 1e-5
-
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    softmax_every=2,
-    block_size=16,
-    rope_theta=10000.0,
-    router_aux_loss_coef=0.01,
-)
-
-
-def make_config(**overrides):
-    from minimax_train.model.config import ModelConfig
-
-    return ModelConfig(**{**TINY, **overrides})
-
-
-def make_model(cfg):
-    from minimax_train.model.transformer import MiniMaxForCausalLM
-
-    torch.manual_seed(1234)
-    return MiniMaxForCausalLM(cfg)
-
-
-def make_rows(seed: int = 7, rows: int = 2, t: int = 32):
-    """Packed rows of several documents each (cu_seqlens over the flattened tokens), a few ignored labels."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, TINY["vocab_size"], (rows, t), generator=g)
-    labels = torch.randint(0, TINY["vocab_size"], (rows, t), generator=g)
-    labels[:, -1] = -100
-    labels[0, :2] = -100
-    bounds = [0]
-    for r in range(rows):  # documents of 5, 11 and the rest per row; one crosses a lightning block of 16
-        bounds += [r * t + 5, r * t + 16, (r + 1) * t]
-    return ids, labels, torch.tensor(bounds, dtype=torch.int32)
 
 
 def micro_batches(rows_per_mb: int):

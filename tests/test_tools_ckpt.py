@@ -1,7 +1,7 @@
 """Checkpoint tools on a real (CPU) training checkpoint: inspect reports step, tokens, layout, config and
 the tensor shapes; convert validates a target layout and writes a lossless consolidated copy (the same keys and
-shapes for every layout) that resumes in the trainer exactly like the original, and rewrites a legacy
-[E, 2, I, H] expert gate/up checkpoint in the standard form; export-hf is minimax_train.export; import-hf gives
+shapes for every layout) that resumes in the trainer exactly like the original; export-hf is
+minimax_train.export; import-hf gives
 a step-0 checkpoint holding the HF weights that the trainer resumes; bad input ends with a one-line error."""
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose_job, run_train
+from util_train import REPO, TINY, run_train
 
-from minimax_train.tools import ckpt_tools as C
-
-REPO = Path(__file__).resolve().parent.parent
+from minimax_train.conf_tree import compose_job
+from minimax_train.tools import ckpt as C
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,6 @@ def test_convert_is_lossless_for_any_target_layout_and_resumes_like_the_original
     src = run / "checkpoints"
     rep = C.convert(src, tmp_path / "etp2", world=4, tp=2, ep=2, etp=2)
     assert rep["target_layout"] == {"world": 4, "dp": 2, "cp": 1, "tp": 2, "ep": 2, "etp": 2, "edp": 1}
-    assert rep["upgraded_gate_up"] == 0
     t4 = C.tensor_metadata(tmp_path / "etp2" / "step_00000008")
     assert t4["model.model.layers.0.mlp.experts.gate_up_proj"]["shape"] == [4, 256, 64]  # the same for every layout
     assert t4["optim.state.model.layers.0.mlp.experts.gate_up_proj.exp_avg"]["shape"] == [4, 256, 64]
@@ -68,29 +66,6 @@ def test_convert_is_lossless_for_any_target_layout_and_resumes_like_the_original
     r1 = _train_in_process(tmp_path / "r1", orig, 9)
     r2 = _train_in_process(tmp_path / "r2", tmp_path / "etp2", 9)
     assert r1.step == r2.step == 9 and r1.last_loss == r2.last_loss
-
-
-def test_legacy_4d_gate_up_checkpoint_is_flagged_and_converted(run, tmp_path, capsys):
-    """Checkpoints of etp > 1 runs written before expert_parallel.standard_gate_up hold gate/up (and its Adam
-    moments) as [E, 2, I, H]: inspect flags them, export-hf refuses with the remedy, convert restores [E, 2I, H]."""
-    src = run / "checkpoints" / "step_00000008"
-    sd = C.load_full_state(src)
-    gate_up = [(sd["model"], k) for k in sd["model"] if k.endswith(C.GATE_UP)]
-    gate_up += [
-        (st, m) for k, st in sd["optim"]["state"].items() if k.endswith(C.GATE_UP) for m in ("exp_avg", "exp_avg_sq")
-    ]
-    for d, k in gate_up:
-        d[k] = d[k].unflatten(1, (2, -1)).contiguous()
-    from minimax_train.train.checkpoint import read_meta
-
-    legacy = C._save_dcp_step(sd, read_meta(src), C.read_config(src), tmp_path / "legacy", src.name, overwrite=False)
-    assert C.tensor_metadata(legacy)["model.model.layers.0.mlp.experts.gate_up_proj"]["shape"] == [4, 2, 128, 64]
-    assert C.main(["inspect", str(legacy)]) == 0 and "LEGACY" in capsys.readouterr().out
-    assert C.main(["export-hf", str(legacy), "--out", str(tmp_path / "hf")]) == 2
-    assert "tools/ckpt.py convert" in capsys.readouterr().err
-    rep = C.convert(legacy, tmp_path / "fixed")
-    assert rep["upgraded_gate_up"] == len(gate_up) == 4 * 3  # 4 layers x (weight, exp_avg, exp_avg_sq)
-    _assert_same_state(src, tmp_path / "fixed" / "step_00000008")
 
 
 def _assert_same_state(a_dir: Path, b_dir: Path) -> None:

@@ -10,16 +10,14 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from util_train import REPO
 
 from minimax_train.model.config import ModelConfig
 from minimax_train.model.flops import count_params, train_flops_per_token
 from minimax_train.tools import planner as P
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _workload(name="minimax_text_01", seq=1 << 20, batch=16 << 20, gpus=256, kind="h100", **kw):
@@ -106,8 +104,10 @@ def test_deepspeed_layouts_are_data_parallel_only_and_offload_moves_the_optimize
 def test_activation_model_equals_saved_tensors():
     """One process, fp32, CPU kernels: the planner's saved activations (+ the loss's saved log-probs) against the
     tensors autograd actually saves for backward, for two sequence lengths."""
+    from util_memory import saved_tensor_bytes
+
     from minimax_train.model.transformer import MiniMaxForCausalLM
-    from minimax_train.tools.memcheck import VALIDATION_MODEL, MeasureSpec, _batch, saved_tensor_bytes
+    from minimax_train.tools.memcheck import VALIDATION_MODEL, MeasureSpec, packed_batch
 
     cfg = ModelConfig(**VALIDATION_MODEL)
     torch.manual_seed(0)
@@ -115,7 +115,7 @@ def test_activation_model_equals_saved_tensors():
     cpu = P.gpu_spec("custom", memory_gib=64, peak_tflops=1, intra_gbps=1, inter_gbps=1)
     for seq in (128, 384):
         spec = MeasureSpec("x", seq_len=seq, micro_batch_size=2, docs_per_row=3)
-        measured = saved_tensor_bytes(model, _batch(spec, cfg.vocab_size, 0, 0, 0))
+        measured = saved_tensor_bytes(model, packed_batch(spec, cfg.vocab_size, 0, 0, 0))
         w = P.Workload(
             cfg,
             seq_len=seq,
@@ -132,7 +132,7 @@ def test_activation_model_equals_saved_tensors():
 
 
 def test_estimate_within_15_percent_of_measured_cpu_peak():
-    """The issue's check on CPU (no GPU here): peak RSS growth of real training steps (the trainer's model build,
+    """The planner's accuracy on CPU: peak RSS growth of real training steps (the trainer's model build,
     FSDP2 / tensor parallelism, forward_backward, AdamW) in 4 layouts vs the planner's total."""
     from minimax_train.tools.memcheck import format_validation, validate_cpu
 
@@ -149,7 +149,7 @@ GPU_PEAKS = json.loads((REPO / "tests" / "data" / "gpu_peak_memory.json").read_t
 
 @pytest.mark.parametrize("run", GPU_PEAKS, ids=[r["name"] for r in GPU_PEAKS])
 def test_estimate_within_15_percent_of_measured_gpu_peak(run):
-    """The issue's check on GPU, kept against later changes of the memory model: the estimate (bf16 on GPU,
+    """The planner's accuracy on GPU, kept against later changes of the memory model: the estimate (bf16 on GPU,
     as tools/bench_layouts.py computes it) for each recorded GPU run stays within 15% of its measured peak."""
     lay = P.Layout(**run["layout"])
     world = lay.tp * lay.cp * lay.dp

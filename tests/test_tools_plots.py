@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from util_train import REPO
 
 from minimax_train.tools import plots as PL
 
-REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
 
 

@@ -12,11 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from util_train import REPO
 
 from minimax_train.data import DataConfig, SourceConfig, build_loader, load_tokenizer, tokenize_documents
 from minimax_train.tools import prepare as PR
 
-REPO = Path(__file__).resolve().parent.parent
+
+def read_prepared(path: str, fmt: str = "megatron") -> list[np.ndarray]:
+    """Every document of a prepared corpus as int64 arrays, read independently of the writer."""
+    if fmt == "megatron":
+        from minimax_train.data.megatron import read_megatron_documents
+
+        return read_megatron_documents(path)
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    return [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +70,7 @@ def test_megatron_round_trip_through_the_trainers_loader(corpus, tmp_path):
     direct = tokenize_documents(tok, texts, add_eos=True)
     assert info["tokens"] == sum(len(t) for t in direct) and info["max_tokens"] == max(len(t) for t in direct)
     assert sum(h["documents"] for h in info["histogram"]) == 60 and info["dtype"] == "uint16"
-    got = PR.read_prepared(info["output"])
+    got = read_prepared(info["output"])
     assert len(got) == 60 and all(np.array_equal(a, b) for a, b in zip(got, direct))
     # through the trainer's loader: the megatron source gives the same rows as the direct tokenisation ...
     flat = np.concatenate(direct)
@@ -87,7 +98,7 @@ def test_workers_do_not_change_the_output_and_arrow_holds_the_same_tokens(corpus
         )
     )
     direct = tokenize_documents(load_tokenizer(DataConfig(add_eos=False)), texts, add_eos=False)
-    got = PR.read_prepared(arrow["output"], "arrow")
+    got = read_prepared(arrow["output"], "arrow")
     assert len(got) == 60 and all(np.array_equal(a, b) for a, b in zip(got, direct))
     assert (Path(arrow["output"]) / "summary.json").is_file()
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, by_step, compose_job, read_metrics, run_train
+from util_train import TINY, by_step, read_metrics, run_train
+
+from minimax_train.conf_tree import compose_job
 
 METRIC_KEYS = {
     "step",

@@ -15,9 +15,10 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from conftest import TINY, by_step, compose_job, read_metrics  # noqa: E402
-from test_train_dp import _compare, _grads_rank, _train_rank, assert_grads_match  # noqa: E402
-from util_dist import run_distributed  # noqa: E402
+from util_train import TINY, assert_grads_match, by_step, compare_metrics, grads_rank, read_metrics, train_rank  # noqa: E402
+
+from minimax_train.conf_tree import compose_job  # noqa: E402
+from minimax_train.tools.spawn import run_distributed  # noqa: E402
 
 EXT_DIR = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
 ENV = {"TORCH_EXTENSIONS_DIR": EXT_DIR, "DS_ACCELERATOR": "cpu"}
@@ -28,7 +29,7 @@ def _ds(stage: int, *extra: str) -> list[str]:
 
 
 def _run(overrides, run_dir):
-    return run_distributed(_train_rank, 2, overrides, str(run_dir), timeout=300, env=ENV)
+    return run_distributed(train_rank, 2, overrides, str(run_dir), timeout=300, env=ENV)
 
 
 # ZeRO-2 (with CPU optimiser offload) is compared over all 8 steps by the resume test below
@@ -36,7 +37,7 @@ def _run(overrides, run_dir):
 def test_deepspeed_zero_matches_single_process(stage, reference_run, tmp_path):
     run_dir = tmp_path / f"zero{stage}"
     assert _run(_ds(stage), run_dir) == [8, 8]
-    _compare(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
+    compare_metrics(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
     if stage == 3:
         # the (consolidated, DCP) checkpoint of a ZeRO-3 run has the single-process weights and exports
         import torch
@@ -60,8 +61,8 @@ def test_deepspeed_zero_matches_single_process(stage, reference_run, tmp_path):
 def test_deepspeed_gradients_match_single_process(stage):
     """Every parameter's gradient after step 1, gathered from the ZeRO-1/2/3 partitions of 2 ranks, equals
     the single-process gradient of the same global batch within 1e-5 (relative, per tensor)."""
-    ref, ntok = _grads_rank(list(TINY))
-    got = run_distributed(_grads_rank, 2, _ds(stage), timeout=300, env=ENV)
+    ref, ntok = grads_rank(list(TINY))
+    got = run_distributed(grads_rank, 2, _ds(stage), timeout=300, env=ENV)
     assert got[0][1] == ntok
     assert_grads_match(ref, [g for g, _ in got], f"ZeRO-{stage}")
 
@@ -72,13 +73,13 @@ def test_deepspeed_resume_matches_uninterrupted(reference_run, tmp_path):
     first = tmp_path / "first"
     assert _run(_ds(2, "parallel.offload_optimizer=true"), first) == [8, 8]
     ref = by_step(read_metrics(reference_run))
-    _compare(ref, by_step(read_metrics(first)))
+    compare_metrics(ref, by_step(read_metrics(first)))
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     shutil.copytree(first / "checkpoints" / "step_00000003", ckpt / "step_00000003")
     second = tmp_path / "second"
     assert _run(_ds(2, "parallel.offload_optimizer=true", f"checkpoint.dir={ckpt}"), second) == [8, 8]
-    _compare({s: ref[s] for s in range(4, 9)}, by_step(read_metrics(second)))
+    compare_metrics({s: ref[s] for s in range(4, 9)}, by_step(read_metrics(second)))
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ def test_deepspeed_cross_engine_resume(reference_run, tmp_path):
     run_dir = tmp_path / "z3"
     _run(_ds(3, f"checkpoint.dir={ckpt}"), run_dir)
     ref = by_step(read_metrics(reference_run))
-    _compare({s: ref[s] for s in (7, 8)}, by_step(read_metrics(run_dir)))
+    compare_metrics({s: ref[s] for s in (7, 8)}, by_step(read_metrics(run_dir)))
 
 
 @pytest.mark.parametrize(

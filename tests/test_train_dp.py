@@ -8,34 +8,27 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TINY, by_step, cli_env, compose_job, read_metrics
-from util_dist import free_port, run_distributed
+from util_train import (
+    REPO,
+    TINY,
+    assert_grads_match,
+    by_step,
+    cli_env,
+    compare_metrics,
+    grads_rank,
+    read_metrics,
+    train_rank,
+)
 
-RTOL = 1e-5
-
-
-def _train_rank(overrides, run_dir):
-    from minimax_train.train import train
-
-    job = compose_job(*overrides)
-    res = train(job, run_dir)
-    return res.step
-
-
-def _compare(ref, got, keys=("loss", "lm_loss", "aux_loss", "grad_norm")):
-    assert sorted(got) == sorted(ref)
-    for s in ref:
-        for k in keys:
-            a, b = ref[s][k], got[s][k]
-            assert abs(a - b) <= RTOL * max(abs(a), 1e-6), f"step {s} {k}: dp=2 {b!r} vs dp=1 {a!r}"
-        assert got[s]["tokens"] == ref[s]["tokens"] and got[s]["loss_tokens"] == ref[s]["loss_tokens"]
+from minimax_train.conf_tree import compose_job
+from minimax_train.tools.spawn import free_port, run_distributed
 
 
 def test_dp2_fsdp_matches_single_process(reference_run, tmp_path):
     run_dir = tmp_path / "dp2"
-    steps = run_distributed(_train_rank, 2, TINY, str(run_dir), timeout=240)
+    steps = run_distributed(train_rank, 2, TINY, str(run_dir), timeout=240)
     assert steps == [8, 8]
-    _compare(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
+    compare_metrics(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
     # checkpoints of the sharded run are complete and loadable in one process (export path)
     from minimax_train.export import load_checkpoint_model
 
@@ -71,64 +64,9 @@ def test_torchrun_cli_dp2_matches_single_process(reference_run, tmp_path):
         timeout=300,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    _compare(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
+    compare_metrics(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
     assert (run_dir / "config_resolved.yaml").exists() and (run_dir / ".hydra" / "config.yaml").exists()
     assert not (tmp_path / ".hydra").exists() and not (tmp_path / "outputs").exists()  # rank 1 wrote nothing
-
-
-def _grads_rank(overrides):
-    """Gradient of the first step's global batch under this process's layout and engine (FSDP2 / one process,
-    or DeepSpeed ZeRO: gathered from its partitions before the step), as full fp64 tensors."""
-    from minimax_train.data import build_loader, load_tokenizer
-    from minimax_train.parallel.data_parallel import is_sharded
-    from minimax_train.parallel.mesh import ParallelMesh
-    from minimax_train.train.loop import build_engine, forward_backward
-
-    job = compose_job(*overrides)
-    mesh = ParallelMesh.from_env(job.parallel, device="cpu", model_cfg=job.model)
-    accum = job.train.global_batch_size // (job.train.micro_batch_size * mesh.dp_size)
-    engine, _ = build_engine(job, mesh, accum=accum)
-    loader = build_loader(
-        job.data,
-        load_tokenizer(job.data),
-        seq_len=job.train.seq_len,
-        micro_batch_size=job.train.micro_batch_size,
-        dp_rank=mesh.dp_rank,
-        dp_size=mesh.dp_size,
-        seed=job.train.seed,
-    )
-    fb = forward_backward(
-        engine.model,
-        [next(loader) for _ in range(accum)],
-        mesh=mesh,
-        coef=job.model.router_aux_loss_coef,
-        engine=engine,
-    )
-    model = engine.module
-    if is_sharded(model):
-        # the root (embedding, norm, lm_head) must stay unsharded between forward and backward: the
-        # model output is a dataclass FSDP cannot hook a pre-backward unshard on (it broke on CUDA)
-        assert model._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is None
-    if engine.name == "deepspeed":
-        from deepspeed.utils import safe_get_full_grad
-
-        grads = {name: safe_get_full_grad(p) for name, p in model.named_parameters()}
-    else:
-        grads = {
-            name: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            for name, p in model.named_parameters()
-        }
-    engine.close()
-    return {name: g.detach().double().clone() for name, g in grads.items()}, fb.global_tokens
-
-
-def assert_grads_match(ref: dict, per_rank: list, label: str, rtol: float = 1e-5) -> None:
-    """Every rank's gradient of every parameter equals the reference within rtol (relative, per tensor)."""
-    for rank, got in enumerate(per_rank):
-        assert set(got) == set(ref), f"{label} rank {rank}: other parameters than the reference"
-        for name, g in ref.items():
-            err = float((got[name] - g).norm() / g.norm().clamp(min=1e-30))
-            assert err <= rtol, f"{label} {name} rank {rank}: relative gradient error {err:.2e}"
 
 
 @pytest.mark.parametrize("mbs_dp1,mbs_dp2,coef", [(1, 1, 0.001), (4, 2, 0.0), (4, 1, 0.0)])
@@ -137,8 +75,8 @@ def test_dp2_gradients_match_single_process(mbs_dp1, mbs_dp2, coef):
     and 2 FSDP2 ranks. With the aux loss on, micro-batches must hold the same rows (mbs 1); without it any
     micro-batch size gives the same gradient."""
     base = [o for o in TINY if "micro_batch_size" not in o] + [f"model.router_aux_loss_coef={coef}"]
-    ref, ntok = _grads_rank(base + [f"train.micro_batch_size={mbs_dp1}"])
-    got = run_distributed(_grads_rank, 2, base + [f"train.micro_batch_size={mbs_dp2}"], timeout=240)
+    ref, ntok = grads_rank(base + [f"train.micro_batch_size={mbs_dp1}"])
+    got = run_distributed(grads_rank, 2, base + [f"train.micro_batch_size={mbs_dp2}"], timeout=240)
     assert got[0][1] == ntok
     assert_grads_match(ref, [g for g, _ in got], "dp=2")
 
@@ -150,9 +88,9 @@ def test_resume_single_process_checkpoint_on_two_ranks(reference_run, tmp_path):
     ckpt.mkdir()
     shutil.copytree(reference_run / "checkpoints" / "step_00000006", ckpt / "step_00000006")
     run_dir = tmp_path / "dp2"
-    run_distributed(_train_rank, 2, [*TINY, f"checkpoint.dir={ckpt}"], str(run_dir), timeout=240)
+    run_distributed(train_rank, 2, [*TINY, f"checkpoint.dir={ckpt}"], str(run_dir), timeout=240)
     ref = by_step(read_metrics(reference_run))
-    _compare({s: ref[s] for s in (7, 8)}, by_step(read_metrics(run_dir)))
+    compare_metrics({s: ref[s] for s in (7, 8)}, by_step(read_metrics(run_dir)))
 
 
 def _packed_batch(vocab_size):

@@ -4,9 +4,9 @@ same job give the single-process run's losses and gradient norms (fp32, gloo), s
 from __future__ import annotations
 
 import pytest
-from conftest import TINY, by_step, read_metrics
-from test_train_dp import _compare, _train_rank
-from util_dist import run_distributed
+from util_train import TINY, by_step, compare_metrics, read_metrics, train_rank
+
+from minimax_train.tools.spawn import run_distributed
 
 LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
@@ -25,7 +25,7 @@ SLOW_LAYOUTS = {
     "cp4": (4, ["parallel.cp=4"]),
     "cp2_tp2_sp": (4, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "ep2_etp2_tp2_sp": (4, ["parallel.tp=2", "parallel.ep=2", "parallel.etp=2", "parallel.sequence_parallel=true"]),
-    # issue 9's 8-GPU composition, on 8 gloo processes: tp=2 x cp=2 x dp=2, experts ep=4 folded over dp x cp
+    # an 8-GPU composition of every dimension, on 8 gloo processes: tp=2 x cp=2 x dp=2, experts ep=4 folded over dp x cp
     "tp2_cp2_ep4_overlap_8proc": (
         8,
         [
@@ -41,9 +41,9 @@ SLOW_LAYOUTS = {
 
 def _run(name, world, extra, reference_run, tmp_path):
     run_dir = tmp_path / name
-    steps = run_distributed(_train_rank, world, TINY + extra, str(run_dir), timeout=600)
+    steps = run_distributed(train_rank, world, TINY + extra, str(run_dir), timeout=600)
     assert steps == [8] * world
-    _compare(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
+    compare_metrics(by_step(read_metrics(reference_run)), by_step(read_metrics(run_dir)))
     return run_dir
 
 
@@ -76,17 +76,17 @@ def test_resume_tp2_checkpoint_at_dp2(reference_run, tmp_path):
     ckpt = tmp_path / "ckpt"
     # the full 8-step run at tp=2 (same schedule), then all but its step-3 checkpoint are removed
     first = TINY + ["parallel.tp=2", f"checkpoint.dir={ckpt}"]
-    run_distributed(_train_rank, 2, first, str(run_dir / "a"), timeout=600)
+    run_distributed(train_rank, 2, first, str(run_dir / "a"), timeout=600)
     import shutil
 
     for step_dir in sorted(ckpt.glob("step_*")):
         if step_dir.name != "step_00000003":
             shutil.rmtree(step_dir)
-    run_distributed(_train_rank, 2, TINY + [f"checkpoint.dir={ckpt}"], str(run_dir / "b"), timeout=600)
+    run_distributed(train_rank, 2, TINY + [f"checkpoint.dir={ckpt}"], str(run_dir / "b"), timeout=600)
     ref = by_step(read_metrics(reference_run))
     got = by_step(read_metrics(run_dir / "b"))
     assert sorted(got) == list(range(4, 9))
-    _compare({s: ref[s] for s in got}, got)
+    compare_metrics({s: ref[s] for s in got}, got)
 
 
 @pytest.mark.slow
@@ -101,8 +101,8 @@ def test_resume_tp2_dp2_checkpoint_at_dp4(reference_run, tmp_path):
     ckpt.mkdir()
     shutil.copytree(first / "checkpoints" / "step_00000003", ckpt / "step_00000003")
     second = tmp_path / "dp4"
-    assert run_distributed(_train_rank, 4, TINY + [f"checkpoint.dir={ckpt}"], str(second), timeout=600) == [8] * 4
+    assert run_distributed(train_rank, 4, TINY + [f"checkpoint.dir={ckpt}"], str(second), timeout=600) == [8] * 4
     ref = by_step(read_metrics(reference_run))
     got = by_step(read_metrics(second))
     assert sorted(got) == list(range(4, 9))
-    _compare({s: ref[s] for s in got}, got)
+    compare_metrics({s: ref[s] for s in got}, got)

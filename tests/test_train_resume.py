@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, TINY, by_step, cli_env, read_metrics, run_train
+from util_train import REPO, TINY, by_step, cli_env, read_metrics, run_train
 
 KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr")
 
@@ -105,12 +105,13 @@ def test_sigterm_fault_hook_saves_checkpoint(tmp_path):
 def test_sigterm_on_one_tp_rank_stops_every_rank(tmp_path):
     """A signal reaching only rank 0 of a tp=2 job: the flag goes round the tp group too, so both ranks
     save the same step and exit cleanly (no rank left waiting in a collective)."""
-    from test_train_dp import _train_rank
-    from util_dist import run_distributed
+    from util_train import train_rank
+
+    from minimax_train.tools.spawn import run_distributed
 
     ckpt = tmp_path / "ckpt"
     steps = run_distributed(
-        _train_rank,
+        train_rank,
         2,
         [*TINY, "parallel.tp=2", f"checkpoint.dir={ckpt}", "checkpoint.interval=0"],
         str(tmp_path / "a"),

@@ -1,4 +1,5 @@
-"""Peak live tensor bytes of a CPU computation, forward and backward (for memory tests of chunking)."""
+"""Tensor memory of CPU computations: peak live bytes over forward and backward (memory tests of chunking),
+bytes autograd saves for backward (the planner's activation model)."""
 
 from __future__ import annotations
 
@@ -34,3 +35,25 @@ def peak_live_bytes(fn) -> int:
     with tracker:
         fn()
     return tracker.peak
+
+
+def saved_tensor_bytes(model, batch) -> int:
+    """Bytes of the distinct tensors autograd saves for backward in one forward pass of `model` on `batch`
+    (parameters excluded): the planner's 'saved activations' measured directly."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
+    params = set()
+    for p in model.parameters():
+        p = p.to_local() if hasattr(p, "to_local") else p
+        params.add(p.untyped_storage().data_ptr())
+    del out
+    return sum(n for k, n in seen.items() if k not in params)

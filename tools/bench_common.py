@@ -1,8 +1,9 @@
 """Shared helpers of the benchmark scripts (tools/bench_*.py): timing with CUDA events (wall clock on CPU),
 device calibration (copy bandwidth, bf16 matmul peak), guarded runs that turn a failure into a one-line
-reason, markdown tables, JSON output with finite numbers only, and the clean exit of spawned ranks.
+reason, markdown tables, JSON output with finite numbers only, and the timing, memory and out-of-memory
+agreement of the ranks of a distributed benchmark.
 
-Nothing here asserts a speed: the scripts print tables and ratios (design.md, "Testing conventions")."""
+Nothing here asserts a speed: the scripts print tables and ratios; the tests never assert timings."""
 
 from __future__ import annotations
 
@@ -25,13 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-# Dense bf16 tensor-core peaks (TFLOP/s per device) for MFU; the trainer's table (train/metrics.py) is the
-# source, so benchmark and trainer MFU use the same denominator.
-try:
-    from minimax_train.train.metrics import peak_tflops as _trainer_peak_tflops
-except Exception:  # pragma: no cover - the benchmarks must still start if the trainer does not import
-    _trainer_peak_tflops = None
-
+from minimax_train.train.metrics import max_memory_gb, peak_tflops  # noqa: E402  (the trainer's MFU and memory)
 
 # ---------------------------------------------------------------------------------------------------
 # device
@@ -58,19 +53,8 @@ def device_name(device: torch.device) -> str:
 
 
 def detect_peak_tflops(device: torch.device, override: Optional[float] = None) -> Optional[float]:
-    """bf16 dense peak per device: --peak-tflops, else the trainer's table (H100 SXM / H200: 989.4), else None."""
-    if override is not None:
-        return float(override)
-    if device.type != "cuda":
-        return None
-    if _trainer_peak_tflops is not None:
-        return _trainer_peak_tflops(device, None)
-    name = torch.cuda.get_device_name(device)
-    if "H100 PCIe" in name:
-        return 756.0
-    if "H100" in name or "H200" in name:
-        return 989.4
-    return None
+    """bf16 dense peak per device: --peak-tflops, else the trainer's table, else None (CPU, unknown GPUs)."""
+    return peak_tflops(device, override)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -79,13 +63,12 @@ def reset_peak_memory(device: torch.device) -> None:
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """torch.cuda.max_memory_allocated on GPU (the trainer's metric); peak RSS of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
+    """The trainer's max_memory_gb: torch.cuda.max_memory_allocated on GPU, peak RSS of this process on CPU."""
+    return max_memory_gb(device)
 
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+def peak_memory_gib(device: torch.device) -> float:
+    return peak_memory_gb(device) * 1e9 / 2**30
 
 
 def free_memory_gb(device: torch.device) -> float:
@@ -359,14 +342,56 @@ def parse_int_list(s: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# distributed teardown
+# ranks of a distributed benchmark (torchrun, or minimax_train.tools.spawn.run_distributed)
 # ---------------------------------------------------------------------------------------------------
 
 
-def exit_spawned_rank() -> None:
-    """End a torch.multiprocessing.spawn child that finished cleanly without interpreter finalization: gloo's
-    worker threads can still hold tensors then, and freeing them there aborts the process (SIGABRT, "terminate
-    called without an active exception"; pytorch/pytorch#179291), failing a run whose results are written."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+def max_over_ranks(x: float, device: torch.device) -> float:
+    """The largest x over the ranks of the default group (x itself in one process)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def timed_over_ranks(
+    fn: Callable[[], Any], device: torch.device, iters: int, warmup: int, reset_peak: bool = False
+) -> float:
+    """Mean seconds of fn() over `iters` calls after `warmup` untimed ones, on the slowest rank; the ranks
+    start the timed calls together (a barrier). reset_peak: cached memory is freed and the peak-memory
+    counters restart after the warm-up."""
+    import torch.distributed as dist
+
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if reset_peak:
+        cleanup(device)
+        reset_peak_memory(device)
+    if dist.is_initialized():
+        dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return max_over_ranks((time.perf_counter() - t0) / iters, device)
+
+
+def oom_guarded_over_ranks(fn: Callable[[], Any], device: torch.device) -> Any:
+    """fn()'s result, or None on every rank when any rank ran out of memory (other errors propagate)."""
+    failed, res = 0.0, None
+    try:
+        res = fn()
+    except torch.cuda.OutOfMemoryError:
+        failed = 1.0
+    except RuntimeError as e:  # CPU allocators raise plain RuntimeErrors
+        if "out of memory" not in str(e).lower():
+            raise
+        failed = 1.0
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if max_over_ranks(failed, device) > 0:
+        return None
+    return res

@@ -8,7 +8,7 @@ Two modes (both by default):
   with the cp cores installed; lasp=plus vs lasp=serial on the lightning layers, ring attention on the
   softmax layers in both.
 
-GPU (4 GPUs of one host, what the issue asks for; bf16, fla-core for lightning, FlexAttention for softmax):
+GPU (4 GPUs of one host; bf16, fla-core for lightning, FlexAttention for softmax):
     torchrun --nproc-per-node 4 tools/bench_cp.py --seqlens 32768,131072,262144,524288,1048576
     torchrun --nproc-per-node 4 tools/bench_cp.py --mode model --seqlens 1048576 --checkpoint full
 CPU / gloo smoke run (tiny sizes; spawns its own processes when not under torchrun):
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import time
 import traceback
 
 import torch
@@ -36,9 +35,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_common import exit_spawned_rank  # noqa: E402
+from bench_common import max_over_ranks, oom_guarded_over_ranks, peak_memory_gib, sync, timed_over_ranks  # noqa: E402
 
 from minimax_train.parallel.mesh import process_group_teardown  # noqa: E402
+from minimax_train.tools.spawn import run_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -98,25 +98,6 @@ def _device(args):
     return torch.device("cpu")
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gib(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-
-
 def _doc_bounds(T: int, doc_len: int, seed: int = 0) -> torch.Tensor:
     if doc_len <= 0:
         return torch.tensor([0, T], dtype=torch.int32)
@@ -128,29 +109,12 @@ def _doc_bounds(T: int, doc_len: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(bounds, dtype=torch.int32)
 
 
-def _max_over_ranks(x: float, device) -> float:
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
 def _timed(step, args, device, label=""):
     """Warm up, then time `iters` calls of step(); returns (slowest rank's mean seconds, peak GiB) or raises."""
-    for _ in range(args.warmup):
-        step()
-    _sync(device)
-    _reset_peak(device)
-    if dist.is_initialized():
-        dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(args.iters):
-        step()
-    _sync(device)
-    dt = (time.perf_counter() - t0) / args.iters
+    sec = timed_over_ranks(step, device, args.iters, args.warmup, reset_peak=True)
     if args.profile:
         _profile_once(step, device, label)
-    return _max_over_ranks(dt, device), _max_over_ranks(_peak_gib(device), device)
+    return sec, max_over_ranks(peak_memory_gib(device), device)
 
 
 def _profile_once(step, device, label):
@@ -160,7 +124,7 @@ def _profile_once(step, device, label):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         step()
-        _sync(device)
+        sync(device)
     if not dist.is_initialized() or dist.get_rank() == 0:
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(
@@ -168,24 +132,6 @@ def _profile_once(step, device, label):
             + prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60),
             flush=True,
         )
-
-
-def _guarded(fn, device):
-    """Run fn() -> (sec, GiB); an out-of-memory error on any rank becomes 'OOM' on all (best effort)."""
-    failed, res = 0.0, None
-    try:
-        res = fn()
-    except torch.cuda.OutOfMemoryError:
-        failed = 1.0
-    except RuntimeError as e:  # CPU allocators raise plain RuntimeErrors
-        if "out of memory" not in str(e).lower():
-            raise
-        failed = 1.0
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    if _max_over_ranks(failed, device) > 0:
-        return None
-    return res
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -302,7 +248,7 @@ def run(args):
             row = {"mode": mode, "seqlen": T}
             for impl in (["local"] if mode == "lightning" else []) + impls:
                 fn = bench_lightning if mode == "lightning" else bench_model
-                res = _guarded(lambda: fn(args, T, impl, group, device, dtype), device)
+                res = oom_guarded_over_ranks(lambda: fn(args, T, impl, group, device, dtype), device)
                 if res is None:
                     row[impl] = None
                 else:
@@ -367,22 +313,6 @@ def print_table(results, cp, device, args):
 
 
 # ---------------------------------------------------------------------------------------------------------
-def _spawned(rank, world, port, args):
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-        }
-    )
-    if args.device == "cpu" or not torch.cuda.is_available():
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    _main_in_process(args)
-    exit_spawned_rank()
-
-
 def _main_in_process(args):
     device = _device(args)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -402,14 +332,9 @@ def main(argv=None):
     if "RANK" in os.environ:
         _main_in_process(args)
         return
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_spawned, args=(args.nproc, port, args), nprocs=args.nproc, join=True)
+    cpu = args.device == "cpu" or not torch.cuda.is_available()
+    threads = max(1, (os.cpu_count() or 1) // args.nproc) if cpu else None
+    run_distributed(_main_in_process, args.nproc, args, backend=None, threads=threads, timeout=None)
 
 
 if __name__ == "__main__":

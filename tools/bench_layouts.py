@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Layouts on one node: the real trainer under torchrun for each layout, side by side (issues 4, 7, 8).
+"""Layouts on one node: the real trainer under torchrun for each layout, side by side.
 
 For each layout it prints tokens/s, tokens/s per GPU, the scaling efficiency against the first 1-GPU
 layout (tokens/s per GPU over the 1-GPU run's), MFU, the measured peak memory of the busiest rank
@@ -20,7 +20,6 @@ same thing. Every run uses the same global batch (--rows rows of --seq-len token
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -30,14 +29,16 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import REPO, fmt, fmt_pct, markdown_table, median, reproduce_command, write_json  # noqa: E402
-from bench_train import (  # noqa: E402
-    _free_port,
+from bench_runs import (  # noqa: E402
     bench_overrides,
     build_model_config,
     corpus_overrides,
+    parse_model_overrides,
     run_trainer,
     single_document_corpus,
 )
+
+from minimax_train.tools.spawn import free_port  # noqa: E402
 
 DEFAULT_LAYOUTS = ("1gpu:1:", "tp2:2:tp=2", "tp4:4:tp=4", "dp4:4:", "tp2dp2:4:tp=2")
 
@@ -137,7 +138,7 @@ def run_layout(
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={world}",
-        f"--master-port={_free_port()}",
+        f"--master-port={free_port()}",
         "-m",
         "minimax_train.train",
         f"model={a.preset}",
@@ -182,12 +183,8 @@ def main(argv=None) -> int:
     from minimax_train.model.flops import count_params
     from minimax_train.tools.planner import Workload, estimate_memory, gpu_spec
 
-    over = {}
-    for kv in a.override:
-        k, _, v = kv.partition("=")
-        over[k.removeprefix("model.")] = json.loads(v) if v.lower() not in ("true", "false") else v.lower() == "true"
+    over, model_hydra = parse_model_overrides(a.override)
     cfg = build_model_config(a.preset, over)
-    model_hydra = [f"model.{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in over.items()]
     layouts = [parse_layout(t, a.ac) for t in (a.layout or DEFAULT_LAYOUTS)]
     work = Path(a.workdir or REPO / "outputs" / "bench_layouts" / time.strftime("%Y%m%d-%H%M%S"))
     work.mkdir(parents=True, exist_ok=True)

@@ -27,16 +27,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_common import exit_spawned_rank  # noqa: E402
+from bench_common import max_over_ranks, timed_over_ranks  # noqa: E402
 
 from minimax_train.parallel.mesh import process_group_teardown  # noqa: E402
+from minimax_train.tools.spawn import run_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -76,29 +76,8 @@ def parse_args(argv=None):
     return a
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _timed(fn, dev, iters, warmup) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    if dist.is_initialized():
-        dist.barrier()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    _sync(dev)
-    return _max_over_ranks((time.perf_counter() - t0) / iters * 1e3, dev)
-
-
-def _max_over_ranks(v: float, dev) -> float:
-    t = torch.tensor([v], dtype=torch.float64, device=dev)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+def _timed_ms(fn, dev, iters, warmup) -> float:
+    return timed_over_ranks(fn, dev, iters, warmup) * 1e3
 
 
 def check(moe, x, gy, chunk_list, dev) -> None:
@@ -123,7 +102,7 @@ def check(moe, x, gy, chunk_list, dev) -> None:
         if k == 1:
             continue
         errs = [
-            _max_over_ranks(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item(), dev)
+            max_over_ranks(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item(), dev)
             for a, b in zip(got[k], got[1])
         ]
         if not dist.is_initialized() or dist.get_rank() == 0:
@@ -203,7 +182,7 @@ def run(a) -> None:
     step_ms = {}
     for k in a.chunk_list:
         moe.dispatcher.chunks = k
-        step_ms[k] = _timed(step, dev, a.iters, a.warmup)
+        step_ms[k] = _timed_ms(step, dev, a.iters, a.warmup)
 
     # isolated all-to-alls with K = 1's split sizes, and the isolated expert compute
     moe.dispatcher.chunks = 1
@@ -219,7 +198,7 @@ def run(a) -> None:
             _a2a(recv, send, plan.recv_splits[0], plan.send_splits[0], grp).wait()
             _a2a(send, recv, plan.send_splits[0], plan.recv_splits[0], grp).wait()
 
-    a2a_ms = _timed(a2a4, dev, a.iters, a.warmup) if grp is not None else 0.0
+    a2a_ms = _timed_ms(a2a4, dev, a.iters, a.warmup) if grp is not None else 0.0
     gu, dn = moe.experts.local_weights()
     xr = torch.randn(plan.recv_rows[0], h, device=dev, dtype=dtype)
     gr = torch.randn(plan.recv_rows[0], h, device=dev, dtype=dtype)
@@ -232,9 +211,9 @@ def run(a) -> None:
             weight_grad(dh, xr, offs, counts)
             weight_grad(gr, a_, offs, counts)
 
-    expert_ms = _timed(expert, dev, a.iters, a.warmup)
-    recv_max = _max_over_ranks(plan.recv_rows[0], dev)
-    send_max = _max_over_ranks(plan.send_rows[0], dev)
+    expert_ms = _timed_ms(expert, dev, a.iters, a.warmup)
+    recv_max = max_over_ranks(plan.recv_rows[0], dev)
+    send_max = max_over_ranks(plan.send_rows[0], dev)
 
     if rank == 0:
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU (gloo)"
@@ -266,35 +245,26 @@ def run(a) -> None:
             )
 
 
-def _spawned(rank, world, port, a):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo" if a.device == "cpu" else "nccl", rank=rank, world_size=world)
+def _main_in_process(a) -> None:
+    """This rank of a torchrun / srun job, or of the processes main() spawns: torch.distributed from the
+    environment, then run()."""
+    kw = {}
+    if a.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        kw["device_id"] = torch.device("cuda", local)
+    dist.init_process_group("nccl" if a.device == "cuda" else "gloo", **kw)
     with process_group_teardown():
         run(a)
-    exit_spawned_rank()
 
 
 def main(argv=None):
     a = parse_args(argv)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun / srun
-        kw = {"device_id": torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))} if a.device == "cuda" else {}
-        if a.device == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if a.device == "cuda" else "gloo", **kw)
-        with process_group_teardown():
-            run(a)
+        _main_in_process(a)
     elif a.nproc > 1:
-        import socket
-
-        import torch.multiprocessing as mp
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_spawned, args=(a.nproc, port, a), nprocs=a.nproc, join=True)
+        threads = max(1, (os.cpu_count() or 1) // a.nproc)
+        run_distributed(_main_in_process, a.nproc, a, backend=None, threads=threads, timeout=None)
     else:
         run(a)
 

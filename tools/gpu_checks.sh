@@ -78,7 +78,7 @@ if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
         --seqlens 32768,262144,1048576 --profile --json "$L/cp_lightning.json"
     step moe_ep 600 2 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
     # the same over slower links, where the all-to-all is a large share of the step (what the overlap is
-    # for; issue 5): NCCL through host shared memory (P2P off: comparable to inter-node InfiniBand), and
+    # for): NCCL through host shared memory (P2P off: comparable to inter-node InfiniBand), and
     # through host sockets (slower than any real interconnect: the all-to-all outweighs the compute)
     step moe_ep_shm 600 2 env NCCL_P2P_DISABLE=1 "$PY" -m torch.distributed.run --standalone \
         --nproc-per-node "$NGPU" tools/bench_moe.py --chunks 1,2,4
@@ -88,7 +88,7 @@ if [[ "$WHAT" == all || "$WHAT" == bench ]]; then
     # context parallelism over every GPU of the host: tokens/s per GPU from 32K to the longest sequence that
     # fits with full recomputation and 16K-token MoE chunks (planner: 1M at cp=4 on 80 GB cards, 54 GiB per
     # GPU; 1M at cp=2 needs 106 GiB per GPU, i.e. 141 GB H200s; else 512K at cp=2), LASP+ vs the serial-ring
-    # LASP baseline at the longest (issue 6)
+    # LASP baseline at the longest
     GPU_GIB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory >> 30 if torch.cuda.is_available() else 0)")
     LONG=$(( NGPU >= 4 || GPU_GIB >= 130 ? 1048576 : 524288 ))
     for t in 32768 131072 $LONG; do

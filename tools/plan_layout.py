@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plan a parallel layout: memory per GPU and step time for every valid (tp, cp, ep, etp, dp, engine, stage,
 activation checkpointing, micro-batch) on N GPUs. `tools/plan_layout.py --help`; the model of memory and
-time is documented in minimax_train/tools/planner.py."""
+time is documented in minimax_train/tools/planner/ (memory.py, step_time.py)."""
 
 import os
 import sys

@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import resource
-import socket
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,7 +83,7 @@ def _max_rss_bytes() -> int:
     return kb * (1 if sys.platform == "darwin" else 1024)
 
 
-def _batch(spec: MeasureSpec, vocab: int, step: int, dp_rank: int, mb: int):
+def packed_batch(spec: MeasureSpec, vocab: int, step: int, dp_rank: int, mb: int):
     """A PackedBatch of micro_batch_size rows, each with docs_per_row documents (random lengths)."""
     import torch
 
@@ -165,7 +162,7 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
     losses = []
     model.train()
     for step in range(steps):
-        batches = [_batch(spec, cfg.vocab_size, step, mesh.dp_rank, i) for i in range(spec.accum)]
+        batches = [packed_batch(spec, cfg.vocab_size, step, mesh.dp_rank, i) for i in range(spec.accum)]
         fb = forward_backward(
             model,
             batches,
@@ -247,62 +244,6 @@ MALLOC_ENV = {
 }
 
 
-def saved_tensor_bytes(model, batch) -> int:
-    """Bytes of the distinct tensors autograd saves for backward in one forward pass of `model` on `batch`
-    (parameters excluded): the planner's 'saved activations' measured directly."""
-    import torch
-
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        seen.setdefault(st.data_ptr(), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(batch.input_ids, labels=batch.labels, position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
-    params = set()
-    for p in model.parameters():
-        p = p.to_local() if hasattr(p, "to_local") else p
-        params.add(p.untyped_storage().data_ptr())
-    del out
-    return sum(n for k, n in seen.items() if k not in params)
-
-
-# ---- a minimal spawn launcher (gloo) ----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(rank: int, world: int, port: int, queue, model_cfg: dict, spec: MeasureSpec) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-        }
-    )
-    try:
-        import torch
-        import torch.distributed as dist
-
-        torch.set_num_threads(1)
-        if world > 1:
-            dist.init_process_group("gloo", rank=rank, world_size=world)
-        from minimax_train.parallel.mesh import process_group_teardown
-
-        with process_group_teardown():
-            out = measure_rank(model_cfg, spec)
-        queue.put((rank, True, pickle.dumps(out)))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        queue.put((rank, False, traceback.format_exc()))
-
-
 def measure(model_cfg, spec: MeasureSpec, timeout: float = 600.0, spawn: bool = True) -> dict[str, Any]:
     """Peak memory of `spec` (world processes) for a ModelConfig or its dict. Returns the largest rank's
     numbers plus every rank's, and the spec."""
@@ -313,51 +254,21 @@ def measure(model_cfg, spec: MeasureSpec, timeout: float = 600.0, spawn: bool = 
     if spec.world == 1 and not spawn:
         ranks = [measure_rank(model_cfg, spec)]
     else:
-        import torch.multiprocessing as mp
+        from minimax_train.tools.spawn import run_distributed
 
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        port = _free_port()
-        procs = [
-            ctx.Process(target=_child, args=(r, spec.world, port, queue, model_cfg, spec)) for r in range(spec.world)
-        ]
-        saved = {k: os.environ.get(k) for k in MALLOC_ENV}
-        os.environ.update(MALLOC_ENV)  # inherited by the children: freed tensors go back to the OS
         try:
-            for p in procs:
-                p.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        got: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
-        try:
-            while len(got) < spec.world:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"memory measurement {spec.name!r} did not finish in {timeout:.0f}s")
-                try:
-                    rank, ok, value = queue.get(timeout=1.0)
-                except Exception:  # queue.Empty
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in got]
-                    if dead:
-                        raise RuntimeError(
-                            f"memory measurement {spec.name!r}: rank {dead[0]} exited with code "
-                            f"{procs[dead[0]].exitcode}"
-                        ) from None
-                    continue
-                if not ok:
-                    raise RuntimeError(f"memory measurement {spec.name!r}: rank {rank} failed:\n{value}")
-                got[rank] = pickle.loads(value)
-        finally:
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-                    p.join()
-        ranks = [got[r] for r in range(spec.world)]
+            # MALLOC_ENV from the children's start: freed tensors go back to the OS
+            ranks = run_distributed(
+                measure_rank,
+                spec.world,
+                model_cfg,
+                spec,
+                timeout=timeout,
+                backend="gloo" if spec.world > 1 else None,
+                env=MALLOC_ENV,
+            )
+        except (RuntimeError, TimeoutError) as e:
+            raise type(e)(f"memory measurement {spec.name!r}: {e}") from None
     top = max(ranks, key=lambda r: r["peak_tensor_bytes"])
     return {
         "spec": asdict(spec),

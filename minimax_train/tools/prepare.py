@@ -384,18 +384,6 @@ def _write_arrow(cfg: PrepareConfig, docs: Iterator[np.ndarray]) -> str:
     return str(out)
 
 
-def read_prepared(path: str, fmt: str = "megatron") -> list[np.ndarray]:
-    """Every document of a prepared corpus as int64 arrays (tests and inspection)."""
-    if fmt == "megatron":
-        from minimax_train.data.megatron import read_megatron_documents
-
-        return read_megatron_documents(path)
-    import datasets
-
-    ds = datasets.load_from_disk(path)
-    return [np.asarray(x, dtype=np.int64) for x in ds["input_ids"]]
-
-
 # ---- printing -----------------------------------------------------------------------------------------------------
 def format_summary(info: dict) -> str:
     lines = [

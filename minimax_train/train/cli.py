@@ -1,29 +1,15 @@
-"""`python -m minimax_train.train [overrides]`: the Hydra entry point (also under torchrun / srun).
-
-conf/ lives at the repository top level; it is found relative to this package (editable installs),
-or inside the package as minimax_train/conf when a wheel ships it there, or at $MINIMAX_TRAIN_CONF."""
+"""`python -m minimax_train.train [overrides]`: the Hydra entry point (also under torchrun / srun), on the
+config tree that minimax_train.conf_tree finds."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-from pathlib import Path
+
+from minimax_train.conf_tree import ConfTreeNotFound, conf_dir
 
 log = logging.getLogger("minimax_train.train")
-
-
-def conf_dir() -> str:
-    env = os.environ.get("MINIMAX_TRAIN_CONF")
-    pkg = Path(__file__).resolve().parent.parent  # minimax_train/
-    candidates = ([Path(env)] if env else []) + [pkg.parent / "conf", pkg / "conf"]
-    for c in candidates:
-        if (c / "config.yaml").is_file():
-            return str(c)
-    raise SystemExit(
-        f"minimax_train: cannot find the config tree (conf/config.yaml); looked in "
-        f"{', '.join(str(c) for c in candidates)}. Set MINIMAX_TRAIN_CONF to the conf directory."
-    )
 
 
 def _non_main_rank_overrides(argv: list[str]) -> list[str]:
@@ -72,5 +58,9 @@ def main() -> None:
 
     register_configs()
     sys.argv += _non_main_rank_overrides(sys.argv[1:])
-    entry = hydra.main(config_path=conf_dir(), config_name="config", version_base=None)(_task)
+    try:
+        config_path = conf_dir()
+    except ConfTreeNotFound as e:
+        raise SystemExit(f"minimax_train: {e}") from None
+    entry = hydra.main(config_path=config_path, config_name="config", version_base=None)(_task)
     entry()

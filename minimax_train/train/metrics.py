@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import sys
 from pathlib import Path
@@ -14,32 +13,18 @@ from typing import Any, Optional
 import torch
 
 from minimax_train.config import WandbConfig
+from minimax_train.hardware import peak_bf16_tflops
 
 log = logging.getLogger("minimax_train.train")
 
-# Dense bf16 tensor-core peaks (TFLOP/s per device) for MFU; override with logging.peak_tflops.
-_PEAKS = (
-    ("H200", 989.4),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),
-    ("GH200", 989.4),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 125.0),
-)
-
 
 def peak_tflops(device: torch.device, override: Optional[float]) -> Optional[float]:
+    """The MFU denominator: logging.peak_tflops, else the GPU's bf16 peak (minimax_train.hardware), None on CPU."""
     if override is not None:
         return float(override)
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in _PEAKS:
-        if key in name:
-            return peak
-    return None
+    return peak_bf16_tflops(torch.cuda.get_device_name(device))
 
 
 def max_memory_gb(device: torch.device) -> float:
@@ -142,7 +127,3 @@ class WandbLogger:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
-
-
-def env_summary() -> dict[str, Any]:
-    return {"torch": torch.__version__, "python": sys.version.split()[0], "pid": os.getpid()}

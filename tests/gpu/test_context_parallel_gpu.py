@@ -14,7 +14,9 @@ import copy
 
 import pytest
 import torch
-from test_context_parallel import run_gloo, tiny_model_config
+from util_models import tiny_model_config
+
+from minimax_train.tools.spawn import run_distributed
 
 
 def _fla_available():
@@ -164,7 +166,7 @@ _RES = {}
 
 def _results():
     if "r" not in _RES:
-        _RES["r"] = run_gloo(_gpu_worker, min(4, torch.cuda.device_count()), backend="nccl", timeout=900)[0]
+        _RES["r"] = run_distributed(_gpu_worker, min(4, torch.cuda.device_count()), backend="nccl", timeout=900)[0]
         for k, v in sorted(_RES["r"].items()):
             print(f"{k:40s} {v:.3e}")
     return _RES["r"]

@@ -1,5 +1,5 @@
 """Tensor, sequence and data parallelism (FSDP2, DeepSpeed ZeRO-1/2/3) on GPUs (NCCL, bf16): the trainer's
-losses and gradient norms under each layout equal the one-GPU bf16 run within bf16 tolerance (issue 4): 1e-2
+losses and gradient norms under each layout equal the one-GPU bf16 run within bf16 tolerance: 1e-2
 relative on every step's loss and 5e-2 on every step's gradient norm, over 5 AdamW steps (a missing or doubled
 reduction moves the gradient norm by a factor of about 2 and the losses after step 1 by far more than 1e-2).
 Model: the minimax_1b widths (hidden 2048, 16 heads, 4 KV heads, 8 experts of 2816) with 2 layers, one
@@ -43,7 +43,7 @@ def _run(name, world, settings, extra, tmp_path_factory, devices=None):
     if name in _RUNS:
         return _RUNS[name]
     import bench_layouts as bl
-    from bench_train import single_document_corpus
+    from bench_runs import single_document_corpus
 
     a = bl.parse_args(
         [

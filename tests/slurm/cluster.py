@@ -1,4 +1,5 @@
-"""A real, throw-away two-node Slurm cluster on this machine, for tests.
+"""A real, throw-away two-node Slurm cluster on this machine, for tests. (One module for the one class: the
+daemons, jobs and diagnostics of LocalSlurmCluster share its directory, config and ports.)
 
 Debian's Slurm (22.05) runs a genuine slurmctld plus one slurmd per "node"
 here; the nodes are names (n1, n2) that all live on this host
@@ -11,16 +12,16 @@ socket (``AuthInfo=socket=...``) with a private key.
 
 Use from pytest::
 
-    from tests.slurm.cluster import LocalSlurmCluster, require_slurm
+    from tests.slurm.cluster import LocalSlurmCluster
     with LocalSlurmCluster() as c:
         job = c.sbatch(["launch/slurm.sbatch", "trainer.max_steps=10"],
                        nodes=2, env={"NPROC_PER_NODE": "1"}, wait=True)
         assert job.returncode == 0, c.diagnose(job)
 
-or by hand: ``tools/slurm_local.sh start|stop|status|env``.
+or by hand: ``tools/slurm_local.sh start|stop|status|env`` (``python -m tests.slurm``, __main__.py).
 
 Needs root (the daemons run as root; munged as user munge).  Packages are
-installed with apt-get when missing; ``require_slurm()`` raises
+installed with apt-get when missing; ``install.require_slurm()`` raises
 ``SlurmUnavailable`` (tests turn it into a skip) when that is impossible.
 """
 
@@ -35,17 +36,22 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from minimax_train.tools.spawn import free_port
+
+from .install import SBIN_DIRS, SlurmUnavailable, require_slurm, which
+from .jobs import JobResult, parse_scontrol_oneliner
+from .slurm_conf import slurm_conf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SBATCH_SCRIPT = REPO_ROOT / "launch" / "slurm.sbatch"
 TORCHRUN_SCRIPT = REPO_ROOT / "launch" / "torchrun.sh"
 PROBE_SCRIPT = Path(__file__).resolve().parent / "dist_probe.py"
+
 # launcher settings that must not leak from the developer's shell into test jobs
 LAUNCH_ENV_VARS = (
     "NPROC_PER_NODE",
@@ -64,13 +70,6 @@ LAUNCH_ENV_VARS = (
     "LOCAL_RANK",
     "OMP_NUM_THREADS",
 )
-APT_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-NEEDED_BINARIES = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged", "munge")
-SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
-
-
-class SlurmUnavailable(RuntimeError):
-    """Slurm cannot be installed or run here (tests skip with this reason)."""
 
 
 class ClusterError(RuntimeError):
@@ -78,77 +77,8 @@ class ClusterError(RuntimeError):
 
 
 # --------------------------------------------------------------------------
-# installation
-# --------------------------------------------------------------------------
-
-
-def _which(name: str) -> str | None:
-    path = os.environ.get("PATH", "") + os.pathsep + os.pathsep.join(SBIN_DIRS)
-    return shutil.which(name, path=path)
-
-
-def _missing_binaries() -> list[str]:
-    return [b for b in NEEDED_BINARIES if _which(b) is None]
-
-
-def require_slurm(install: bool = True, timeout: float = 600) -> None:
-    """Make sure slurm + munge are installed and usable, or raise SlurmUnavailable."""
-    if sys.platform != "linux":
-        raise SlurmUnavailable("local Slurm cluster needs Linux")
-    if os.geteuid() != 0:
-        raise SlurmUnavailable("local Slurm cluster needs root (slurmd runs jobs as root, munged as munge)")
-    if _missing_binaries() and install:
-        apt = _which("apt-get")
-        if apt is None:
-            raise SlurmUnavailable(f"slurm binaries {_missing_binaries()} missing and no apt-get to install them")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        cmd = [apt, "-o", "DPkg::Lock::Timeout=300", "install", "-y", "--no-install-recommends", *APT_PACKAGES]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:  # stale package lists: update once and retry
-            subprocess.run(
-                [apt, "-o", "DPkg::Lock::Timeout=300", "update"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-            )
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-        if out.returncode != 0:
-            raise SlurmUnavailable(
-                "apt-get install %s failed (rc=%d): %s"
-                % (" ".join(APT_PACKAGES), out.returncode, (out.stderr or out.stdout)[-1500:])
-            )
-    missing = _missing_binaries()
-    if missing:
-        raise SlurmUnavailable(f"slurm binaries missing: {missing}")
-    try:
-        import pwd
-
-        pwd.getpwnam("munge")
-    except KeyError as e:
-        raise SlurmUnavailable("user 'munge' does not exist (munge package broken?)") from e
-
-
-# --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-def _free_port(used: set[int], lo: int = 41000, hi: int = 59000) -> int:
-    """A random TCP port in [lo, hi) that is free on all addresses right now."""
-    rng = random.SystemRandom()
-    for _ in range(500):
-        port = rng.randrange(lo, hi)
-        if port in used:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("", port))
-            except OSError:
-                continue
-        used.add(port)
-        return port
-    raise ClusterError("no free port found")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -180,51 +110,6 @@ def _tail(path: Path, n: int = 60) -> str:
     except OSError as e:
         return f"<cannot read {path}: {e}>"
     return "\n".join(lines[-n:])
-
-
-def parse_scontrol_oneliner(text: str) -> dict[str, str]:
-    """Parse ``scontrol show ... -o`` output (Key=Value pairs, values may contain spaces
-    only in a few known fields; we split on ' Key=' boundaries)."""
-    out: dict[str, str] = {}
-    for m in re.finditer(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=(.*?)(?=\s+[A-Za-z][A-Za-z0-9_:/]*=|\s*$)", text.strip()):
-        out.setdefault(m.group(1), m.group(2))
-    return out
-
-
-@dataclass
-class JobResult:
-    job_id: int
-    returncode: int | None  # sbatch --wait exit status (None when not waited)
-    info: dict[str, str] = field(default_factory=dict)  # scontrol show job -o at the end
-    stdout: str = ""  # sbatch's own output
-    stderr: str = ""
-    output_path: Path | None = None  # the job's --output file
-    run_dir: Path | None = None  # launch(): the run directory the sbatch script uses
-
-    @property
-    def state(self) -> str:
-        return self.info.get("JobState", "?")
-
-    @property
-    def exit_code(self) -> int | None:
-        """The job's ExitCode as a shell status (code, or 128+signal)."""
-        ec = self.info.get("ExitCode")
-        if not ec:
-            return None
-        code, _, sig = ec.partition(":")
-        return int(code) if int(code) or not int(sig or 0) else 128 + int(sig)
-
-    @property
-    def restarts(self) -> int:
-        return int(self.info.get("Restarts", "0") or 0)
-
-    def output(self) -> str:
-        if self.output_path is None:
-            return ""
-        try:
-            return self.output_path.read_text(errors="replace")
-        except OSError:
-            return ""
 
 
 # --------------------------------------------------------------------------
@@ -314,10 +199,9 @@ class LocalSlurmCluster:
 
     # ---- configuration ---------------------------------------------------
     def _write_config(self) -> None:
-        used: set[int] = set()
-        self.ports = {"slurmctld": _free_port(used)}
-        for n in self.nodes:
-            self.ports[n] = _free_port(used)
+        self.ports: dict[str, int] = {}
+        for name in ("slurmctld", *self.nodes):  # free on every address, one per daemon
+            self.ports[name] = free_port("", exclude=self.ports.values())
         self.cluster_name = "mm%06d" % random.SystemRandom().randrange(10**6)
         first_job_id = random.SystemRandom().randrange(1000, 5_000_000)
 
@@ -338,52 +222,21 @@ class LocalSlurmCluster:
         os.chown(key, mu.pw_uid, mu.pw_gid)
         os.chmod(key, 0o400)
 
-        nodes = "\n".join(
-            f"NodeName={n} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={self.ports[n]} "
-            f"CPUs={self.cpus_per_node} State=UNKNOWN"
-            for n in self.nodes
+        self.conf.write_text(
+            slurm_conf(
+                cluster_name=self.cluster_name,
+                hostname=self.hostname,
+                ports=self.ports,
+                nodes=self.nodes,
+                cpus_per_node=self.cpus_per_node,
+                workdir=d,
+                munge_socket=self.munge_socket,
+                cred_expire=self.cred_expire,
+                first_job_id=first_job_id,
+                min_job_age=self.min_job_age,
+                kill_wait=self.kill_wait,
+            )
         )
-        conf = f"""\
-# generated by tests/slurm/cluster.py -- a local test cluster, not for production
-ClusterName={self.cluster_name}
-SlurmctldHost={self.hostname}(127.0.0.1)
-SlurmctldPort={self.ports["slurmctld"]}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire}
-StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool/%n
-SlurmctldPidFile={d}/run/slurmctld.pid
-SlurmdPidFile={d}/run/slurmd.%n.pid
-SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/builtin
-# schedule every second (default 60 s: a requeued job would wait up to a minute)
-SchedulerParameters=sched_interval=1
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MailProg=/bin/true
-FirstJobId={first_job_id}
-MinJobAge={self.min_job_age}
-ReturnToService=2
-KillWait={self.kill_wait}
-InactiveLimit=0
-SlurmdTimeout=60
-MessageTimeout=10
-{nodes}
-PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
-"""
-        self.conf.write_text(conf)
         # CgroupPlugin=disabled stops slurmd 22.05 from starting; autodetect works
         (self.conf.parent / "cgroup.conf").write_text("CgroupPlugin=autodetect\n")
         (self.dir / "cluster.json").write_text(
@@ -402,7 +255,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
     # ---- processes -------------------------------------------------------
     def _daemon(self, name: str, argv: list[str], user: str | None = None) -> None:
         if user:
-            argv = [_which("runuser") or "runuser", "-u", user, "--", *argv]
+            argv = [which("runuser") or "runuser", "-u", user, "--", *argv]
         out = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
         if out.returncode != 0:
             raise ClusterError(
@@ -428,7 +281,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
             self._daemon(
                 "munged",
                 [
-                    _which("munged"),
+                    which("munged"),
                     f"--socket={self.munge_socket}",
                     f"--key-file={md / 'munge.key'}",
                     f"--pid-file={md / 'munged.pid'}",
@@ -440,14 +293,14 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
             )
             self._wait_for("munged socket", self.munge_socket.exists, 20)
             # -c: start clean, ignore any saved state
-            self._daemon("slurmctld", [_which("slurmctld"), "-c", "-f", str(self.conf)])
+            self._daemon("slurmctld", [which("slurmctld"), "-c", "-f", str(self.conf)])
             self._wait_for(
                 "slurmctld to answer",
                 lambda: self._cmd(["scontrol", "ping"], check=False, timeout=10).returncode == 0,
                 30,
             )
             for n in self.nodes:
-                self._daemon(f"slurmd {n}", [_which("slurmd"), "-N", n, "-f", str(self.conf)])
+                self._daemon(f"slurmd {n}", [which("slurmd"), "-N", n, "-f", str(self.conf)])
             self._wait_for("all nodes idle", self._all_idle, timeout, interval=0.5)
         except BaseException:
             self.stop()
@@ -465,7 +318,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
 
     def stop(self, timeout: float = 30) -> None:
         """Cancel all jobs, then SIGTERM the daemons by their pid files (SIGKILL after timeout)."""
-        if self.conf.exists() and self._pid("slurmctld"):
+        if self.conf.exists() and self.pid("slurmctld"):
             self._cmd(["scancel", "--quiet", "-u", "root"], check=False, timeout=15)
             # give running jobs a moment to be killed by their slurmd
             deadline = time.monotonic() + min(timeout, self.kill_wait + 5)
@@ -476,7 +329,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
                 time.sleep(0.5)
         order = [f"slurmd:{n}" for n in self.nodes] + ["slurmctld", "munged"]
         for name in order:
-            pid = self._pid(name)
+            pid = self.pid(name)
             if pid:
                 try:
                     os.kill(pid, signal.SIGTERM)
@@ -494,7 +347,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
         if self._own_dir and not self.keep_workdir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _pid(self, name: str) -> int | None:
+    def pid(self, name: str) -> int | None:
         """The pid from a pid file, if that process is alive and really is ours."""
         f = self.pid_files()[name]
         try:
@@ -787,56 +640,3 @@ try:  # pytest fixture: `from tests.slurm.cluster import slurm_cluster` in a tes
             cluster.stop()
 except ImportError:  # pragma: no cover - CLI use without pytest
     pass
-
-
-# --------------------------------------------------------------------------
-# CLI (tools/slurm_local.sh wraps this)
-# --------------------------------------------------------------------------
-
-
-def _main(argv: Sequence[str]) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="tests/slurm/cluster.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=["start", "stop", "status", "env", "logs"])
-    p.add_argument(
-        "--dir",
-        default=os.environ.get("MINIMAX_SLURM_DIR", "/tmp/mmslurm-local"),
-        help="cluster directory (default $MINIMAX_SLURM_DIR or /tmp/mmslurm-local)",
-    )
-    p.add_argument("--nodes", default="n1,n2")
-    p.add_argument("--cpus-per-node", type=int, default=1)
-    a = p.parse_args(argv)
-    nodes = a.nodes.split(",")
-    if a.action != "start" and (Path(a.dir) / "cluster.json").exists():
-        nodes = json.loads((Path(a.dir) / "cluster.json").read_text())["nodes"]
-    c = LocalSlurmCluster(a.dir, nodes=nodes, cpus_per_node=a.cpus_per_node, keep_workdir=True)
-    if a.action == "start":
-        if c._pid("slurmctld"):
-            print(f"already running in {c.dir}", file=sys.stderr)
-            return 1
-        try:
-            c.start()
-        except (SlurmUnavailable, ClusterError) as e:
-            print(e, file=sys.stderr)
-            return 1
-        print(f"# cluster up in {c.start_seconds:.1f}s; dir {c.dir}\n{c.shell_env()}")
-    elif a.action == "stop":
-        c.stop()
-        print(f"stopped (files kept in {c.dir})", file=sys.stderr)
-    elif a.action == "status":
-        pids = {k: c._pid(k) for k in c.pid_files()}
-        print(json.dumps(pids))
-        if pids.get("slurmctld"):
-            print(c.run(["sinfo", "-N"], check=False).stdout, end="")
-            print(c.run(["squeue"], check=False).stdout, end="")
-        return 0 if all(pids.values()) else 1
-    elif a.action == "env":
-        print(c.shell_env())
-    elif a.action == "logs":
-        print(c.logs(200))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
