@@ -185,3 +185,33 @@ def test_bench_layouts_cpu_tiny(tmp_path):
     for key in ("losses", "grad_norms"):
         assert res["tp2"][key] == pytest.approx(res["one"][key], rel=1e-5)
     assert res["tp2"]["layout"].startswith("tp2 cp1 dp1") and _finite(res["tp2"]["estimate_gb"])
+
+
+def test_bench_data_index_cpu_tiny(tmp_path):
+    """The data-order benchmark builds Megatron's three indices (int32 documents, int32 sample pairs, uint32
+    shuffle) and reads one span through our loader, both over the same synthetic corpus."""
+    out = tmp_path / "index.json"
+    _run(
+        [
+            "tools/bench_data_index.py",
+            "--tokens",
+            "3e5",
+            "--seq-len",
+            "256",
+            "--span-tokens",
+            "65536",
+            "--json",
+            str(out),
+        ]
+    )
+    res = json.loads(out.read_text())
+    docs, tokens = res["corpus"]["documents"], res["corpus"]["tokens"]
+    samples = (tokens - 1) // 256  # Megatron drops the last partial sample; each sample has seq_len + 1 tokens
+    assert res["megatron"]["bytes"] == {
+        "document_index": 4 * docs,
+        "sample_index": 8 * (samples + 1),
+        "shuffle_index": 4 * samples,
+    }
+    assert res["ours"]["span"]["rows"] == 256 and res["ours"]["document_permutation"]["bytes"] == 8 * docs
+    assert res["ours"]["span"]["held_bytes"] >= 4 * 65536  # the span's tokens, int32
+    assert all(_finite(v) for v in res["per_1b_tokens"].values())

@@ -61,7 +61,7 @@ def check_invariants(b: PackedBatch, T: int):
 def test_packing_matches_direct_tokenisation(tmp_path, tok):
     docs = make_docs(40)
     T, mbs = 64, 2
-    cfg = cfg_for(write_jsonl(tmp_path / "a.jsonl", docs), shuffle=False)
+    cfg = cfg_for(write_jsonl(tmp_path / "a.jsonl", docs), shuffle="none")
     loader = build_loader(cfg, tok, seq_len=T, micro_batch_size=mbs, dp_rank=0, dp_size=1, seed=0)
     direct = tokenize_documents(tok, docs, add_eos=True)
     assert all(d[-1] == tok.eos_token_id for d in direct)
@@ -91,7 +91,7 @@ def test_packing_matches_direct_tokenisation(tmp_path, tok):
 
 def test_long_document_continues_in_next_row(tmp_path, tok):
     long_doc = " ".join(["alpha beta"] * 200)
-    cfg = cfg_for(write_jsonl(tmp_path / "a.jsonl", [long_doc]), shuffle=False)
+    cfg = cfg_for(write_jsonl(tmp_path / "a.jsonl", [long_doc]), shuffle="none")
     loader = build_loader(cfg, tok, seq_len=32, micro_batch_size=3, dp_rank=0, dp_size=1, seed=0)
     b = next(loader)
     check_invariants(b, 32)
@@ -105,8 +105,10 @@ def test_shuffle_is_a_permutation_per_epoch_and_deterministic(tmp_path, tok):
     direct = tokenize_documents(tok, docs)
     epoch_tokens = sum(len(d) for d in direct)
 
-    def stream(seed, n_rows=None):
-        loader = build_loader(cfg_for(path), tok, seq_len=50, micro_batch_size=1, dp_rank=0, dp_size=1, seed=seed)
+    def stream(seed, n_rows=None):  # documents shuffled, rows in packing order
+        loader = build_loader(
+            cfg_for(path, shuffle="documents"), tok, seq_len=50, micro_batch_size=1, dp_rank=0, dp_size=1, seed=seed
+        )
         n_rows = n_rows or (2 * epoch_tokens) // 50 + 1
         return torch.cat([b.input_ids.flatten() for b in take(loader, n_rows)]).numpy()
 
@@ -218,7 +220,7 @@ def test_blending_proportions(tmp_path, tok):
 def test_valid_split_is_held_out_finite_and_padded(tmp_path, tok):
     docs = make_docs(60)
     path = write_jsonl(tmp_path / "a.jsonl", docs)
-    cfg = cfg_for(path, valid_fraction=0.2, shuffle=False)
+    cfg = cfg_for(path, valid_fraction=0.2, shuffle="none")
     direct = {tuple(d.tolist()) for d in tokenize_documents(tok, docs)}
 
     def split_eos(x):

@@ -4,6 +4,7 @@ missing paths, tokenizers, and the embedded corpus + tokenizer."""
 import gzip
 import json
 import os
+import re
 import threading
 
 import numpy as np
@@ -37,7 +38,7 @@ def direct_stream(tok, docs):
 def one_source(kind, path, **kw):
     src = {k: kw.pop(k) for k in list(kw) if k in ("text_key", "sample_by", "streaming", "split", "name")}
     kw.setdefault("valid_fraction", 0.0)
-    kw.setdefault("shuffle", False)
+    kw.setdefault("shuffle", "none")
     return DataConfig(sources=[SourceConfig(kind=kind, path=str(path), **src)], **kw)
 
 
@@ -148,26 +149,39 @@ def test_hf_local_dataset_dir(tmp_path, tok, streaming):
     docs = make_docs(20)
     (tmp_path / "ds").mkdir()
     pq.write_table(pa.table({"text": docs}), tmp_path / "ds" / "train.parquet")
-    cfg = DataConfig(
-        sources=[SourceConfig(kind="hf", path=str(tmp_path / "ds"), streaming=streaming)],
-        valid_fraction=0.0,
-        cache_dir=str(tmp_path / "hf"),
-        shuffle_buffer=8,
-    )
+
+    def cfg(shuffle):
+        return DataConfig(
+            sources=[SourceConfig(kind="hf", path=str(tmp_path / "ds"), streaming=streaming)],
+            valid_fraction=0.0,
+            cache_dir=str(tmp_path / "hf"),
+            shuffle_buffer=8,
+            shuffle=shuffle,
+        )
+
     kw = dict(seq_len=32, micro_batch_size=2, dp_rank=0, dp_size=1, seed=4)
     epoch = direct_stream(tok, docs)
     n = len(epoch) // 64 + 4  # crosses into the second epoch
-    full = build_loader(cfg, tok, **kw)
-    ref = [next(full) for _ in range(n)]
-    toks = torch.cat([b.input_ids.flatten() for b in ref]).numpy()
-    assert sorted(toks[: len(epoch)].tolist()) == sorted(epoch.tolist())  # one shuffled epoch
-    assert not np.array_equal(toks[: len(epoch)], epoch)
-    part = build_loader(cfg, tok, **kw)
-    for _ in range(n - 7):
-        next(part)
-    resumed = build_loader(cfg, tok, **kw)
-    resumed.load_state_dict(part.state_dict())
-    assert all(torch.equal(next(resumed).input_ids, b.input_ids) for b in ref[n - 7 :])
+    for shuffle in ("documents", "samples"):
+        full = build_loader(cfg(shuffle), tok, **kw)
+        ref = [next(full) for _ in range(n)]
+        part = build_loader(cfg(shuffle), tok, **kw)
+        for _ in range(n - 7):
+            next(part)
+        resumed = build_loader(cfg(shuffle), tok, **kw)
+        resumed.load_state_dict(part.state_dict())
+        assert all(torch.equal(next(resumed).input_ids, b.input_ids) for b in ref[n - 7 :])
+        if shuffle == "documents":
+            toks = torch.cat([b.input_ids.flatten() for b in ref]).numpy()
+            assert sorted(toks[: len(epoch)].tolist()) == sorted(epoch.tolist())  # one shuffled epoch
+            assert not np.array_equal(toks[: len(epoch)], epoch)
+            packed = [r for b in ref for r in b.input_ids]
+        else:  # the rows starting in epoch 0, shuffled (the buffer holds the whole epoch here)
+            rows = [r for b in ref for r in b.input_ids]
+            w = -(-len(epoch) // 32)
+            key = [r.numpy().tobytes() for r in packed[:w]]
+            assert sorted(r.numpy().tobytes() for r in rows[:w]) == sorted(key)
+            assert [r.numpy().tobytes() for r in rows[:w]] != key
 
 
 def test_hf_missing_local_path(tmp_path, tok):
@@ -295,11 +309,35 @@ def test_embedded_tokenizer_and_corpus(tok):
     with open(root / embedded.CORPUS_FILE) as f:
         paths = [json.loads(line)["path"] for line in f]
     assert paths == sorted(paths) and len(paths) == meta["documents"]
+    # A sample of the whole library, not a prefix in path order: a third or more of it past "m".
+    assert sum(p >= "m" for p in paths) >= len(paths) / 3
+    with open(root / embedded.CORPUS_FILE) as f:
+        texts = [json.loads(line)["text"] for line in f]
+    # No generated tables: codec maps (decoding_table = ('\x00' ...)), entity and stringprep tables.
+    assert not any("decoding_table" in t for t in texts)
+    assert not {"html/entities.py", "stringprep.py", "encodings/cp437.py", "encodings/aliases.py"} & set(paths)
+    escapes = sum(len(re.findall(r"\\x[0-9a-fA-F]{2}", t)) for t in texts)
+    assert escapes < sum(map(len, texts)) / 4096  # fewer than one '\xNN' per 4 KB
     auto = AutoTokenizer.from_pretrained(str(root / embedded.TOKENIZER_DIR))
     assert auto.encode("x = 1", add_special_tokens=False) == tok.encode("x = 1", add_special_tokens=False)
     # Python source compresses well with its own BPE: a few bytes per token.
     text = (root / embedded.CORPUS_FILE).read_text()[:20000]
     assert len(text) / len(tokenize_documents(tok, [text], add_eos=False)[0]) > 2.5
+
+
+def test_generated_sources_are_recognised():
+    from minimax_train.data.stdlib_corpus import is_generated
+
+    code = 'def area(w, h):\n    """Width times height."""\n    return w * h  # 2 args\n\n' * 30
+    codec = (
+        "decoding_table = (\n" + "".join(f"    '\\x{i:02x}'     #  0x{i:02X} -> CONTROL\n" for i in range(256)) + ")\n"
+    )
+    dump = "aliases = {\n" + "".join(f"    'name{i}': 'value{i}',\n" for i in range(300)) + "}\n"
+    numbers = "TABLE = [" + ", ".join(str(i * 7919 % 65536) for i in range(2000)) + "]\n" + code[:300]
+    assert not is_generated("shapes.py", code)
+    assert is_generated("cp999.py", codec) and is_generated("aliases.py", dump) and is_generated("t.py", numbers)
+    assert is_generated("gen.py", "# This file is generated by mkthing.py. DO NOT EDIT.\n" + code)
+    assert is_generated("_sysconfigdata__linux.py", code)  # by name
 
 
 def test_embedded_build_is_atomic_under_races(tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
 
 def _loader_tokens(source: SourceConfig, seq_len: int = 96) -> np.ndarray:
     """All tokens the trainer's loader yields for one pass (valid_fraction 0, no shuffle), concatenated."""
-    cfg = DataConfig(sources=[source], tokenizer="embedded", valid_fraction=0.0, shuffle=False)
+    cfg = DataConfig(sources=[source], tokenizer="embedded", valid_fraction=0.0, shuffle="none")
     tok = load_tokenizer(cfg)
     loader = build_loader(cfg, tok, seq_len=seq_len, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0)
     out = []

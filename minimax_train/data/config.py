@@ -11,6 +11,7 @@ from typing import Optional
 SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hf", "megatron")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
 SPLITS = ("train", "valid")
+SHUFFLE_MODES = ("samples", "documents", "none")
 
 
 class DataError(ValueError):
@@ -40,8 +41,14 @@ class DataConfig:
     valid_fraction: float = 0.01  # documents held out by a stable hash of their content
     max_bad_lines: int = 100  # malformed records skipped and counted; more than this is an error
     add_eos: bool = True  # append the tokenizer's EOS to every text document
-    shuffle: bool = True  # reshuffle documents every epoch from the seed (train split only)
-    shuffle_buffer: int = 10000  # streaming hf sources: size of the shuffle buffer
+    # Train split order, drawn from train.seed every epoch. samples: documents shuffled, packed into
+    # rows of seq_len, the rows shuffled (Megatron's GPTDataset order); documents: documents shuffled,
+    # rows in packing order; none: storage order. The valid split is always in storage order.
+    shuffle: str = "samples"
+    shuffle_buffer: int = 10000  # streaming hf sources: size of the document shuffle buffer
+    # shuffle=samples: rows are shuffled within spans of this many tokens of a source's packed stream
+    # (a whole epoch when it is smaller); a span's rows are held in memory (4 bytes a token).
+    shuffle_span_tokens: int = 1 << 24
     tokenize_batch: int = 64  # documents tokenised per call (the fast tokenizer runs a batch in parallel)
     cache_dir: Optional[str] = None  # datasets' cache for parquet/text/hf (None: datasets' default)
 
@@ -66,6 +73,10 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise DataError(f"data.valid_fraction={cfg.valid_fraction!r} must be in [0, 1)")
     if cfg.max_bad_lines < 0:
         raise DataError(f"data.max_bad_lines={cfg.max_bad_lines!r} must be >= 0")
+    if cfg.shuffle not in SHUFFLE_MODES:
+        raise DataError(f"data.shuffle={cfg.shuffle!r} is not one of {', '.join(SHUFFLE_MODES)}")
+    if cfg.shuffle_span_tokens < 1:
+        raise DataError(f"data.shuffle_span_tokens={cfg.shuffle_span_tokens!r} must be >= 1")
     if cfg.shuffle_buffer < 1:
         raise DataError(f"data.shuffle_buffer={cfg.shuffle_buffer!r} must be >= 1")
     if cfg.tokenize_batch < 1:

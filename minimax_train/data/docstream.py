@@ -2,9 +2,10 @@
 
 Order: the train split visits every document once per epoch, in a permutation drawn from
 (seed, source index, epoch); the valid split visits the held-out documents once, in storage order.
-A document is held out when a stable hash of its content falls below valid_fraction (a small
-source holds out at least its lowest-hashing document), so the split never depends on the seed,
-the order or the machine.
+A document is held out when a stable hash of its content falls below valid_fraction; a small
+source holds out more documents, lowest hash first, until the split has MIN_VALID_TOKENS tokens (at
+most half its documents), so a validation loss is never one short file's. The split never depends
+on the seed, the order or the machine.
 
 Position (epoch, pos) is a raw index into the epoch's order, counting documents that are skipped
 (held out for the other split, empty, malformed): seeking to it reproduces the stream exactly."""
@@ -33,7 +34,10 @@ def is_held_out(doc, valid_fraction: float) -> bool:
     return valid_fraction > 0 and holdout_score(doc) < valid_fraction
 
 
-_MIN_EXPECTED_HELD_OUT = 20
+MIN_VALID_TOKENS = 16384
+# Sources expected to hold out fewer documents than this are scored in full up front (one read of
+# every document) so the minimum can be enforced; larger ones are assumed to meet it by hashing.
+_MIN_EXPECTED_HELD_OUT = 200
 _CACHE_MAX_TOKENS = 8 << 20  # per source and loader (int64: 64 MB)
 _CACHED = object()  # marks a document whose tokens are in the cache
 
@@ -50,7 +54,7 @@ class DocStream:
     def __init__(self, source: DocSource, tokenizer, cfg: DataConfig, *, split: str, seed: int, index: int):
         self.source, self.tokenizer, self.index, self.seed = source, tokenizer, index, seed
         self.finite = split == "valid"
-        self.shuffle = cfg.shuffle and not self.finite
+        self.shuffle = cfg.shuffle != "none" and not self.finite
         self.valid_fraction, self.add_eos = cfg.valid_fraction, cfg.add_eos
         self.batch, self.shuffle_buffer = cfg.tokenize_batch, cfg.shuffle_buffer
         label = source.label
@@ -64,17 +68,16 @@ class DocStream:
                 f"{label}: split 'valid' is empty because data.valid_fraction=0; "
                 f"set valid_fraction > 0 or skip evaluation"
             )
-        # The hash rule alone can hold out nothing from a small source (232 files at 1% does, by
-        # chance): there, hold out at least the document with the lowest score. Needs every score,
-        # which is cheap only for small sources; large ones (expected >= 20 held out) skip this.
+        # The hash rule alone holds out few or no documents of a small source (232 files at 1% held
+        # out none): there, the threshold rises until the split has MIN_VALID_TOKENS. Needs every
+        # score, which is cheap only for small sources; large ones skip this.
         self.threshold = self.valid_fraction
         self._valid_ids: Optional[np.ndarray] = None
         small = not source.streaming and source.num_docs * self.valid_fraction < _MIN_EXPECTED_HELD_OUT
         if self.valid_fraction > 0 and not source.streaming and (small or self.finite):
             scores = self._scores()
-            good = scores[~np.isnan(scores)]
-            if small and len(good) >= 2 and good.min() >= self.threshold:
-                self.threshold = float(np.nextafter(good.min(), 1.0))
+            if small:
+                self.threshold = self._small_source_threshold(scores)
             if self.finite:
                 self._valid_ids = np.flatnonzero(scores < self.threshold)  # nan compares False
                 if len(self._valid_ids) == 0:
@@ -102,6 +105,30 @@ class DocStream:
                 if d is not None and not _is_empty(d):
                     out[i] = holdout_score(d)
         return out
+
+    def _small_source_threshold(self, scores: np.ndarray) -> float:
+        """Lowest threshold >= valid_fraction that holds out MIN_VALID_TOKENS tokens, taking
+        documents in score order, at most half of them (at least one of two or more)."""
+        good = np.flatnonzero(~np.isnan(scores))
+        order = good[np.argsort(scores[good], kind="stable")]
+        limit = len(order) // 2
+        by_hash = max(1, int((scores[order] < self.valid_fraction).sum()))
+        held = tokens = 0
+        while held < limit and (held < by_hash or tokens < MIN_VALID_TOKENS):
+            ids = order[held : min(limit, held + self.batch)].tolist()
+            for n in self._token_counts(ids):
+                if not (held < limit and (held < by_hash or tokens < MIN_VALID_TOKENS)):
+                    break
+                held, tokens = held + 1, tokens + n
+        if held == 0:
+            return self.valid_fraction
+        return max(self.valid_fraction, float(np.nextafter(scores[order[held - 1]], 1.0)))
+
+    def _token_counts(self, ids: list[int]) -> list[int]:
+        docs = self.source.fetch(ids)
+        if self.source.pretokenized:
+            return [len(d) for d in docs]
+        return [len(t) for t in tokenize_documents(self.tokenizer, docs, self.add_eos)]
 
     # -- position ---------------------------------------------------------------------------
     def seek(self, epoch: int, pos: int) -> None:

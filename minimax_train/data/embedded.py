@@ -1,12 +1,13 @@
 """The embedded default: a small real-text corpus and a BPE tokenizer that need no network.
 
 The corpus is the running Python's standard library sources (present on every machine), each file
-one document, sorted by path and capped at a few MB. A byte-level BPE tokenizer of
-EMBEDDED_VOCAB_SIZE is trained on it with `tokenizers` and saved as a transformers tokenizer dir.
+one document: hand-written modules sampled across the whole library, generated tables left out
+(stdlib_corpus.py), up to CORPUS_MAX_BYTES. A byte-level BPE tokenizer of EMBEDDED_VOCAB_SIZE is
+trained on it with `tokenizers` and saved as a transformers tokenizer dir.
 
 Both are built on first use into `$MINIMAX_CACHE` (default ~/.cache/minimax_train), under a name
-that includes a hash of the corpus, so a different Python (different stdlib) never silently reuses
-another tokenizer. The build writes a temp dir and renames it into place: several processes may
+that includes a hash of the stdlib sources and of the build rule, so a different Python (different
+stdlib) never silently reuses another tokenizer. The build writes a temp dir and renames it into place: several processes may
 race on first use; one rename wins and the others discard their copy (same content anyway, since
 BPE training is deterministic)."""
 
@@ -21,15 +22,15 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from .stdlib_corpus import select_documents, stdlib_files
+
 EMBEDDED_VOCAB_SIZE = 4096  # the tiny model preset's vocabulary
 EOS_TOKEN = "<|endoftext|>"  # also bos: documents are separated by EOS only
 PAD_TOKEN = "<|pad|>"
 EMBEDDED_EOS_ID = 0
 EMBEDDED_PAD_ID = 1
-CORPUS_MAX_BYTES = 4_000_000  # ~1.1M tokens, ~230 documents: BPE trains in about a second
-FILE_MAX_BYTES = 256 * 1024  # skips generated giants like pydoc_data/topics.py
-_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-_BUILD_VERSION = "v1"  # bump when the corpus rule or tokenizer recipe changes
+CORPUS_MAX_BYTES = 4_000_000  # ~1.1M tokens, ~250 documents: BPE trains in about a second
+_BUILD_VERSION = "v2"  # bump when the corpus rule or tokenizer recipe changes
 
 CORPUS_FILE = "corpus.jsonl"
 TOKENIZER_DIR = "tokenizer"
@@ -37,31 +38,6 @@ TOKENIZER_DIR = "tokenizer"
 
 def cache_root() -> Path:
     return Path(os.environ.get("MINIMAX_CACHE") or Path.home() / ".cache" / "minimax_train")
-
-
-def stdlib_documents(max_bytes: int = CORPUS_MAX_BYTES) -> list[tuple[str, str]]:
-    """(relative path, text) of the stdlib's .py files in sorted path order, until max_bytes."""
-    root = sysconfig.get_paths()["stdlib"]
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
-        rel_dir = os.path.relpath(dirpath, root)
-        rels += [os.path.normpath(os.path.join(rel_dir, f)) for f in filenames if f.endswith(".py")]
-    docs, total = [], 0
-    for rel in sorted(rels):
-        raw = Path(root, rel).read_bytes()
-        if not raw.strip() or len(raw) > FILE_MAX_BYTES:
-            continue
-        if total + len(raw) > max_bytes:
-            break
-        try:
-            docs.append((rel.replace(os.sep, "/"), raw.decode("utf-8")))
-        except UnicodeDecodeError:
-            continue
-        total += len(raw)
-    if not docs:
-        raise RuntimeError(f"no Python sources found under the standard library at {root}")
-    return docs
 
 
 def _train_tokenizer(texts: list[str]):
@@ -100,7 +76,7 @@ def _build(target: Path, docs: list[tuple[str, str]], digest: str) -> None:
         _train_tokenizer([t for _, t in docs]).save_pretrained(str(tmp / TOKENIZER_DIR))
         meta = {
             "version": _BUILD_VERSION,
-            "corpus_sha256": digest,
+            "sources_sha256": digest,
             "documents": len(docs),
             "bytes": sum(len(t.encode()) for _, t in docs),
             "vocab_size": EMBEDDED_VOCAB_SIZE,
@@ -119,14 +95,16 @@ def _build(target: Path, docs: list[tuple[str, str]], digest: str) -> None:
 
 @functools.cache
 def _ensure(root: str) -> Path:
-    docs = stdlib_documents()
-    h = hashlib.sha256(_BUILD_VERSION.encode())
-    for rel, text in docs:
-        h.update(rel.encode() + b"\0" + text.encode() + b"\0")
+    # The key hashes every candidate file (cheap) so that the selection rule (regexes over the
+    # text) runs only when the cache is built.
+    files = stdlib_files()
+    h = hashlib.sha256(f"{_BUILD_VERSION}\0{CORPUS_MAX_BYTES}\0".encode())
+    for rel, raw in files:
+        h.update(rel.encode() + b"\0" + raw + b"\0")
     digest = h.hexdigest()
     target = Path(root) / f"embedded-{_BUILD_VERSION}-{digest[:16]}"
     if not (target / "meta.json").exists():
-        _build(target, docs, digest)
+        _build(target, select_documents(files, CORPUS_MAX_BYTES), digest)
     return target
 
 

@@ -19,9 +19,10 @@ from .docstream import DocStream
 from .packing import Row, RowPacker
 from .sources import open_source
 from .tokenizer import pad_token_id
+from .windows import SpanShuffler
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: per-source state is the span shuffler's under data.shuffle=samples
 
 
 class Blender:
@@ -46,7 +47,7 @@ class Blender:
 
 
 class GlobalRows:
-    def __init__(self, packers: list[RowPacker], weights: list[float]):
+    def __init__(self, packers: list, weights: list[float]):  # RowPacker or SpanShuffler per source
         self.packers = packers
         self.blender = Blender(weights)
 
@@ -62,7 +63,7 @@ class GlobalRows:
 
 def _fingerprint(cfg: DataConfig) -> str:
     srcs = [[s.kind, s.path, s.weight, s.text_key, s.split, s.name, s.sample_by] for s in cfg.sources]
-    return json.dumps([srcs, cfg.tokenizer, cfg.valid_fraction, cfg.add_eos, cfg.shuffle])
+    return json.dumps([srcs, cfg.tokenizer, cfg.valid_fraction, cfg.add_eos, cfg.shuffle, cfg.shuffle_span_tokens])
 
 
 class PackedLoader:
@@ -88,7 +89,12 @@ class PackedLoader:
         streams = [
             DocStream(src, tokenizer, cfg, split=split, seed=seed, index=i) for i, src in enumerate(self.sources)
         ]
-        self._stream = GlobalRows([RowPacker(d, seq_len) for d in streams], [s.weight for s in cfg.sources])
+        packers = [RowPacker(d, seq_len) for d in streams]
+        self.shuffle_rows = cfg.shuffle == "samples" and not self.finite
+        if self.shuffle_rows:
+            span_rows = max(1, cfg.shuffle_span_tokens // seq_len)
+            packers = [SpanShuffler(p, seed=seed, index=i, span_rows=span_rows) for i, p in enumerate(packers)]
+        self._stream = GlobalRows(packers, [s.weight for s in cfg.sources])
         self.rows = 0  # global rows consumed (a multiple of dp_size between batches)
         self._initial = self.state_dict()
 
@@ -134,8 +140,11 @@ class PackedLoader:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        if sd.get("version") != STATE_VERSION:
-            raise DataError(f"data loader state version {sd.get('version')!r}, expected {STATE_VERSION}")
+        version = sd.get("version")
+        # Version 1 (before row shuffling) holds packer positions: they resume data.shuffle=documents/none.
+        if version != STATE_VERSION and not (version == 1 and not self.shuffle_rows):
+            hint = "; resume it with data.shuffle=documents (its order)" if version == 1 else ""
+            raise DataError(f"data loader state version {version!r}, expected {STATE_VERSION}{hint}")
         for key, mine in (("split", self.split), ("seq_len", self.seq_len), ("seed", self.seed)):
             if sd[key] != mine:
                 raise DataError(

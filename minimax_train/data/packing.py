@@ -18,6 +18,7 @@ from .docstream import DocStream
 class Row:
     seglens: list[int]  # lengths of the document segments, in order; sum <= seq_len
     tokens: Optional[np.ndarray] = None  # int64 [sum(seglens)]; None when not materialised
+    epoch: int = 0  # epoch of the document the row's first token belongs to
 
 
 class RowPacker:
@@ -30,7 +31,7 @@ class RowPacker:
 
     def next_row(self, materialize: bool = True) -> Optional[Row]:
         """The next row, or None once a finite stream is exhausted."""
-        need, pieces, seglens = self.seq_len, [], []
+        need, pieces, seglens, first_epoch = self.seq_len, [], [], None
         while need > 0:
             if self._cur is None:
                 item = self.docs.next_doc()
@@ -41,6 +42,7 @@ class RowPacker:
                     assert (item[0], item[1]) == self._next, "resumed stream does not start at the saved document"
                     self._offset, self._resume_offset = self._resume_offset, 0
             epoch, pos, toks = self._cur
+            first_epoch = epoch if first_epoch is None else first_epoch
             take = min(need, len(toks) - self._offset)
             if materialize:
                 pieces.append(toks[self._offset : self._offset + take])
@@ -54,7 +56,7 @@ class RowPacker:
         tokens = None
         if materialize:
             tokens = pieces[0].copy() if len(pieces) == 1 else np.concatenate(pieces)
-        return Row(seglens, tokens)
+        return Row(seglens, tokens, first_epoch)
 
     def state_dict(self) -> dict:
         if self._cur is not None:

@@ -535,6 +535,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 acc = _local_eval(model, valid_loader, job.train.eval_iters, device, autocast, mesh)
                 mesh.all_reduce(acc, group=grad_group)
                 rec["val_loss"] = float(acc[0] / acc[1].clamp(min=1)) if acc[1] > 0 else None
+                rec["val_tokens"] = int(acc[1])  # loss tokens behind val_loss, over all ranks
 
             if mesh.is_main:
                 metrics.write(rec)
