@@ -235,24 +235,13 @@ def validate_job(job: JobConfig) -> None:
             f"train.moe_chunk_tokens={t.moe_chunk_tokens} needs model.moe_routing=dropless (capacity "
             f"routing ranks all tokens of a micro-batch together); set train.moe_chunk_tokens=0"
         )
-    p = job.parallel
-    if p.engine == "deepspeed":
-        from minimax_train.parallel.deepspeed_engine import check_deepspeed_layout
+    # the layout rules that need no world size (the mesh checks the rest before any process group exists)
+    from minimax_train.parallel.layout import ParallelConfigError, resolve_layout
 
-        try:
-            check_deepspeed_layout(p)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if p.cp > 1 and t.seq_len % (2 * p.cp):
-        raise ConfigError(
-            f"train.seq_len={t.seq_len} must be divisible by 2 * parallel.cp = {2 * p.cp} (context "
-            f"parallelism splits each row into 2*cp zigzag chunks)"
-        )
-    if p.sequence_parallel and (t.micro_batch_size * t.seq_len) % p.tp:
-        raise ConfigError(
-            f"parallel.sequence_parallel: micro_batch_size * seq_len = {t.micro_batch_size * t.seq_len} "
-            f"must be divisible by parallel.tp={p.tp}"
-        )
+    try:
+        resolve_layout(job.parallel, None, job.model, job.train)
+    except ParallelConfigError as e:
+        raise ConfigError(str(e)) from None
     if job.checkpoint.init_from_hf is not None and not Path(job.checkpoint.init_from_hf).is_dir():
         raise ConfigError(f"checkpoint.init_from_hf={job.checkpoint.init_from_hf!r}: no such directory")
 

@@ -2,13 +2,14 @@
 not fp32 promoted by fp32 norm weights or position tables."""
 
 import torch
+from util_models import one_process_softmax
 
 
 def test_softmax_attention_gets_matmul_dtype_q_and_k_under_autocast():
     """RoPE runs in fp32 but returns q's dtype: with fp32 weights under bf16 autocast (one GPU, no FSDP) the
     attention kernel must see bf16 q, k and v, not fp32 q/k promoted by an fp32 cos/sin table."""
     from minimax_train.model import MiniMaxForCausalLM, ModelConfig
-    from minimax_train.model.attention import SoftmaxAttention, local_softmax_core
+    from minimax_train.model.attention import SoftmaxAttention
 
     cfg = ModelConfig(
         vocab_size=64,
@@ -27,7 +28,7 @@ def test_softmax_attention_gets_matmul_dtype_q_and_k_under_autocast():
 
     def core(q, k, v, seq, **kw):
         seen.append((q.dtype, k.dtype, v.dtype))
-        return local_softmax_core(q, k, v, seq, **kw)
+        return one_process_softmax(q, k, v, seq, **kw)
 
     for m in model.modules():
         if isinstance(m, SoftmaxAttention):

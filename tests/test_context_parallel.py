@@ -11,12 +11,11 @@ tests below assert on them."""
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
 import torch
-from util_models import tiny_model_config
+from util_models import one_process_lightning, one_process_softmax, tiny_model_config
 
 from minimax_train.tools.spawn import run_distributed
 
@@ -45,7 +44,6 @@ def _max_err(got, ref, group):
 
 
 def _lightning_checks(rank, cp, group):
-    from minimax_train.model.attention import local_lightning_core
     from minimax_train.model.layers import PackedSequence
     from minimax_train.parallel.context_parallel import lasp_attention, shard_for_context_parallel
 
@@ -63,7 +61,7 @@ def _lightning_checks(rank, cp, group):
         idx = seq.causal_pos
         for block in (4, 5):
             qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
-            ref = local_lightning_core(qr, kr, vr, slopes, full, block_size=block)
+            ref = one_process_lightning(qr, kr, vr, slopes, full, block_size=block)
             ref_g = torch.autograd.grad(ref, (qr, kr, vr), g)
             for mode in ("plus", "serial"):
                 ql, kl, vl = (x[idx].clone().requires_grad_(True) for x in (q, k, v))
@@ -77,7 +75,6 @@ def _lightning_checks(rank, cp, group):
 
 
 def _ring_checks(rank, cp, group):
-    from minimax_train.model.attention import local_softmax_core
     from minimax_train.model.layers import PackedSequence
     from minimax_train.parallel.context_parallel import ring_attention, shard_for_context_parallel
 
@@ -95,7 +92,7 @@ def _ring_checks(rank, cp, group):
         idx = seq.causal_pos
         for window in (None, 5):
             qr, kr, vr = (x.clone().requires_grad_(True) for x in (q, k, v))
-            ref = local_softmax_core(qr, kr, vr, full, scale=D**-0.5, sliding_window=window)
+            ref = one_process_softmax(qr, kr, vr, full, scale=D**-0.5, sliding_window=window)
             ref_g = torch.autograd.grad(ref, (qr, kr, vr), g)
             for bwd in ("fused", "recompute"):
                 ql, kl, vl = (x[idx].clone().requires_grad_(True) for x in (q, k, v))
@@ -119,16 +116,17 @@ def _packed_batch(rows, lengths, seed):
     return ids, labels.view(rows, ROW_LEN), _cu(lengths)
 
 
-def _model_checks(rank, cp, group, steps=3, tp_mesh=None, sequence_parallel=False, expert_mesh=None, tag="model"):
-    """Full model, `steps` AdamW steps: loss, aux loss and every gradient vs the single-process run.
-    With tp_mesh, the CP model is also tensor-parallel (heads split by tp, sequence by cp); with expert_mesh
-    (a ParallelMesh) its experts are expert-parallel over the mesh's ep groups (folded over cp)."""
+def _model_checks(steps=3, tag="model", **parallel):
+    """Full model, `steps` AdamW steps: loss, aux loss and every gradient vs the single-process run. The
+    parallel model is built as the trainer builds it (meta device, this rank's shards, the same init) for
+    ParallelConfig(**parallel), without FSDP: the test averages the gradients over cp itself (what FSDP
+    does over dp x cp). With tp, heads are split by tp and the sequence by cp; with ep, the experts are
+    expert-parallel over the mesh's ep groups (folded over cp)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+    from util_models import build_parallel, make_model
 
-    from minimax_train.model.transformer import MiniMaxForCausalLM
     from minimax_train.parallel.context_parallel import (
-        apply_context_parallel,
         cp_loss_for_backward,
         reduce_loss_over_cp,
         shard_for_context_parallel,
@@ -143,18 +141,10 @@ def _model_checks(rank, cp, group, steps=3, tp_mesh=None, sequence_parallel=Fals
     out = {}
     cfg = tiny_model_config()
     coef = cfg.router_aux_loss_coef
-    torch.manual_seed(0)
-    ref = MiniMaxForCausalLM(cfg)
-    par = copy.deepcopy(ref)
-    if tp_mesh is not None:
-        from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
-
-        apply_tensor_parallel(par, tp_mesh, sequence_parallel=sequence_parallel)
-    apply_context_parallel(par, group)
-    if expert_mesh is not None:
-        from minimax_train.parallel.expert_parallel import apply_expert_parallel
-
-        apply_expert_parallel(par, expert_mesh)
+    ref = make_model(cfg)
+    par, mesh = build_parallel(cfg, fsdp=False, **parallel)
+    rank, cp, group = mesh.cp_rank, mesh.layout.cp, mesh.cp_group
+    expert_parallel = mesh.layout.ep > 1
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=2e-3, foreach=False)
     opt_par = torch.optim.AdamW(par.parameters(), lr=2e-3, foreach=False)
     losses = []
@@ -171,11 +161,11 @@ def _model_checks(rank, cp, group, steps=3, tp_mesh=None, sequence_parallel=Fals
         cp_loss_for_backward(o_par, n_tok, cp, coef).backward()
         for name, p in par.named_parameters():  # what FSDP does over dp x cp: average
             g = local(p.grad)
-            if expert_mesh is not None and "mlp.experts." in name:
+            if expert_parallel and "mlp.experts." in name:
                 # an expert's gradient already sums the tokens of its whole dispatch group: sum over edp,
                 # divide like the dense ones (FSDP's set_gradient_divide_factor(dp * cp))
-                if expert_mesh.edp_size > 1:
-                    dist.all_reduce(g, group=expert_mesh.edp_group)
+                if mesh.edp_size > 1:
+                    dist.all_reduce(g, group=mesh.edp_group)
             else:
                 dist.all_reduce(g, group=group)
             g /= cp
@@ -205,41 +195,21 @@ def _worker(cp):
     out = {}
     out.update(_lightning_checks(rank, cp, group))
     out.update(_ring_checks(rank, cp, group))
-    out.update(_model_checks(rank, cp, group))
+    out.update(_model_checks(cp=cp))
     return out
 
 
 def _cp_tp_worker():
-    """4 ranks = cp 2 x tp 2 (tp fastest, as the mesh): with and without sequence parallelism."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("cp", "tp"))
-    cp_rank = mesh["cp"].get_local_rank()
+    """4 ranks = cp 2 x tp 2 (experts split with tp), with and without sequence parallelism."""
     out = {}
     for sp in (False, True):
-        out.update(
-            _model_checks(
-                cp_rank, 2, mesh["cp"].get_group(), tp_mesh=mesh["tp"], sequence_parallel=sp, tag=f"cp2tp2_sp{int(sp)}"
-            )
-        )
+        out.update(_model_checks(cp=2, tp=2, etp=2, sequence_parallel=sp, tag=f"cp2tp2_sp{int(sp)}"))
     return out
 
 
 def _cp_ep_worker():
     """2 ranks = cp 2, experts split ep 2 over the same ranks (EP folded over CP)."""
-    import torch.distributed as dist
-
-    from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
-
-    pm = ParallelMesh(
-        ParallelConfig(cp=2, ep=2),
-        world_size=2,
-        rank=dist.get_rank(),
-        local_rank=0,
-        device=torch.device("cpu"),
-        model_cfg=tiny_model_config(),
-    )
-    return _model_checks(pm.cp_rank, 2, pm.cp_group, expert_mesh=pm, tag="cp2ep2")
+    return _model_checks(cp=2, ep=2, tag="cp2ep2")
 
 
 _RESULTS: dict[int, dict] = {}

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from util_models import one_process_lightning, one_process_softmax
 
-from minimax_train.model.attention import local_lightning_core, local_softmax_core
 from minimax_train.model.layers import PackedSequence
 from minimax_train.parallel.context_parallel import (
     build_ring_plan,
@@ -85,7 +85,7 @@ def test_single_rank_lasp_and_ring_equal_local(rows):
     q, k, v = (torch.rand(T, H, D, requires_grad=True) for _ in range(3))
     slopes = torch.tensor([0.05, 0.3, 1.0])
     g = torch.randn(T, H, D)
-    ref = local_lightning_core(q, k, v, slopes, full, block_size=4)
+    ref = one_process_lightning(q, k, v, slopes, full, block_size=4)
     got = lasp_attention(q, k, v, slopes, seq, None, block_size=4)
     assert _rel(got, ref) < 1e-6
     gr = torch.autograd.grad(ref, (q, k, v), g)
@@ -94,7 +94,7 @@ def test_single_rank_lasp_and_ring_equal_local(rows):
 
     qs, ks, vs = (torch.randn(T, h, D, requires_grad=True) for h in (4, 2, 2))
     for window in (None, 5):
-        ref = local_softmax_core(qs, ks, vs, full, scale=D**-0.5, sliding_window=window)
+        ref = one_process_softmax(qs, ks, vs, full, scale=D**-0.5, sliding_window=window)
         gr = torch.autograd.grad(ref, (qs, ks, vs), g[:, :1].expand(T, 4, D))
         for bwd in ("fused", "recompute"):
             got = ring_attention(qs, ks, vs, seq, None, scale=D**-0.5, sliding_window=window, backward=bwd)

@@ -41,9 +41,9 @@ def lm_model(vocab: int, hidden: int, dtype=torch.float32):
 
 def loss_and_grads(model, hidden, labels, chunk: int):
     model.zero_grad(set_to_none=True)
-    model.loss_chunk_tokens = chunk
+    model.set_memory_options(loss_chunk_tokens=chunk)
     h = hidden.detach().clone().requires_grad_(True)
-    loss = model.lm_loss_sum(h, labels, None)
+    loss = model.lm_head.loss_sum(h, labels, chunk)
     loss.backward()
     return loss.detach(), h.grad, model.lm_head.weight.grad.clone()
 
@@ -99,8 +99,7 @@ def test_chunked_equals_unchunked(path, dtype, tol, chunk):
     assert torch.isfinite(gh1).all() and gh1[IGNORED].abs().max().item() == 0.0
     if path == "model":
         with torch.no_grad():  # evaluation: plain chunk loop, no checkpoint
-            model.loss_chunk_tokens = chunk
-            assert abs(model.lm_loss_sum(hidden, labels, None) - l0).item() <= tol * abs(l0).item()
+            assert abs(model.lm_head.loss_sum(hidden, labels, chunk) - l0).item() <= tol * abs(l0).item()
 
 
 def test_all_ignored_gives_zero_loss_and_zero_gradients():
@@ -168,7 +167,7 @@ def _tp_labels():
 
 def _loss_and_grads(model, chunk):
     ids, labels, cu = _tp_labels()
-    model.loss_chunk_tokens = chunk
+    model.set_memory_options(loss_chunk_tokens=chunk)
     out = model(ids, labels=labels, cu_seqlens=cu)
     out.lm_loss_sum.backward()
     full = {
@@ -179,16 +178,11 @@ def _loss_and_grads(model, chunk):
 
 
 def _tp_ranks():
-    from torch.distributed.device_mesh import init_device_mesh
-    from util_models import make_config, make_model
+    from util_models import build_parallel, make_config
 
-    from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
-
-    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     out = {}
     for sp in (False, True):
-        model = make_model(make_config())
-        apply_tensor_parallel(model, mesh, sequence_parallel=sp)
+        model, _ = build_parallel(make_config(), tp=2, etp=2, sequence_parallel=sp)
         out[sp] = _loss_and_grads(model, TP_CHUNK)
     return out
 

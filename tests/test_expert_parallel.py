@@ -11,7 +11,6 @@ this rank's slice) within 1e-5 relative, over several SGD steps, for overlap chu
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -81,34 +80,50 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _run_case(name, spec, rank, world):
     import torch.distributed as dist
+    from util_models import build_parallel
 
     from minimax_train.model import MiniMaxForCausalLM
-    from minimax_train.parallel.expert_parallel import apply_expert_parallel
-    from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
+    from minimax_train.parallel.context_parallel import CPStatsReducer
+    from minimax_train.parallel.layout import ParallelConfigError
+    from minimax_train.parallel.model_parts import ParallelParts
 
     _, pkw, chunks, routing, ckpt = spec
     cfg = _cfg("capacity" if routing == "reject" else routing)
-    pm = ParallelMesh(
-        ParallelConfig(**pkw), world_size=world, rank=rank, local_rank=0, device=torch.device("cpu"), model_cfg=cfg
-    )
-    sp = pm.cfg.sequence_parallel
     if routing == "reject":
         try:
-            apply_expert_parallel(MiniMaxForCausalLM(cfg), pm)
-        except ValueError as e:
+            build_parallel(cfg, fsdp=False, **pkw)
+        except ParallelConfigError as e:
             return {"rejected": "sequence_parallel" in str(e)}
         return {"rejected": False}
-    torch.manual_seed(0)
-    ref = MiniMaxForCausalLM(cfg)
-    model = copy.deepcopy(ref)
-    apply_expert_parallel(model, pm, overlap_chunks=chunks)
-    model.set_activation_checkpointing(ckpt)
+
+    class ExpertsOnly(ParallelParts):
+        """Expert parallelism alone on this layout: the dense part stays one-process (every rank holds all
+        heads; the tp dimension only shapes the expert groups), so the test isolates the dispatcher. With
+        capacity routing the aux statistics are those of the capacity unit (the dispatch group), as the
+        reference computes them."""
+
+        def __init__(self, mesh, cfg):
+            super().__init__(mesh, cfg)
+            self.tp, self.h0, self.h1 = None, 0, cfg.num_attention_heads
+
+        def aux_stats(self):
+            return CPStatsReducer(self._groups().dispatch_group) if routing == "capacity" else super().aux_stats()
+
+    ref = MiniMaxForCausalLM(cfg, seed=0)
+    model, pm = build_parallel(
+        cfg,
+        seed=0,
+        fsdp=False,
+        memory=dict(activation_checkpointing=ckpt),
+        parts=lambda mesh: ExpertsOnly(mesh, cfg),
+        moe_overlap_chunks=chunks,
+        **pkw,
+    )
+    sp = pm.cfg.sequence_parallel
     disp = model.model.layers[0].mlp.dispatcher
     g = disp.groups
     holders = None if sp else pm.dp_group  # dense grads are summed over the distinct token holders
     mb = rank if sp else pm.dp_rank
-    if routing == "capacity":
-        model.model.aux_stats_group = g.dispatch_group  # aux over the capacity unit, as the reference
     # reference units: micro-batches run together in one process
     info = [None] * world
     dist.all_gather_object(info, (pm.edp_rank, -1 if sp else pm.etp_rank, g.dispatch_rank, mb))
@@ -227,20 +242,33 @@ def test_expert_parallel_equals_single_process(results, name):
 
 
 def test_single_process_chunks_equal_plain():
-    """apply_expert_parallel in one process (no groups): K chunks equal the local dispatcher, both modes."""
+    """The expert-parallel experts and dispatcher in one process (no groups): K chunks equal the local
+    dispatcher, both modes."""
     from minimax_train.model import MiniMaxForCausalLM
-    from minimax_train.parallel.expert_parallel import ExpertGroups, apply_expert_parallel
+    from minimax_train.model.parts import ModelParts
+    from minimax_train.parallel.expert_parallel import ExpertGroups, ExpertParallelExperts
+    from minimax_train.parallel.moe_dispatch import AllToAllDispatcher
+
+    class OneProcessEP(ModelParts):
+        def __init__(self, chunks):
+            self.chunks = chunks
+
+        def experts(self, cfg):
+            return ExpertParallelExperts(cfg, ExpertGroups())
+
+        def dispatcher(self, cfg):
+            return AllToAllDispatcher(
+                ExpertGroups(), cfg.num_local_experts, cfg.num_experts_per_tok, cfg.moe_routing,
+                cfg.capacity_factor, self.chunks,
+            )  # fmt: skip
 
     for routing in ("dropless", "capacity"):
-        torch.manual_seed(0)
-        ref = MiniMaxForCausalLM(_cfg(routing))
+        ref = MiniMaxForCausalLM(_cfg(routing), seed=0)
         ids, lab = _batch(0, 1)
         o = ref(ids, labels=lab)
         o.loss.backward()
         for k in (1, 3, 40):  # 40 > tokens: empty chunks
-            m = copy.deepcopy(ref)
-            m.zero_grad(set_to_none=True)
-            apply_expert_parallel(m, ExpertGroups(), overlap_chunks=k)
+            m = MiniMaxForCausalLM(_cfg(routing), OneProcessEP(k), seed=0)  # the same init values
             o2 = m(ids, labels=lab)
             o2.loss.backward()
             assert abs(o2.loss.item() - o.loss.item()) < 1e-6 * abs(o.loss.item())
@@ -256,9 +284,10 @@ def test_capacity_reference_rule():
     """LocalDispatcher capacity: per expert the first C (token, slot) assignments are kept, C = ceil(f*T*k/E);
     dropless stays exact; a token whose slots are all dropped gets a zero MoE output."""
     from minimax_train.model.moe import MoE, capacity_keep, expert_capacity
+    from minimax_train.model.parts import ModelParts
 
     cfg = _cfg("capacity")
-    moe = MoE(cfg)
+    moe = MoE(cfg, ModelParts())
     torch.manual_seed(3)
     for p in moe.parameters():
         p.data.normal_(0, 0.5)

@@ -43,7 +43,7 @@ def _batch(n=1000, docs=(300, 1, 450, 249)):
 
 
 def _loss_and_grads(model, mode, chunk):
-    model.set_activation_checkpointing(mode, chunk)
+    model.set_memory_options(mode, chunk)
     model.zero_grad()
     ids, labels, cu = _batch()
     out = model(ids, labels=labels, cu_seqlens=cu)
@@ -80,7 +80,7 @@ def test_chunking_bounds_the_expert_activations():
 
 def test_capacity_routing_is_refused():
     with pytest.raises(ValueError, match="moe_routing=dropless"):
-        _model(moe_routing="capacity").set_activation_checkpointing("none", 16)
+        _model(moe_routing="capacity").set_memory_options("none", 16)
     from minimax_train.conf_tree import compose_job
 
     with pytest.raises(ConfigError, match="train.moe_chunk_tokens=16 needs model.moe_routing=dropless"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from util_models import make_config, make_model, make_rows
+from util_models import build_parallel, make_config, make_model, make_rows
 
 from minimax_train.tools.spawn import run_distributed
 
@@ -118,11 +118,8 @@ def assert_matches(got: dict, ref: dict, what: str, *, grads: bool = True):
 # ---- rank functions -------------------------------------------------------------------------------------------
 
 
-def _tp_case(mesh, cfg_overrides, sp, steps=STEPS):
-    from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
-
-    model = make_model(make_config(**cfg_overrides))
-    apply_tensor_parallel(model, mesh, sequence_parallel=sp)
+def _tp_case(tp, cfg_overrides, sp, steps=STEPS):
+    model, _ = build_parallel(make_config(**cfg_overrides), tp=tp, etp=tp, sequence_parallel=sp)  # experts follow tp
     mbs = micro_batches(2)
     with torch.no_grad():
         ids, labels, cu = mbs[0]
@@ -135,14 +132,12 @@ def _tp_case(mesh, cfg_overrides, sp, steps=STEPS):
 def _ranks_2(ckpt_dir: str):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
     out = {}
-    out["tp2"], _, _ = _tp_case(mesh, {}, sp=False)
-    out["tp2_sp"], model, opt = _tp_case(mesh, {}, sp=True)
-    out["kv1_tied"], _, _ = _tp_case(mesh, dict(num_key_value_heads=1, tie_word_embeddings=True), sp=True)
+    out["tp2"], _, _ = _tp_case(2, {}, sp=False)
+    out["tp2_sp"], model, opt = _tp_case(2, {}, sp=True)
+    out["kv1_tied"], _, _ = _tp_case(2, dict(num_key_value_heads=1, tie_word_embeddings=True), sp=True)
     out["all_dtensor"] = all(isinstance(p, DTensor) for p in model.parameters())
 
     # DCP: save the tp=2 (SP) model and optimiser, load into a tp=1 model + AdamW, take one more step in both
@@ -165,8 +160,8 @@ def _ranks_2(ckpt_dir: str):
         losses.append(m(ids, labels=labels, cu_seqlens=cu).loss.item())
     out["resumed_losses"] = losses
 
-    # composition with expert parallelism: TP/SP for everything but the experts, which
-    # apply_expert_parallel shards (etp = tp, or ep = tp) and dispatches
+    # composition with expert parallelism: TP/SP for everything but the experts, which expert
+    # parallelism owns (etp = tp, or ep = tp) and dispatches
     for name, pkw in (
         ("etp2", dict(tp=2, etp=2, sequence_parallel=True)),
         ("ep2", dict(tp=2, ep=2)),
@@ -177,25 +172,9 @@ def _ranks_2(ckpt_dir: str):
 
 
 def _tp_with_expert_parallel(pkw):
-    """One step's objective and gradients of TP (experts=False) + apply_expert_parallel."""
-    import torch.distributed as dist
-
-    from minimax_train.parallel.expert_parallel import apply_expert_parallel
-    from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
-    from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
-
+    """One step's objective and gradients of TP with the experts owned by expert parallelism."""
     cfg = make_config()
-    pm = ParallelMesh(
-        ParallelConfig(**pkw),
-        world_size=dist.get_world_size(),
-        rank=dist.get_rank(),
-        local_rank=0,
-        device=torch.device("cpu"),
-        model_cfg=cfg,
-    )
-    model = make_model(cfg)
-    apply_tensor_parallel(model, pm.device_mesh["tp"], sequence_parallel=pm.cfg.sequence_parallel, experts=False)
-    apply_expert_parallel(model, pm)
+    model, _ = build_parallel(cfg, **pkw)
     ids, labels, cu = micro_batches(2)[0]
     out = model(ids, labels=labels, cu_seqlens=cu)
     loss = out.lm_loss_sum / int((labels != -100).sum()) + cfg.router_aux_loss_coef * out.aux_loss
@@ -210,32 +189,18 @@ def _ranks_4(ckpt_dir: str):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from minimax_train.parallel.tensor_parallel import apply_tensor_parallel
 
     out = {}
-    # tp=2 x dp=2: TP first, then FSDP2 over dp of the same 2-D mesh; dp rank i gets row i
-    mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
-    model = make_model(make_config())
-    apply_tensor_parallel(model, mesh2d["tp"], sequence_parallel=True)
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh2d["dp"])
-    fully_shard(model, mesh=mesh2d["dp"])
-    dp_rank = mesh2d.get_local_rank("dp")
-    mbs = [micro_batches(1)[dp_rank]]
-    out["tp2_dp2"], opt = train(model, mbs, STEPS, dp=2, dp_group=mesh2d.get_group("dp"), n_mb_total=2)
+    # tp=2 x dp=2: TP placements, then FSDP2 over dp of the same 2-D mesh; dp rank i gets row i
+    model, pm = build_parallel(make_config(), tp=2, etp=2, sequence_parallel=True)
+    mbs = [micro_batches(1)[pm.dp_rank]]
+    out["tp2_dp2"], opt = train(model, mbs, STEPS, dp=2, dp_group=pm.dp_group, n_mb_total=2)
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
     saved = {n: p.full_tensor() for n, p in model.named_parameters()}
 
     # the same checkpoint into dp=4 (FSDP2 only) and into tp=1 (plain tensors)
-    mesh1d = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
-    dp4 = make_model(make_config())
-    for layer in dp4.model.layers:
-        fully_shard(layer, mesh=mesh1d)
-    fully_shard(dp4, mesh=mesh1d)
+    dp4, _ = build_parallel(make_config(), seed=0)  # FSDP2 over dp=4; other init values than the saved ones
     plain = make_model(make_config())
     diffs = []
     for m in (dp4, plain):
@@ -248,8 +213,7 @@ def _ranks_4(ckpt_dir: str):
     dist.barrier()
 
     # tp=4 > num_key_value_heads=2: each KV head replicated on the two ranks whose query heads read it
-    mesh4 = init_device_mesh("cpu", (4,), mesh_dim_names=("tp",))
-    out["tp4_kv2"], _, _ = _tp_case(mesh4, {}, sp=True, steps=3)
+    out["tp4_kv2"], _, _ = _tp_case(4, {}, sp=True, steps=3)
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+SEED = 1234
+
 # the tensor-parallel tests' model: 4 layers (2 lightning, 2 softmax), GQA, 4 experts top-2
 TP_MODEL = dict(
     vocab_size=256,
@@ -30,10 +32,10 @@ def make_config(**overrides):
 
 
 def make_model(cfg):
+    """The one-process reference: the layout-independent init of SEED, as every parallel layout builds it."""
     from minimax_train.model.transformer import MiniMaxForCausalLM
 
-    torch.manual_seed(1234)
-    return MiniMaxForCausalLM(cfg)
+    return MiniMaxForCausalLM(cfg, seed=SEED)
 
 
 def make_rows(seed: int = 7, rows: int = 2, t: int = 32):
@@ -69,3 +71,58 @@ def tiny_model_config(**kw):
     )
     base.update(kw)
     return ModelConfig(**base)
+
+
+def parallel_mesh(cfg, device=None, **parallel):
+    """A ParallelMesh of the current process group (every rank calls it) for ParallelConfig(**parallel), on
+    `device` (default CPU)."""
+    import torch.distributed as dist
+
+    from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
+
+    return ParallelMesh(
+        ParallelConfig(**parallel),
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        local_rank=(device.index or 0) if device is not None else 0,
+        device=device if device is not None else torch.device("cpu"),
+        model_cfg=cfg,
+    )
+
+
+def build_parallel(
+    cfg,
+    *,
+    seed: int = SEED,
+    source=None,
+    memory: dict | None = None,
+    fsdp: bool = True,
+    parts=None,
+    device=None,
+    **parallel,
+):
+    """(model, mesh): the layout's model with the init of `seed` (or the values of `source`). parts: a
+    callable mesh -> ModelParts replacing the layout's default parts."""
+    from minimax_train.model.init import InitSource
+    from minimax_train.parallel.parallelize import build_model
+
+    mesh = parallel_mesh(cfg, device, **parallel)
+    model = build_model(
+        cfg, mesh, source or InitSource(cfg, seed), memory=memory, fsdp=fsdp, parts=parts(mesh) if parts else None
+    )
+    return model, mesh
+
+
+def one_process_lightning(q, k, v, slopes, seq, *, block_size: int):
+    """The single-process lightning core over all tokens of a PackedSequence (q/k/v [T, H, D] activated)."""
+    from minimax_train.ops.lightning import lightning_attention
+
+    o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long, block_size=block_size)
+    return o[0]
+
+
+def one_process_softmax(q, k, v, seq, *, scale: float, sliding_window=None):
+    """The single-process softmax core (the exact torch backend) over all tokens of a PackedSequence."""
+    from minimax_train.model.parts import LocalSoftmaxCore
+
+    return LocalSoftmaxCore("torch")(q, k, v, seq, scale=scale, sliding_window=sliding_window)

@@ -175,12 +175,17 @@ def bench_lightning(args, T, impl, group, device, dtype):
 
 def bench_model(args, T, impl, group, device, dtype):
     from minimax_train.model.config import ModelConfig
-    from minimax_train.model.transformer import MiniMaxForCausalLM
+    from minimax_train.model.init import InitSource
+    from minimax_train.model.parts import DecayRates
     from minimax_train.parallel.context_parallel import (
-        apply_context_parallel,
+        LaspCore,
+        RingAttentionCore,
         cp_loss_for_backward,
         shard_for_context_parallel,
     )
+    from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
+    from minimax_train.parallel.model_parts import ParallelParts
+    from minimax_train.parallel.parallelize import build_model
 
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
     cfg = ModelConfig(
@@ -197,16 +202,23 @@ def bench_model(args, T, impl, group, device, dtype):
         block_size=args.block_size,
         max_position_embeddings=T,
     )
-    torch.manual_seed(0)
-    model = MiniMaxForCausalLM(cfg).to(device=device, dtype=dtype)
-    for m in model.modules():  # keep the decay rates in fp32 (the lightning op's state math is fp32)
-        if hasattr(m, "slopes"):
-            m.slopes = m.slopes.float()
-    apply_context_parallel(
-        model, group, lasp=impl, attention_backend=args.attention_backend, lightning_backend=args.lightning_backend
+
+    class BenchParts(ParallelParts):  # the layout's parts with the kernels named on the command line
+        def softmax_core(self, cfg, layer_idx):
+            return RingAttentionCore(self.cp_group, backend=args.attention_backend)
+
+        def lightning_core(self, cfg, layer_idx):
+            decays = DecayRates(cfg, layer_idx, self.h0, self.h1)
+            return LaspCore(decays, self.cp_group, block_size=cfg.block_size, mode=impl, backend=args.lightning_backend)
+
+    mesh = ParallelMesh(
+        ParallelConfig(cp=cp), world_size=cp, rank=rank, local_rank=device.index or 0, device=device, model_cfg=cfg
     )
-    model.set_activation_checkpointing(args.checkpoint, args.moe_chunk)
-    model.loss_chunk_tokens = args.loss_chunk
+    memory = dict(
+        activation_checkpointing=args.checkpoint, moe_chunk_tokens=args.moe_chunk, loss_chunk_tokens=args.loss_chunk
+    )
+    model = build_model(cfg, mesh, InitSource(cfg, 0), fsdp=False, memory=memory, parts=BenchParts(mesh, cfg))
+    model.to(dtype)  # the decay rates are not parameters: they stay fp32 (the lightning op's state math)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (1, T), generator=g)

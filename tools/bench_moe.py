@@ -117,8 +117,9 @@ def run(a) -> None:
 
     from minimax_train.model.config import ModelConfig
     from minimax_train.model.moe import MoE
-    from minimax_train.parallel.expert_parallel import apply_expert_parallel, expert_groups
-    from minimax_train.parallel.moe_dispatch import _a2a
+    from minimax_train.model.parts import ModelParts
+    from minimax_train.parallel.expert_parallel import ExpertGroups, ExpertParallelExperts, expert_groups
+    from minimax_train.parallel.moe_dispatch import AllToAllDispatcher, _a2a
     from minimax_train.parallel.moe_experts import swiglu_backward_input, swiglu_forward, weight_grad
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -144,19 +145,24 @@ def run(a) -> None:
         num_key_value_heads=1,
         num_hidden_layers=1,
     )
-    with torch.device("meta"):
-        moe = MoE(cfg)
     if world > 1:
         dm = init_device_mesh(dev.type, (world // (ep * a.etp), ep, a.etp), mesh_dim_names=("edp", "ep", "etp"))
         g = expert_groups(dm, sequence_parallel=a.sequence_parallel)
         g.mesh = None  # plain local tensors: the full experts never exist on one rank here
     else:
-        from minimax_train.parallel.expert_parallel import ExpertGroups
-
         g = ExpertGroups()
 
+    class BenchParts(ModelParts):  # the expert-parallel experts and dispatcher (a world of one included)
+        def experts(self, cfg):
+            return ExpertParallelExperts(cfg, g)
+
+        def dispatcher(self, cfg):
+            e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+            return AllToAllDispatcher(g, e, k, cfg.moe_routing, cfg.capacity_factor, 1)
+
+    with torch.device("meta"):
+        moe = MoE(cfg, BenchParts())
     captured = {}
-    apply_expert_parallel(moe, g, overlap_chunks=1)
     moe.experts.register_forward_pre_hook(lambda mod, args: captured.update(plan=args[1], rows=args[0].shape[0]))
     moe.to_empty(device=dev)
     gen = torch.Generator(device=dev).manual_seed(1234 + rank)

@@ -48,20 +48,21 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def hf_to_ours(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Accepts the on-disk per-expert layout, the fused in-memory layout, or a mix; validates names and shapes."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    for name, t in hf.items():
+def _our_name_shapes(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a transformers checkpoint (per-expert on-disk layout, fused in-memory layout, or a
+    mix) as our state dict would have them; raises CheckpointError naming a missing or unexpected tensor."""
+    out: dict[str, tuple[int, ...]] = {}
+    experts: dict[tuple[int, int], dict[str, tuple[int, ...]]] = {}
+    for name, shape in shapes.items():
         if name.rsplit(".", 1)[-1] in LIGHTNING_BUFFERS:
             continue
         m = _EXPERT_KEY.match(name)
         if m:
-            experts.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = t
+            experts.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = tuple(shape)
         elif ".block_sparse_moe.gate.weight" in name:
-            out[name.replace(".block_sparse_moe.", ".mlp.")] = t
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = tuple(shape)
         else:
-            out[name] = t
+            out[name] = tuple(shape)
     num_e = cfg.num_local_experts
     for li in sorted({li for li, _ in experts}):
         for e in range(num_e):
@@ -80,38 +81,75 @@ def hf_to_ours(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
                 f"(config has num_local_experts={num_e})"
             )
         per = [experts[(li, e)] for e in range(num_e)]
-        _check_same_shapes(li, per)
+        for w in ("w1", "w2", "w3"):
+            found = {p[w] for p in per}
+            if len(found) > 1:
+                raise CheckpointError(f"layer {li}: experts' {w} weights disagree in shape: {sorted(found)}")
+        i, h = cfg.intermediate_size, cfg.hidden_size
+        for w, want in (("w1", (i, h)), ("w3", (i, h)), ("w2", (h, i))):
+            if per[0][w] != want:
+                raise CheckpointError(
+                    f"tensor model.layers.{li}.block_sparse_moe.experts.0.{w}.weight has shape {per[0][w]}, "
+                    f"config expects {want}"
+                )
+        out[f"model.layers.{li}.mlp.experts.gate_up_proj"] = (num_e, 2 * i, h)
+        out[f"model.layers.{li}.mlp.experts.down_proj"] = (num_e, h, i)
+    if cfg.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def check_checkpoint_layout(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
+    """Every tensor the config needs is in the checkpoint with its shape, and nothing else (names and shapes
+    only: nothing is read)."""
+    _check_shapes(_our_name_shapes(shapes, cfg), cfg)
+
+
+def hf_to_ours(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A whole checkpoint in memory -> our state dict (tools and tests; training reads by slices through
+    hf/io.py's SafetensorsSource). Accepts the per-expert on-disk layout, the fused layout, or a mix."""
+    check_checkpoint_layout({k: tuple(v.shape) for k, v in hf.items()}, cfg)
+    out: dict[str, torch.Tensor] = {}
+    experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name, t in hf.items():
+        if name.rsplit(".", 1)[-1] in LIGHTNING_BUFFERS:
+            continue
+        m = _EXPERT_KEY.match(name)
+        if m:
+            experts.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = t
+        elif ".block_sparse_moe.gate.weight" in name:
+            out[name.replace(".block_sparse_moe.", ".mlp.")] = t
+        else:
+            out[name] = t
+    for li in sorted({li for li, _ in experts}):
+        per = [experts[(li, e)] for e in range(cfg.num_local_experts)]
         out[f"model.layers.{li}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([p["w1"], p["w3"]]) for p in per])
         out[f"model.layers.{li}.mlp.experts.down_proj"] = torch.stack([p["w2"] for p in per])
     if cfg.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    validate_state_dict(out, cfg)
     return out
 
 
-def _check_same_shapes(li, per):
-    for w in ("w1", "w2", "w3"):
-        shapes = {tuple(p[w].shape) for p in per}
-        if len(shapes) > 1:
-            raise CheckpointError(f"layer {li}: experts' {w} weights disagree in shape: {sorted(shapes)}")
-
-
-def validate_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+def _check_shapes(found: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
     want = expected_shapes(cfg)
-    missing = [k for k in want if k not in sd]
+    missing = [k for k in want if k not in found]
     if missing:
         raise CheckpointError(
             f"missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    unexpected = [k for k in sd if k not in want]
+    unexpected = [k for k in found if k not in want]
     if unexpected:
         raise CheckpointError(
             f"unexpected tensor {unexpected[0]} for this config"
             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
         )
     for k, shape in want.items():
-        if tuple(sd[k].shape) != shape:
-            raise CheckpointError(f"tensor {k} has shape {tuple(sd[k].shape)}, config expects {shape}")
+        if tuple(found[k]) != shape:
+            raise CheckpointError(f"tensor {k} has shape {tuple(found[k])}, config expects {shape}")
+
+
+def validate_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    _check_shapes({k: tuple(v.shape) for k, v in sd.items()}, cfg)
 
 
 def lightning_buffers(cfg: ModelConfig, layer_idx: int) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..model import MiniMaxForCausalLM, ModelConfig
-from .convert import CheckpointError, hf_to_ours, ours_to_hf_disk
+from .convert import CheckpointError, check_checkpoint_layout, ours_to_hf_disk
 
 # Keys of a transformers config.json that carry no architecture and that we accept and ignore.
 _GENERIC_HF_KEYS = {
@@ -94,12 +94,19 @@ def read_hf_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{cfg_file}: {e}") from e
 
 
-def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+def safetensors_index(path: Path) -> dict[str, str]:
+    """tensor name -> file name of a safetensors checkpoint directory (its index json, else every file)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a safetensors index (no weight_map): {e}") from None
+        for name in sorted(set(weight_map.values())):
+            if not (path / name).is_file():
+                raise CheckpointError(f"{index} names shard {name}, which is missing")
+        return dict(weight_map)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         hint = (
             " (pytorch_model.bin is not read: unpickling untrusted files is unsafe)"
@@ -107,29 +114,125 @@ def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
             else ""
         )
         raise CheckpointError(f"{path} holds no *.safetensors weights{hint}")
-    sd: dict[str, torch.Tensor] = {}
+    out = {}
     for name in files:
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{index} names shard {name}, which is missing")
-        with safe_open(str(f), framework="pt") as fh:
+        with safe_open(str(path / name), framework="pt") as fh:
             for k in fh.keys():
-                sd[k] = fh.get_tensor(k)
+                out[k] = name
+    return out
+
+
+def read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a directory (whole-checkpoint tools and tests; training reads by slices)."""
+    sd: dict[str, torch.Tensor] = {}
+    for key, name in safetensors_index(path).items():
+        with safe_open(str(path / name), framework="pt") as fh:
+            sd[key] = fh.get_tensor(key)
     return sd
 
 
-def load_hf(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> MiniMaxForCausalLM:
-    """A transformers MiniMax checkpoint directory -> our model in one process."""
+class SafetensorsSource:
+    """A transformers MiniMax checkpoint directory read by slices (model/init.py's WeightSource): each read
+    opens only the tensor slices a box needs, so a rank loads about its own shard plus nothing else.
+
+    Our names are transformers' in-memory names; on disk the experts may be per expert
+    (block_sparse_moe.experts.{e}.w1/w3/w2.weight, the released layout) or fused (mlp.experts.gate_up_proj /
+    down_proj); the router is block_sparse_moe.gate or mlp.gate. The whole directory's names and shapes are
+    checked against the config when the source is opened (from the files' headers, no tensor read)."""
+
+    def __init__(self, path: str | os.PathLike, cfg: ModelConfig):
+        self.path, self.cfg = Path(path), cfg
+        self.files = safetensors_index(self.path)  # key -> file
+        self._handles: dict[str, object] = {}
+        self._check()
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(str(self.path / fname), framework="pt")
+        return self._handles[fname]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._open(self.files[key]).get_slice(key).get_shape())
+
+    def _slice(self, key: str, index: tuple) -> torch.Tensor:
+        return self._open(self.files[key]).get_slice(key)[index]
+
+    def _check(self) -> None:
+        shapes = {k: self.shape(k) for k in self.files}
+        check_checkpoint_layout(shapes, self.cfg)
+
+    def _per_expert(self, layer: str) -> bool:
+        return f"{layer}.block_sparse_moe.experts.0.w1.weight" in self.files
+
+    def read(self, name, shape, offsets, sizes) -> torch.Tensor:
+        box = tuple(slice(o, o + n) for o, n in zip(offsets, sizes))
+        if name.endswith("mlp.gate.weight"):
+            key = name if name in self.files else name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+            return self._slice(key, box)
+        if name == "lm_head.weight" and name not in self.files and self.cfg.tie_word_embeddings:
+            return self._slice("model.embed_tokens.weight", box)
+        for suffix in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"):
+            if name.endswith(suffix):
+                layer = name[: -len(suffix) - 1]
+                if not self._per_expert(layer):
+                    return self._fused_experts(name, shape, offsets, sizes)
+                return self._experts(layer, suffix.endswith("gate_up_proj"), shape, offsets, sizes)
+        return self._slice(name, box)
+
+    def _fused_experts(self, name, shape, offsets, sizes) -> torch.Tensor:
+        inter = self.cfg.intermediate_size
+        if len(shape) == 4:  # the [E, 2, I, H] in-memory view of gate_up [E, 2I, H]: two row ranges
+            e0, half0, i0, h0 = offsets
+            ne, nh, ni, nH = sizes
+            parts = [
+                self._slice(
+                    name, (slice(e0, e0 + ne), slice(k * inter + i0, k * inter + i0 + ni), slice(h0, h0 + nH))
+                )  # fmt: skip
+                for k in range(half0, half0 + nh)
+            ]
+            return torch.stack(parts, dim=1)
+        return self._slice(name, tuple(slice(o, o + n) for o, n in zip(offsets, sizes)))
+
+    def _experts(self, layer: str, gate_up: bool, shape, offsets, sizes) -> torch.Tensor:
+        """A box of gate_up [E, 2I, H] (or its [E, 2, I, H] view) or down [E, H, I] from per-expert w1/w3/w2."""
+        inter = self.cfg.intermediate_size
+        base = f"{layer}.block_sparse_moe.experts"
+        out = []
+        for e in range(offsets[0], offsets[0] + sizes[0]):
+            if not gate_up:
+                out.append(self._slice(f"{base}.{e}.w2.weight", (slice(offsets[1], offsets[1] + sizes[1]),
+                                                                   slice(offsets[2], offsets[2] + sizes[2]))))  # fmt: skip
+                continue
+            if len(shape) == 4:
+                halves = range(offsets[1], offsets[1] + sizes[1])
+                rows, cols = slice(offsets[2], offsets[2] + sizes[2]), slice(offsets[3], offsets[3] + sizes[3])
+                out.append(torch.stack([self._slice(f"{base}.{e}.{('w1', 'w3')[k]}.weight", (rows, cols))
+                                        for k in halves]))  # fmt: skip
+                continue
+            r0, r1 = offsets[1], offsets[1] + sizes[1]
+            cols = slice(offsets[2], offsets[2] + sizes[2])
+            pieces = []
+            if r0 < inter:
+                pieces.append(self._slice(f"{base}.{e}.w1.weight", (slice(r0, min(r1, inter)), cols)))
+            if r1 > inter:
+                pieces.append(self._slice(f"{base}.{e}.w3.weight", (slice(max(r0, inter) - inter, r1 - inter), cols)))
+            out.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+        return torch.stack(out)
+
+
+def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+            ) -> MiniMaxForCausalLM:  # fmt: skip
+    """A transformers MiniMax checkpoint directory -> our model in one process (read by slices, like a layout)."""
+    from ..model.init import fill_parameters
+
     path = Path(path)
     cfg = read_hf_config(path)
-    sd = hf_to_ours(read_safetensors_dir(path), cfg)
-    model = MiniMaxForCausalLM(cfg)
-    if cfg.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
-    return model.to(device=device, dtype=dtype)
+    source = SafetensorsSource(path, cfg)
+    with torch.device("meta"):
+        model = MiniMaxForCausalLM(cfg, seed=None)
+    model.to_empty(device=device)
+    fill_parameters(model, source)
+    return model.to(dtype=dtype)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -1,66 +1,41 @@
 """The two token mixers of the hybrid model: softmax attention (GQA + RoPE) and lightning attention.
 
-Both work on packed tokens [T, hidden] with document boundaries from PackedSequence; the compute lives
-in minimax_train.ops so that the parallel wrappers (context parallelism) reuse the same kernels."""
+Both work on packed tokens [T, hidden] with document boundaries from PackedSequence. Their projections,
+output norm, entry/exit and attention core come from the ModelParts given at construction (model/parts.py):
+one process by default; a parallel layout computes with this rank's heads inside the same forward."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..ops.attention import varlen_attention
-from ..ops.lightning import lightning_attention, lightning_slopes
 from ..ops.rope import apply_rope, rope_cos_sin
 from .config import ModelConfig
-from .layers import ACTIVATIONS, PackedSequence, RMSNorm
+from .layers import ACTIVATIONS, PackedSequence
+from .parts import ModelParts
 
 LIGHTNING_NORM_EPS = 1e-6  # transformers hard-codes this for the lightning output norm
 
 
-def local_softmax_core(q, k, v, seq: PackedSequence, *, scale: float, sliding_window):
-    """q [T, Hq, D], k/v [T, Hkv, D], all tokens of the packed row on this rank -> [T, Hq, D]."""
-    return varlen_attention(
-        q,
-        k,
-        v,
-        q_doc=seq.doc_ids,
-        q_pos=seq.causal_pos,
-        k_doc=seq.doc_ids,
-        k_pos=seq.causal_pos,
-        scale=scale,
-        sliding_window=sliding_window,
-        mask_cache=seq.cache,
-    )
-
-
-def local_lightning_core(q, k, v, slopes, seq: PackedSequence, *, block_size: int):
-    """q/k/v [T, H, D] activated, all tokens of the packed row on this rank -> [T, H, D]."""
-    o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long, block_size=block_size)
-    return o[0]
-
-
 class SoftmaxAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, parts: ModelParts):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.head_dim,
-        )
+        self.head_dim = cfg.head_dim
         self.rotary_dim, self.rope_theta = cfg.effective_rotary_dim, cfg.rope_theta
         self.sliding_window = cfg.sliding_window
-        h, n, kv, d = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
-        self.q_proj = nn.Linear(h, n * d, bias=False)
-        self.k_proj = nn.Linear(h, kv * d, bias=False)
-        self.v_proj = nn.Linear(h, kv * d, bias=False)
-        self.o_proj = nn.Linear(n * d, h, bias=False)
-        # The attention core over packed documents; context parallelism swaps in ring attention.
-        self.core = local_softmax_core
+        h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = parts.linear(h, n * d, "column")
+        self.k_proj = parts.linear(h, kv * d, "kv")
+        self.v_proj = parts.linear(h, kv * d, "kv")
+        self.o_proj = parts.linear(n * d, h, "row")
+        self.region = parts.region()
+        self.core = parts.softmax_core(cfg, layer_idx)
 
     def forward(self, x: torch.Tensor, seq: PackedSequence) -> torch.Tensor:
+        x = self.region.enter(x)
         t = x.shape[0]
-        q = self.q_proj(x).view(t, -1, self.head_dim)
+        q = self.q_proj(x).view(t, -1, self.head_dim)  # this rank's heads
         k = self.k_proj(x).view(t, -1, self.head_dim)
         v = self.v_proj(x).view(t, -1, self.head_dim)
         # RoPE in at least fp32, the result in q's dtype: under bf16 autocast q and k stay bf16 for the
@@ -75,34 +50,34 @@ class SoftmaxAttention(nn.Module):
         # apply_rope expects [..., T, H, D] with cos/sin [..., T, rotary_dim]
         q, k = apply_rope(q, cos, sin).to(q.dtype), apply_rope(k, cos, sin).to(k.dtype)
         o = self.core(q, k, v, seq, scale=self.head_dim**-0.5, sliding_window=self.sliding_window)
-        return self.o_proj(o.reshape(t, -1))
+        return self.region.exit(self.o_proj(o.reshape(t, -1)))
 
 
 class LightningAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, parts: ModelParts):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.head_dim, self.block_size = cfg.num_attention_heads, cfg.head_dim, cfg.block_size
-        h, n, d = cfg.hidden_size, self.num_heads, self.head_dim
+        self.head_dim = cfg.head_dim
+        h, n, d = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
         self.act = ACTIVATIONS[cfg.hidden_act]
         # Rows are head-major interleaved: head i owns rows [3*d*i, 3*d*(i+1)) = (q_i, k_i, v_i).
-        self.qkv_proj = nn.Linear(h, 3 * n * d, bias=False)
-        self.output_gate = nn.Linear(h, n * d, bias=False)
-        self.out_proj = nn.Linear(n * d, h, bias=False)
-        self.norm = RMSNorm(n * d, eps=LIGHTNING_NORM_EPS)
-        slopes = lightning_slopes(n, layer_idx, cfg.num_hidden_layers, legacy=cfg.legacy_slopes)
-        self.register_buffer("slopes", slopes, persistent=False)
-        # The decayed recurrence over packed documents; context parallelism swaps in LASP+.
-        self.core = local_lightning_core
+        self.qkv_proj = parts.linear(h, 3 * n * d, "column")
+        self.output_gate = parts.linear(h, n * d, "column")
+        self.out_proj = parts.linear(n * d, h, "row")
+        self.norm = parts.head_norm(n * d, LIGHTNING_NORM_EPS)
+        self.region = parts.region()
+        # the decayed recurrence over packed documents (it owns this layer's per-head decays)
+        self.core = parts.lightning_core(cfg, layer_idx)
 
     def mix(self, x: torch.Tensor, seq: PackedSequence) -> torch.Tensor:
-        """The attention core: activated qkv -> decayed linear recurrence per document -> [T, n*d]."""
+        """The attention core: activated qkv -> decayed linear recurrence per document -> [T, heads*d]."""
         t = x.shape[0]
         qkv = self.act(self.qkv_proj(x)).view(t, -1, 3 * self.head_dim)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        return self.core(q, k, v, self.slopes, seq, block_size=self.block_size).reshape(t, -1)
+        return self.core(q, k, v, seq).reshape(t, -1)
 
     def forward(self, x: torch.Tensor, seq: PackedSequence) -> torch.Tensor:
+        x = self.region.enter(x)
         y = self.norm(self.mix(x, seq))
         y = torch.sigmoid(self.output_gate(x)) * y
-        return self.out_proj(y)
+        return self.region.exit(self.out_proj(y))

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the model: RMSNorm, activations, packed-sequence metadata."""
+"""Small building blocks shared by the model: activations and packed-sequence metadata."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -14,21 +13,6 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-
-
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) computed in fp32, cast back, then times the weight (transformers' order)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
 
 
 class SequenceCache:
@@ -76,6 +60,11 @@ class PackedSequence:
         return self.cache[key]
 
     @property
+    def max_doc_len(self) -> int:
+        """The longest document (a host int: the flash kernels size their grids by it)."""
+        return self.cached("max_doc_len", lambda: int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max()))
+
+    @property
     def cu_seqlens_long(self) -> torch.Tensor:
         """cu_seqlens as int64, one tensor per sequence: fla caches its chunk indices by tensor identity."""
         return self.cached("cu_seqlens_long", lambda: self.cu_seqlens.long())
@@ -84,9 +73,15 @@ class PackedSequence:
     def build(cls, batch: int, seqlen: int, device, cu_seqlens=None, position_ids=None) -> PackedSequence:
         n = batch * seqlen
         if cu_seqlens is None:
-            cu_seqlens = torch.arange(0, n + 1, seqlen, device=device, dtype=torch.int32)
+            cu_seqlens = torch.arange(0, n + 1, seqlen, dtype=torch.int32)
+        longest = None
+        if cu_seqlens.device.type == "cpu":  # read on the host before the copy: no device sync later
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
         cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != n:
+        if longest is None:
+            first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        if first != 0 or last != n:
             raise ValueError(
                 f"cu_seqlens must start at 0 and end at batch*seq_len={n}, got "
                 f"{int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
@@ -97,4 +92,7 @@ class PackedSequence:
             rope_pos = causal_pos - cu_seqlens.long()[doc_ids]
         else:
             rope_pos = position_ids.reshape(-1).to(device)
-        return cls(cu_seqlens=cu_seqlens, doc_ids=doc_ids, causal_pos=causal_pos, rope_pos=rope_pos)
+        seq = cls(cu_seqlens=cu_seqlens, doc_ids=doc_ids, causal_pos=causal_pos, rope_pos=rope_pos)
+        if longest is not None:
+            seq.cache["max_doc_len"] = longest
+        return seq

@@ -1,9 +1,10 @@
 """The MoE block: softmax router, top-k with renormalised weights, SwiGLU experts.
 
-The token movement (permute -> experts -> unpermute) goes through a `dispatcher`; the local one here
-is the single-process reference: dropless (exact, as transformers) or capacity with token drop. Expert
-parallelism (minimax_train/parallel/expert_parallel.py) swaps in an all-to-all dispatcher with the same
-interface: dispatcher(x [T,H], route, experts) -> (out [T,H], {"tokens_per_expert": [E], "dropped": scalar}).
+The router, the experts and the token movement (permute -> experts -> unpermute, the `dispatcher`) come
+from the ModelParts given at construction (model/parts.py); the local dispatcher here is the
+single-process reference: dropless (exact, as transformers) or capacity with token drop. A layout's
+dispatcher has the same interface (parts.Dispatcher): dispatcher(x [T,H], route, experts) -> (out [T,H],
+the route the load-balancing statistics count, {"tokens_per_expert": [E], "dropped": scalar}).
 
 Capacity rule (shared with the expert-parallel dispatcher, which applies it over the tokens of its whole
 EP group, rank-major): capacity per expert C = ceil(capacity_factor * tokens * top_k / E). The (token, slot)
@@ -41,13 +42,18 @@ class RouterOutput:
 
 
 class Router(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """`view` maps the stored weight to the tensor used (a layout's hook, e.g. for sequence-sharded input)."""
+
+    def __init__(self, cfg: ModelConfig, weight: nn.Parameter | None = None, view=None):
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.weight = nn.Parameter(torch.empty(cfg.num_local_experts, cfg.hidden_size))
+        if weight is None:
+            weight = nn.Parameter(torch.empty(cfg.num_local_experts, cfg.hidden_size))
+        self.weight = weight
+        self.view = view
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        logits = F.linear(x, self.weight)
+        logits = F.linear(x, self.weight if self.view is None else self.view(self.weight))
         probs = torch.softmax(logits.float(), dim=-1)
         top_w, top_e = torch.topk(probs, self.top_k, dim=-1)
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
@@ -55,13 +61,14 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All experts' weights as two 3-D tensors (transformers v5's in-memory layout)."""
+    """All experts' weights as two 3-D tensors (transformers v5's in-memory layout): gate_up_proj [E, 2I, H]
+    (gate rows, then up rows) and down_proj [E, H, I]; a layout may pass its own (sharded) parameters."""
 
-    def __init__(self, cfg: ModelConfig, num_experts: int | None = None):
+    def __init__(self, cfg: ModelConfig, gate_up: nn.Parameter | None = None, down: nn.Parameter | None = None):
         super().__init__()
-        e = cfg.num_local_experts if num_experts is None else num_experts
-        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * cfg.intermediate_size, cfg.hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(e, cfg.hidden_size, cfg.intermediate_size))
+        e, i, h = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+        self.gate_up_proj = gate_up if gate_up is not None else nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = down if down is not None else nn.Parameter(torch.empty(e, h, i))
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, counts_cpu: list[int] | None = None):
@@ -121,23 +128,23 @@ class LocalDispatcher:
         y = experts(xin[token_of], run_counts)
         y = y * route.weights.reshape(-1)[order, None].to(y.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
-        return out, {"tokens_per_expert": counts, "dropped": dropped}
+        return out, route, {"tokens_per_expert": counts, "dropped": dropped}
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parts):
         super().__init__()
         self.jitter = cfg.router_jitter_noise
-        self.gate = Router(cfg)
-        self.experts = Experts(cfg)
-        self.dispatcher = LocalDispatcher(cfg.moe_routing, cfg.capacity_factor)
+        self.gate = parts.router(cfg)
+        self.experts = parts.experts(cfg)
+        self.dispatcher = parts.dispatcher(cfg)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput, dict]:
+        """(output, route for the load-balancing statistics, {"tokens_per_expert", "dropped"})."""
         if self.training and self.jitter > 0:
+            # under sequence parallelism every tp rank draws the same noise for its own shard
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        route = self.gate(x)
-        out, stats = self.dispatcher(x, route, self.experts)
-        return out, route, stats
+        return self.dispatcher(x, self.gate(x), self.experts)
 
 
 def load_balancing_stats(route: RouterOutput, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, int]:

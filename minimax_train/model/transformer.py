@@ -1,10 +1,11 @@
 """MiniMax-Text-01: embedding -> hybrid decoder layers -> norm -> lm_head, on packed documents.
 
-Parameter names equal transformers v5's in-memory names, so HF conversion is a pure re-layout."""
+Parameter names equal transformers v5's in-memory names, so HF conversion is a pure re-layout. The pieces a
+parallel layout changes come from the ModelParts given at construction (model/parts.py); build on the meta
+device (`with torch.device("meta")`, seed=None) to materialise only a layout's shards later."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -12,34 +13,34 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.cross_entropy import chunked_loss_sum
 from .attention import LightningAttention, SoftmaxAttention
 from .config import FULL, ModelConfig
-from .layers import PackedSequence, RMSNorm
+from .init import InitSource, fill_parameters
+from .layers import PackedSequence
 from .moe import MoE, RouterOutput, load_balancing_loss, load_balancing_stats
+from .parts import ModelParts
+
+AC_MODES = ("none", "selective", "full")
 
 
 class DecoderLayer(nn.Module):
     """Post-norm residual with the NORMED input as residual: h = a*N(x) + b*Attn(N(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, parts: ModelParts):
         super().__init__()
         self.layer_type = cfg.resolved_layer_types()[layer_idx]
         if self.layer_type == FULL:
-            self.self_attn = SoftmaxAttention(cfg, layer_idx)
+            self.self_attn = SoftmaxAttention(cfg, layer_idx, parts)
             self.attn_alpha, self.attn_beta = cfg.full_attn_alpha_factor, cfg.full_attn_beta_factor
         else:
-            self.self_attn = LightningAttention(cfg, layer_idx)
+            self.self_attn = LightningAttention(cfg, layer_idx, parts)
             self.attn_alpha, self.attn_beta = cfg.linear_attn_alpha_factor, cfg.linear_attn_beta_factor
         self.mlp_alpha, self.mlp_beta = cfg.mlp_alpha_factor, cfg.mlp_beta_factor
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg)
-        self.checkpoint_mode = "none"
+        self.input_layernorm = parts.residual_norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = parts.residual_norm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, parts)
+        self.checkpoint_mode = "none"  # set by MiniMaxForCausalLM.set_memory_options
         self.moe_chunk_tokens = 0  # > 0: the MoE sublayer runs over token chunks, each checkpointed
-
-    def _attn(self, x, seq):
-        return self.self_attn(x, seq)
 
     def _moe_sublayer(self, h):
         b = self.post_attention_layernorm(h)
@@ -49,7 +50,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, seq: PackedSequence):
         a = self.input_layernorm(x)
         if self.checkpoint_mode == "selective":  # recompute the attention sublayer, keep the rest
-            attn = checkpoint(self._attn, a, seq, use_reentrant=False)
+            attn = checkpoint(self.self_attn, a, seq, use_reentrant=False)
         else:
             attn = self.self_attn(a, seq)
         h = self.attn_alpha * a + self.attn_beta * attn
@@ -88,15 +89,15 @@ class CausalLMOutput:
 
 
 class MiniMaxModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parts: ModelParts):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        # Context parallelism splits one micro-batch's tokens over ranks: the load-balancing statistics
-        # are then summed over that group (differentiably) so the aux loss equals the unsplit one.
-        self.aux_stats_group = None
+        self.embed_tokens = parts.embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, parts) for i in range(cfg.num_hidden_layers))
+        self.norm = parts.residual_norm(cfg.hidden_size, cfg.rms_norm_eps)
+        # sums the load-balancing statistics over the ranks that split one micro-batch's tokens (context
+        # parallelism), differentiably, so the aux loss equals the unsplit one
+        self.aux_stats = parts.aux_stats()
 
     def forward(self, input_ids: torch.Tensor, seq: PackedSequence):
         x = self.embed_tokens(input_ids.reshape(-1))
@@ -113,79 +114,51 @@ class MiniMaxModel(nn.Module):
             counts, prob_sum, rows = counts + c, prob_sum + p, rows + r
             loads.append(stats["tokens_per_expert"])
             dropped = dropped + stats["dropped"]
-        if self.aux_stats_group is not None:
-            from ..parallel.tp_ops import all_reduce_sum  # forward and backward both sum over the group
-
-            counts = all_reduce_sum(counts, self.aux_stats_group)
-            prob_sum = all_reduce_sum(prob_sum, self.aux_stats_group)
-            rows = all_reduce_sum(torch.tensor(float(rows), device=counts.device), self.aux_stats_group)
+        counts, prob_sum, rows = self.aux_stats(counts, prob_sum, rows)
         aux = load_balancing_loss(counts, prob_sum, rows, e)
         return self.norm(x), aux, torch.stack(loads).detach(), dropped
 
 
 class MiniMaxForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, parts: ModelParts | None = None, *, seed: int | None = 0):
+        """seed: initialise with model/init.py's layout-independent values of this seed; None leaves the
+        parameters as constructed (a model built on the meta device, to be materialised by its layout)."""
         super().__init__()
+        parts = parts if parts is not None else ModelParts()
         self.config = cfg
-        self.model = MiniMaxModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.model = MiniMaxModel(cfg, parts)
+        self.lm_head = parts.lm_head(cfg.hidden_size, cfg.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        # tokens per lm_head + cross-entropy chunk in training (ops/cross_entropy.py); 0: all at once.
-        # The trainer sets train.loss_chunk_tokens here.
-        self.loss_chunk_tokens = 0
-        self.init_weights()
+        self.loss_chunk_tokens = 0  # see set_memory_options
+        if seed is not None:
+            self.init_weights(seed)
 
-    # ---- initialisation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """transformers' init (normal(0, initializer_range), norms = 1) or Xavier with DeepNorm gains."""
-        cfg = self.config
-        deep_beta = (8 * cfg.num_hidden_layers) ** -0.25
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.fill_(1.0)
-            elif cfg.init == "normal" or p.dim() < 2 or "embed_tokens" in name:
-                p.normal_(0.0, cfg.initializer_range)
-            else:
-                self._deepnorm_init(name, p, deep_beta)
+    def init_weights(self, seed: int) -> None:
+        """Every parameter (this rank's part of it) from model/init.py's rules: transformers' init or
+        Xavier with DeepNorm gains (config.init), the same values in every layout for one seed."""
+        fill_parameters(self, InitSource(self.config, seed))
 
-    def _deepnorm_init(self, name: str, p: torch.Tensor, beta: float) -> None:
-        """Xavier normal per unfused projection: gain beta on value, output and FFN projections, 1 on q, k,
-        router and lm_head (DeepNet). Fused tensors are initialised block by block with the fan of the
-        projection each block stands for: qkv_proj's rows are head-major (q_i, k_i, v_i), gate_up_proj's
-        gate then up."""
-
-        def xavier(t, gain):
-            fan_out, fan_in = t.shape[-2], t.shape[-1]
-            t.normal_(0.0, gain * math.sqrt(2.0 / (fan_in + fan_out)))
-
-        if "qkv_proj" in name:  # [n*3*d, h] -> [n, 3, d, h]; q, k and v are each an [n*d, h] projection
-            d = self.config.head_dim
-            blocks = p.view(-1, 3, d, p.shape[-1])
-            std = math.sqrt(2.0 / (p.shape[-1] + p.shape[0] // 3))
-            blocks[:, :2].normal_(0.0, std)
-            blocks[:, 2].normal_(0.0, beta * std)
-        elif "gate_up_proj" in name:  # [E, 2I, H]: gate [E, I, H] and up [E, I, H], FFN input projections
-            for half in p.chunk(2, dim=-2):
-                xavier(half, beta)
-        else:
-            scaled = any(s in name for s in ("v_proj", "o_proj", "out_proj", "output_gate", "experts"))
-            xavier(p, beta if scaled else 1.0)
-
-    def set_activation_checkpointing(self, mode: str, moe_chunk_tokens: int = 0) -> None:
-        """mode none | selective (attention sublayers) | full (whole layers); moe_chunk_tokens > 0 also
-        checkpoints the norm + MoE sublayer per chunk of that many tokens (dropless routing only)."""
-        if mode not in ("none", "selective", "full"):
-            raise ValueError(f"activation checkpointing mode '{mode}' unknown; use none, selective or full")
+    def set_memory_options(
+        self, activation_checkpointing: str = "none", moe_chunk_tokens: int = 0, loss_chunk_tokens: int = 0
+    ) -> None:
+        """activation_checkpointing none | selective (attention sublayers) | full (whole layers);
+        moe_chunk_tokens > 0 checkpoints the norm + MoE sublayer per chunk of that many tokens (dropless
+        routing only); loss_chunk_tokens > 0 runs lm_head + cross-entropy per checkpointed chunk of that many
+        tokens (ops/cross_entropy.py). None of them changes the result."""
+        if activation_checkpointing not in AC_MODES:
+            raise ValueError(
+                f"activation checkpointing mode '{activation_checkpointing}' unknown; use none, selective or full"
+            )
         if moe_chunk_tokens > 0 and self.config.moe_routing != "dropless":
             raise ValueError(
                 "moe_chunk_tokens needs moe_routing=dropless: capacity routing ranks every token of "
                 "the micro-batch together"
             )
         for layer in self.model.layers:
-            layer.checkpoint_mode = mode
+            layer.checkpoint_mode = activation_checkpointing
             layer.moe_chunk_tokens = moe_chunk_tokens
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(
@@ -212,22 +185,13 @@ class MiniMaxForCausalLM(nn.Module):
             out.logits = self.lm_head(hidden).view(b, t, -1)
         if labels is not None:
             flat = labels.reshape(-1)
-            out.lm_loss_sum = self.lm_loss_sum(hidden, flat, out.logits)
+            if out.logits is not None:  # the full logits were asked for anyway
+                out.lm_loss_sum = F.cross_entropy(
+                    out.logits.reshape(flat.numel(), -1).float(), flat, ignore_index=-100, reduction="sum"
+                )
+            else:
+                out.lm_loss_sum = self.lm_head.loss_sum(hidden, flat, self.loss_chunk_tokens)
             out.num_loss_tokens = (flat != -100).sum()
             out.lm_loss = out.lm_loss_sum / out.num_loss_tokens.clamp(min=1)
             out.loss = out.lm_loss + self.config.router_aux_loss_coef * aux
         return out
-
-    def lm_loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
-        """Sum of token cross-entropies in fp32 (-100 ignored). Without precomputed logits, the tokens go
-        through lm_head + cross-entropy in chunks of self.loss_chunk_tokens (recomputed in backward), so the
-        full [tokens, vocab] logits never exist. Tensor parallelism overrides this with a vocabulary-parallel
-        version (chunked the same way)."""
-        if logits is not None:
-            return F.cross_entropy(
-                logits.reshape(labels.numel(), -1).float(), labels, ignore_index=-100, reduction="sum"
-            )
-        return chunked_loss_sum(hidden.reshape(labels.numel(), -1), labels, self._lm_loss_chunk, self.loss_chunk_tokens)
-
-    def _lm_loss_chunk(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.lm_head(hidden).float(), labels, ignore_index=-100, reduction="sum")

@@ -19,11 +19,11 @@ import functools
 
 import torch
 
-__all__ = ["varlen_attention", "packed_causal_attention", "merge_partial_attention"]
+__all__ = ["varlen_attention", "packed_causal_attention", "resolve_packed_backend", "merge_partial_attention"]
 
 # Scores held per query chunk in the torch backend: Hq * chunk * Tk elements (fp32: 128 MiB);
 # backward keeps about four such buffers alive.
-_TORCH_CHUNK_ELEMS = 1 << 25
+TORCH_CHUNK_ELEMS = 1 << 25
 # FlexAttention's sparse block size (its default); the block mask is built at this granularity.
 _FLEX_BLOCK = 128
 
@@ -169,7 +169,7 @@ def attention_backward(q, k, v, lse, do, row, q_doc, q_pos, k_doc, k_pos, scale,
 
 def _torch_varlen_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, chunk=None):
     if chunk is None:
-        chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, q.shape[1] * k.shape[0]))
+        chunk = max(1, TORCH_CHUNK_ELEMS // max(1, q.shape[1] * k.shape[0]))
     return _TorchVarlenAttention.apply(q, k, v, q_doc, q_pos, k_doc, k_pos, float(scale), sliding_window, int(chunk))
 
 
@@ -370,6 +370,19 @@ class _CudnnVarlen(torch.autograd.Function):
 PACKED_BACKENDS = ("auto", "fa2", "cudnn", "flex", "torch")
 
 
+def _half_on_cuda(q) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def resolve_packed_backend(q, backend: str) -> str:
+    """The packed backend "auto" stands for: flex on CUDA, torch elsewhere."""
+    if backend not in PACKED_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(PACKED_BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "flex" if q.is_cuda else "torch"
+    return backend
+
+
 def packed_causal_attention(
     q, k, v, cu_seqlens, max_seqlen, *, scale, sliding_window=None, return_lse=False, backend="auto", seq_meta=None
 ):
@@ -378,15 +391,11 @@ def packed_causal_attention(
     q [T, Hq, D], k/v [T, Hkv, D] over the same T tokens; cu_seqlens [N+1] int32 document boundaries;
     max_seqlen the longest document. Same result as varlen_attention with doc ids and positions from
     cu_seqlens. backend: "fa2" / "cudnn" (CUDA bf16/fp16 flash kernels, the log-sum-exp is not
-    differentiable), "flex" / "torch" (through varlen_attention, which needs seq_meta = (doc_ids, positions,
-    mask_cache)), or "auto" (fa2 on CUDA in half precision, else flex on CUDA, torch on CPU)."""
-    if backend not in PACKED_BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(PACKED_BACKENDS)}, got {backend!r}")
-    half = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    if backend == "auto":
-        backend = "fa2" if half else ("flex" if q.is_cuda else "torch")
+    differentiable; they need max_seqlen), "flex" / "torch" (through varlen_attention, which needs
+    seq_meta = (doc_ids, positions, mask_cache)), or "auto" (resolve_packed_backend)."""
+    backend = resolve_packed_backend(q, backend)
     if backend in ("fa2", "cudnn"):
-        if not half:
+        if not _half_on_cuda(q):
             raise ValueError(f"backend {backend!r} needs CUDA fp16/bf16 inputs, got {q.dtype} on {q.device}")
         cu = cu_seqlens.to(torch.int32)
         if backend == "fa2":

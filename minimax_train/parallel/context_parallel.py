@@ -2,8 +2,7 @@
 
     ids, labels, seq = shard_for_context_parallel(batch.input_ids, batch.labels, batch.cu_seqlens,
                                                   mesh.cp_rank, mesh.cp_size, batch.position_ids)
-    apply_context_parallel(model, mesh.cp_group)          # once, after building (and TP-sharding) the model
-    out = model(ids, labels=labels, seq=seq)
+    out = model(ids, labels=labels, seq=seq)   # a model built with the layout's parts (model_parts.py)
 
 - cp_shard.py: the zigzag shard (2*cp chunks per row, rank r keeps r and 2cp-1-r), local cu_seqlens,
   global doc ids / causal positions, per-document RoPE positions; no document padding.
@@ -11,9 +10,9 @@
 - ring_attention.py: varlen ring attention for softmax layers (K/V rotation, lse merge, dK/dV ring).
 
 Losses: out.lm_loss_sum and out.num_loss_tokens are this rank's shares (its local labels); sum both over
-the cp group (and dp) for the row's loss. The aux loss is already the whole row's: apply_context_parallel
-sets model.model.aux_stats_group = cp_group, so the load-balancing statistics are summed (differentiably)
-over the cp ranks before the loss. Gradients: every cp rank holds the same weights; dense gradients are
+the cp group (and dp) for the row's loss. The aux loss is already the whole row's: the layout's parts give
+the model a CPStatsReducer, so the load-balancing statistics are summed (differentiably) over the cp ranks
+before the loss. Gradients: every cp rank holds the same weights; dense gradients are
 summed/averaged over dp x cp (mesh.dp_cp_group, what FSDP does); see cp_loss_for_backward.
 """
 
@@ -21,9 +20,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from ..model.attention import LightningAttention, SoftmaxAttention
+from .collectives import all_reduce_sum
 from .cp_shard import (
     CPPackedSequence,
     CPShardInfo,
@@ -33,35 +31,24 @@ from .cp_shard import (
     zigzag_chunks,
     zigzag_token_index,
 )
-from .data_parallel import decoder_layers
 from .lasp import LaspCore, lasp_attention
 from .ring_attention import RingAttentionCore, build_ring_plan, ring_attention
 
 
-def apply_context_parallel(
-    model: nn.Module,
-    cp_group,
-    *,
-    lasp: str = "plus",
-    attention_backend: str = "auto",
-    ring_backward: str = "auto",
-    lightning_backend: str = "auto",
-) -> nn.Module:
-    """Install the context-parallel cores on every attention layer (in place) and make the aux loss sum its
-    statistics over cp_group. Works before or after tensor parallelism / FSDP wrapping (only the `.core`
-    attribute of each attention module changes). lasp: "plus" (LASP+) or "serial" (the LASP baseline).
-    The model then expects CPPackedSequence inputs (shard_for_context_parallel); a plain PackedSequence
-    still runs locally (e.g. evaluation on the full row)."""
-    for layer in decoder_layers(model):
-        attn = layer.self_attn
-        if isinstance(attn, LightningAttention) or hasattr(attn, "slopes"):
-            attn.core = LaspCore(cp_group, mode=lasp, backend=lightning_backend)
-        elif isinstance(attn, SoftmaxAttention) or hasattr(attn, "core"):
-            attn.core = RingAttentionCore(cp_group, backend=attention_backend, backward=ring_backward)
-        else:
-            raise ValueError(f"apply_context_parallel: unknown attention module {type(attn).__name__}")
-    getattr(model, "model", model).aux_stats_group = cp_group
-    return model
+class CPStatsReducer:
+    """The load-balancing statistics of the whole row: summed over the cp ranks that hold its chunks, in
+    forward and backward (the aux loss of every rank then equals the unsplit one)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __call__(self, counts, prob_sum, rows):
+        rows_t = torch.tensor(float(rows), device=counts.device)
+        return (
+            all_reduce_sum(counts, self.group),
+            all_reduce_sum(prob_sum, self.group),
+            all_reduce_sum(rows_t, self.group),
+        )
 
 
 def shard_batch(batch, cp_rank: int, cp_size: int):
@@ -96,7 +83,7 @@ def reduce_loss_over_cp(
 
 
 __all__ = [
-    "apply_context_parallel",
+    "CPStatsReducer",
     "shard_for_context_parallel",
     "shard_batch",
     "unshard_from_context_parallel",

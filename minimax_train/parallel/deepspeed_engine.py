@@ -30,28 +30,11 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .layout import check_deepspeed_layout
+
 log = logging.getLogger(__name__)
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def check_deepspeed_layout(cfg) -> None:
-    """The DeepSpeed engine does data parallelism only; raise ParallelConfigError otherwise."""
-    from .mesh import ParallelConfigError
-
-    bad = [f"{k}={getattr(cfg, k)}" for k in ("tp", "cp", "ep", "etp") if getattr(cfg, k) != 1]
-    if bad:
-        raise ParallelConfigError(
-            f"parallel.engine=deepspeed supports data parallelism only (tp=cp=ep=etp=1), got "
-            f"{', '.join(bad)}; use parallel.engine=fsdp2 for tensor/context/expert parallelism"
-        )
-    if cfg.zero_stage == 0:
-        raise ParallelConfigError(
-            "parallel.engine=deepspeed needs parallel.zero_stage 1, 2 or 3 (stage 0 is plain "
-            "data parallelism: use parallel.engine=fsdp2)"
-        )
-    if cfg.sequence_parallel:
-        raise ParallelConfigError("parallel.engine=deepspeed: sequence_parallel needs tensor parallelism (fsdp2)")
 
 
 def ds_config(job, *, accum: int, dp: int, bf16: bool) -> dict:
@@ -272,4 +255,4 @@ class DeepSpeedEngine:
                 dist.destroy_process_group()
 
 
-__all__ = ["DeepSpeedEngine", "ds_config", "check_deepspeed_layout"]
+__all__ = ["DeepSpeedEngine", "ds_config"]

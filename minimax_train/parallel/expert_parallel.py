@@ -1,9 +1,6 @@
-"""Expert parallelism (EP) and expert tensor parallelism (ETP) for the MoE blocks.
-
-    apply_expert_parallel(model, mesh, overlap_chunks=K)
-
-For every MoE block it keeps only this rank's experts and installs the all-to-all dispatcher
-(moe_dispatch.py). Layout (ParallelMesh.expert_mesh, dims edp x ep x etp):
+"""Expert parallelism (EP) and expert tensor parallelism (ETP) for the MoE blocks: the experts a layout
+gives the model at construction (ExpertParallelExperts, only this rank's experts) and the groups the
+all-to-all dispatcher (moe_dispatch.py) exchanges tokens over. Layout (ParallelMesh.expert_mesh, dims edp x ep x etp):
 - ep rank r holds global experts [r*E/ep, (r+1)*E/ep);
 - etp rank j holds slice j of every local expert's FFN width I (gate and up rows j*I/etp.., down columns);
 - edp replicates; FSDP2 shards the expert parameters over it.
@@ -35,8 +32,8 @@ the gradient of the global loss, sum expert gradients over edp and divide by the
 dense ones (FSDP2: fully_shard(experts, mesh=expert_mesh["edp"]) with
 set_gradient_divide_factor(dp * cp), the dense group's size).
 
-Order in the trainer: build/load the full model (identical on all ranks) -> tensor/sequence/context
-parallel wrappers -> apply_expert_parallel -> FSDP2 (experts over edp first, then the decoder layers
+Order in the trainer (parallel/parallelize.py): build the model with the layout's parts on the meta device
+-> FSDP2 (experts over edp first, then the decoder layers
 and root over dp x cp) -> optimiser.
 """
 
@@ -49,8 +46,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..model.moe import Experts, LocalDispatcher, MoE
-from .moe_dispatch import AllToAllDispatcher, _ExpertExchange
+from ..model.moe import Experts
+from .layout import ep_token_replicas
+from .moe_dispatch import ExpertExchange
+from .tensor_parallel import local
 
 
 @dataclass
@@ -97,7 +96,7 @@ def expert_groups(mesh_or_groups, sequence_parallel: Optional[bool] = None) -> E
             return ExpertGroups(sequence_parallel=sp and pm.etp_size > 1)
     names = dm.mesh_dim_names or ()
     if "ep" not in names:
-        raise ValueError(f"apply_expert_parallel: the device mesh needs an 'ep' dimension, has {names}")
+        raise ValueError(f"expert parallelism: the device mesh needs an 'ep' dimension, has {names}")
     sub = dm["ep", "etp"] if "etp" in names else dm["ep"]
     ep_size, ep_rank = dm.size(names.index("ep")), dm.get_local_rank("ep")
     etp_size, etp_rank = (dm.size(names.index("etp")), dm.get_local_rank("etp")) if "etp" in names else (1, 0)
@@ -119,26 +118,11 @@ def expert_groups(mesh_or_groups, sequence_parallel: Optional[bool] = None) -> E
 
 
 def _token_replicas(pm, sp: bool) -> int:
-    """How many ranks of each EP group hold the same tokens. Without sequence parallelism the MoE input is
-    replicated over tp; an EP group that folds over tp ranks (etp < tp) then dispatches each token from
-    every replica. Correct (outputs are right, weight gradients are divided by the count) but it wastes
-    that factor of expert compute and all-to-all bytes: prefer etp = tp or parallel.sequence_parallel."""
-    if sp or pm.tp_size == 1 or pm.etp_size == pm.tp_size:
-        return 1
-    from .mesh import rank_groups
+    """Ranks of this rank's EP group holding the same tokens (layout.ep_token_replicas), with a warning when
+    that wastes compute: prefer etp = tp or parallel.sequence_parallel."""
+    from dataclasses import replace
 
-    group = next(g for g in rank_groups(pm.layout)["ep"] if pm.rank in g)
-    per_block: dict[int, int] = {}
-    for r in group:
-        per_block[r // pm.tp_size] = per_block.get(r // pm.tp_size, 0) + 1  # a tp block holds one token set
-    counts = set(per_block.values())
-    if len(counts) != 1:
-        raise ValueError(
-            f"parallel.ep={pm.ep_size} over tp={pm.tp_size} with etp={pm.etp_size} and no sequence "
-            f"parallelism replicates tokens unevenly in the EP group; use etp={pm.tp_size} or "
-            f"parallel.sequence_parallel=true"
-        )
-    n = counts.pop()
+    n = ep_token_replicas(pm.layout, replace(pm.cfg, sequence_parallel=sp))
     if n > 1:
         import warnings
 
@@ -152,35 +136,41 @@ def _token_replicas(pm, sp: bool) -> int:
 
 
 class ExpertParallelExperts(Experts):
-    """This rank's experts (DTensor parameters, see the module docstring); forward(send_x, plan) runs the
-    pipelined all-to-all exchange. Called as a module so FSDP2's hooks (unshard over edp) fire."""
+    """This rank's experts (DTensor parameters on the ("ep", "etp") mesh, see the module docstring; plain
+    tensors without a mesh); forward(send_x, plan) runs the pipelined all-to-all exchange. Called as a
+    module so FSDP2's hooks (unshard over edp) fire. Built on the current default device (e.g. meta): only
+    the local experts' local slices are allocated."""
 
-    def __init__(
-        self,
-        gate_up: torch.Tensor,
-        down: torch.Tensor,
-        act,
-        groups: ExpertGroups,
-        num_experts: int,
-        intermediate_size: int,
-    ):
-        nn.Module.__init__(self)
-        self.gate_up_proj = nn.Parameter(gate_up)
-        self.down_proj = nn.Parameter(down)
-        self.act = act
+    def __init__(self, cfg, groups: ExpertGroups):
+        e, inter, h = cfg.num_local_experts, cfg.intermediate_size, cfg.hidden_size
+        if e % groups.ep_size:
+            raise ValueError(f"parallel.ep={groups.ep_size} does not divide num_local_experts={e}")
+        if inter % groups.etp_size:
+            raise ValueError(f"parallel.etp={groups.etp_size} does not divide intermediate_size={inter}")
+        el, il = e // groups.ep_size, inter // groups.etp_size
+        # with etp > 1 this rank's gate rows and up rows are not contiguous in [E, 2I, H]: keep [E, 2, I, H]
+        gu = torch.empty(el, 2, il, h) if groups.etp_size > 1 else torch.empty(el, 2 * il, h)
+        dn = torch.empty(el, h, il)
+        if groups.mesh is not None:
+            from torch.distributed.tensor import DTensor, Replicate, Shard
+
+            two_d = groups.mesh.ndim == 2
+            gu_place = [Shard(0)] + ([Shard(2) if groups.etp_size > 1 else Replicate()] if two_d else [])
+            dn_place = [Shard(0)] + ([Shard(2)] if two_d else [])
+            gu = DTensor.from_local(gu, groups.mesh, gu_place, run_check=False)
+            dn = DTensor.from_local(dn, groups.mesh, dn_place, run_check=False)
+        super().__init__(cfg, gate_up=nn.Parameter(gu), down=nn.Parameter(dn))
         self.groups = groups
-        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.num_experts, self.intermediate_size = e, inter
 
     def local_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[E_local, 2*I_local, H] (rows: gate slice then up slice) and [E_local, H, I_local]."""
-        gu, dn = self.gate_up_proj, self.down_proj
-        if hasattr(gu, "to_local"):
-            gu, dn = gu.to_local(), dn.to_local()
+        gu, dn = local(self.gate_up_proj), local(self.down_proj)
         return gu.reshape(gu.shape[0], -1, gu.shape[-1]), dn
 
     def forward(self, send_x: torch.Tensor, plan) -> torch.Tensor:
         gu, dn = self.local_weights()
-        return _ExpertExchange.apply(plan, send_x, gu, dn)
+        return ExpertExchange.apply(plan, send_x, gu, dn)
 
     def extra_repr(self) -> str:
         g = self.groups
@@ -188,71 +178,6 @@ class ExpertParallelExperts(Experts):
             f"experts {self.num_experts} (local {self.num_experts // g.ep_size}), ep {g.ep_size} rank {g.ep_rank}, "
             f"etp {g.etp_size} rank {g.etp_rank}, sequence_parallel {g.sequence_parallel}"
         )
-
-
-def _shard_experts(experts: Experts, g: ExpertGroups) -> ExpertParallelExperts:
-    gu, dn = experts.gate_up_proj, experts.down_proj
-    if isinstance(experts, ExpertParallelExperts) or hasattr(gu, "to_local"):
-        raise ValueError("apply_expert_parallel: the experts are already sharded")
-    e, two_i, h = gu.shape
-    inter = two_i // 2
-    if e % g.ep_size:
-        raise ValueError(f"parallel.ep={g.ep_size} does not divide num_local_experts={e}")
-    if inter % g.etp_size:
-        raise ValueError(f"parallel.etp={g.etp_size} does not divide intermediate_size={inter}")
-    el, il = e // g.ep_size, inter // g.etp_size
-    e0, i0 = g.ep_rank * el, g.etp_rank * il
-    with torch.no_grad():
-        gu_l = gu.detach()[e0 : e0 + el].view(el, 2, inter, h)[:, :, i0 : i0 + il].clone()
-        dn_l = dn.detach()[e0 : e0 + el, :, i0 : i0 + il].clone()
-        if g.etp_size == 1:
-            gu_l = gu_l.reshape(el, two_i, h)
-    if g.mesh is not None:
-        from torch.distributed.tensor import DTensor, Replicate, Shard
-
-        mesh_dims = g.mesh.ndim
-        etp_place = [Shard(2)] if mesh_dims == 2 else []
-        gu_place = [Shard(0)] + ([Shard(2) if g.etp_size > 1 else Replicate()] if mesh_dims == 2 else [])
-        gu_l = DTensor.from_local(gu_l, g.mesh, gu_place, run_check=False)
-        dn_l = DTensor.from_local(dn_l, g.mesh, [Shard(0)] + etp_place, run_check=False)
-    out = ExpertParallelExperts(gu_l, dn_l, experts.act, g, e, inter)
-    out.gate_up_proj.requires_grad_(gu.requires_grad)
-    out.down_proj.requires_grad_(dn.requires_grad)
-    return out
-
-
-def apply_expert_parallel(
-    model: nn.Module, expert_mesh_or_groups, *, overlap_chunks: int = 1, sequence_parallel: Optional[bool] = None
-) -> nn.Module:
-    """Shard every MoE block's experts over ep (and etp) and install the all-to-all dispatcher, in place.
-
-    expert_mesh_or_groups: a ParallelMesh, a DeviceMesh with dims ("edp",) "ep"(, "etp"), or ExpertGroups.
-    overlap_chunks: parallel.moe_overlap_chunks (K token groups pipelined; 1 = plain).
-    sequence_parallel: whether the MoE input is sharded over the etp ranks (default: the ParallelMesh's
-    parallel.sequence_parallel; False for a DeviceMesh). Routing mode and capacity factor come from each
-    block's existing dispatcher (model.moe_routing / capacity_factor)."""
-    g = expert_groups(expert_mesh_or_groups, sequence_parallel)
-    found = 0
-    for moe in model.modules():
-        if not isinstance(moe, MoE):
-            continue
-        found += 1
-        local = moe.dispatcher
-        routing = getattr(local, "routing", "dropless")
-        cf = getattr(local, "capacity_factor", 1.25)
-        if not isinstance(local, LocalDispatcher):
-            raise ValueError(f"apply_expert_parallel: MoE block already has a {type(local).__name__}")
-        moe.experts = _shard_experts(moe.experts, g)
-        if g.replicas > 1 and routing == "capacity":
-            raise ValueError(
-                "moe_routing=capacity with tokens replicated inside the EP group (tp > 1 without "
-                "sequence parallelism and etp < tp) would count each token several times against "
-                "the capacity; use etp = tp or parallel.sequence_parallel=true"
-            )
-        moe.dispatcher = AllToAllDispatcher(g, moe.experts.num_experts, moe.gate.top_k, routing, cf, overlap_chunks)
-    if not found:
-        raise ValueError(f"apply_expert_parallel: no MoE block in {type(model).__name__}")
-    return model
 
 
 # ---- checkpoints: the 4-D gate/up form as transformers' [E, 2I, H] -----------------------------------------
@@ -347,4 +272,4 @@ def standard_gate_up(state: dict):
             d[k] = v
 
 
-__all__ = ["ExpertGroups", "ExpertParallelExperts", "apply_expert_parallel", "expert_groups", "standard_gate_up"]
+__all__ = ["ExpertGroups", "ExpertParallelExperts", "expert_groups", "standard_gate_up"]

@@ -29,46 +29,10 @@ import torch
 import torch.distributed as dist
 
 from ..ops.lightning import lightning_attention
+from .collectives import all_gather_stacked, group_size, recv_state, send_state
 from .cp_shard import CPShardInfo
 
 _CORR_ROWS = 16384  # rows per fp32 temporary in the prefix correction
-
-
-def _group_size(group) -> int:
-    if group is None and not dist.is_initialized():
-        return 1
-    return dist.get_world_size(group)
-
-
-# torch 2.13 renamed the flat collectives (*_single); older releases (the GPU images) only have the old names.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-class _AllGather(torch.autograd.Function):
-    """[...] -> [world, ...]; backward sums the gradients of every rank's slice (reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        world = _group_size(group)
-        x = x.contiguous()
-        if world == 1:
-            return x[None].clone()
-        out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
-        _all_gather_flat(out, x, group=group)
-        return out.view((world,) + tuple(x.shape))
-
-    @staticmethod
-    def backward(ctx, g):
-        world = g.shape[0]
-        if world == 1:
-            return g[0], None
-        out = g.new_empty(g.shape[1:])
-        _reduce_scatter_flat(
-            out, g.reshape((-1,) + tuple(g.shape[2:])).contiguous(), op=dist.ReduceOp.SUM, group=ctx.group
-        )
-        return out, None
 
 
 def chunk_decays(info: CPShardInfo, slopes: torch.Tensor, dtype) -> torch.Tensor:
@@ -90,7 +54,7 @@ def _global_grid(m_all: torch.Tensor, info: CPShardInfo) -> torch.Tensor:
 
 def _prefix_states_allgather(m_loc: torch.Tensor, a_grid: torch.Tensor, info: CPShardInfo, group) -> torch.Tensor:
     """LASP+: incoming state [2*rows, H, dk, dv] of every local segment from one all-gather of M."""
-    m_grid = _global_grid(_AllGather.apply(m_loc, group), info)  # [rows, 2cp, H, dk, dv]
+    m_grid = _global_grid(all_gather_stacked(m_loc, group), info)  # [rows, 2cp, H, dk, dv]
     wanted = sorted(set(info.seg_chunk))
     state = torch.zeros_like(m_grid[:, 0])
     s_in = {}
@@ -101,41 +65,6 @@ def _prefix_states_allgather(m_loc: torch.Tensor, a_grid: torch.Tensor, info: CP
             state = a_grid[:, c, :, None, None] * state + m_grid[:, c]
     # local segment j = (row j // 2, chunk seg_chunk[j])
     return torch.stack([s_in[c][j // 2] for j, c in enumerate(info.seg_chunk)])
-
-
-class _RecvState(torch.autograd.Function):
-    """Forward: receive a state from `src`. Backward: send its gradient back. `after` only orders the
-    backward (its gradient, zero, flows once this node's backward has run)."""
-
-    @staticmethod
-    def forward(ctx, after, like, src, group):
-        ctx.src, ctx.group = src, group
-        ctx.after_dtype = after.dtype if isinstance(after, torch.Tensor) else None
-        out = torch.empty_like(like)
-        dist.recv(out, src=src, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        dist.send(g.contiguous(), dst=ctx.src, group=ctx.group)
-        after = torch.zeros((), device=g.device, dtype=ctx.after_dtype) if ctx.needs_input_grad[0] else None
-        return after, None, None, None
-
-
-class _SendState(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, state, dst, group):
-        ctx.dst, ctx.group = dst, group
-        ctx.meta = (state.shape, state.dtype, state.device)
-        dist.send(state.contiguous(), dst=dst, group=group)
-        return torch.zeros((), device=state.device)
-
-    @staticmethod
-    def backward(ctx, g):
-        shape, dtype, device = ctx.meta
-        ds = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(ds, src=ctx.dst, group=ctx.group)
-        return ds, None, None
 
 
 def _serial_lasp(q, k, v, slopes, seq, group, block_size, backend):
@@ -165,10 +94,10 @@ def _serial_lasp(q, k, v, slopes, seq, group, block_size, backend):
                 if torch.is_grad_enabled()
                 else None
             )
-            s_in = like.new_zeros(like.shape) if r == 0 else _RecvState.apply(anchor, like, peer(r - 1), group)
+            s_in = like.new_zeros(like.shape) if r == 0 else recv_state(anchor, like, peer(r - 1), group)
         else:
             # after slot 0's send: orders the backward (slot 1's gradient goes out before slot 0 waits)
-            s_in = s_out if r == cp - 1 else _RecvState.apply(token0, like, peer(r + 1), group)
+            s_in = s_out if r == cp - 1 else recv_state(token0, like, peer(r + 1), group)
         qs, ks, vs = (torch.cat([x[j * n : (j + 1) * n] for j in segs]) for x in (q, k, v))
         cu, first_piece, last_piece = [0], [], []
         for i, j in enumerate(segs):
@@ -192,10 +121,10 @@ def _serial_lasp(q, k, v, slopes, seq, group, block_size, backend):
         )
         s_out = finals[torch.tensor(last_piece, device=q.device)]
         if slot == 0 and r < cp - 1:
-            token0 = _SendState.apply(s_out, peer(r + 1), group)
+            token0 = send_state(s_out, peer(r + 1), group)
             tokens.append(token0)
         elif slot == 1 and r > 0:
-            tokens.append(_SendState.apply(s_out, peer(r - 1), group))
+            tokens.append(send_state(s_out, peer(r - 1), group))
         outs.append(o_s[0])
     pieces = [outs[j % 2][(j // 2) * n : (j // 2 + 1) * n] for j in range(2 * rows)]
     o = torch.cat(pieces)
@@ -268,7 +197,7 @@ def lasp_attention(
     info: CPShardInfo = seq.cp
     if mode not in ("plus", "serial"):
         raise ValueError(f"lasp mode must be 'plus' or 'serial', got {mode!r}")
-    world = _group_size(group)
+    world = group_size(group)
     if world != info.size:
         raise ValueError(f"context-parallel group has {world} ranks but the sequence was sharded for cp={info.size}")
     if mode == "serial" and world > 1:
@@ -294,34 +223,27 @@ def lasp_attention(
 
 
 class LaspCore:
-    """The lightning attention core for context parallelism (install with apply_context_parallel).
+    """The lightning attention core under context parallelism (model/parts.py's LightningCore): `decays` are
+    the layer's per-head decay rates (parts.DecayRates, this rank's heads). A sequence without CP metadata
+    (a plain PackedSequence: the whole row on this rank, e.g. evaluation) runs locally."""
 
-    A sequence without CP metadata (a plain PackedSequence: the whole row on this rank) falls back to the
-    local computation."""
-
-    def __init__(self, group, *, mode: str = "plus", backend: str = "auto"):
+    def __init__(self, decays, group, *, block_size: int, mode: str = "plus", backend: str = "auto"):
         if mode not in ("plus", "serial"):
             raise ValueError(f"lasp mode must be 'plus' or 'serial', got {mode!r}")
-        self.group, self.mode, self.backend = group, mode, backend
+        self.decays, self.group, self.block_size, self.mode, self.backend = decays, group, block_size, mode, backend
 
-    def __call__(self, q, k, v, slopes, seq, *, block_size: int):
+    def __call__(self, q, k, v, seq):
+        slopes = self.decays.on(q.device)
         if getattr(seq, "cp", None) is None:
-            o, _ = lightning_attention(
-                q[None],
-                k[None],
-                v[None],
-                slopes,
-                cu_seqlens=seq.cu_seqlens_long,
-                block_size=block_size,
-                backend=self.backend,
-            )
+            o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long,
+                                       block_size=self.block_size, backend=self.backend)  # fmt: skip
             return o[0]
         return lasp_attention(
-            q, k, v, slopes, seq, self.group, block_size=block_size, mode=self.mode, backend=self.backend
+            q, k, v, slopes, seq, self.group, block_size=self.block_size, mode=self.mode, backend=self.backend
         )
 
     def __repr__(self) -> str:
-        return f"LaspCore(mode={self.mode!r}, backend={self.backend!r})"
+        return f"LaspCore({self.decays}, mode={self.mode!r}, backend={self.backend!r})"
 
 
 __all__ = ["LaspCore", "lasp_attention", "chunk_decays"]

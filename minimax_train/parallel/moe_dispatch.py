@@ -10,7 +10,7 @@ Per MoE layer and micro-batch:
    synchronisation (uneven all-to-all needs split sizes on the host).
 2. Source side: assignments sorted by (chunk, global expert id) - experts of one EP rank are contiguous, so
    this also groups them by destination - and the token rows gathered into one send buffer.
-3. `_ExpertExchange` (one autograd Function for all chunks): for chunk c it waits for c's dispatch
+3. `ExpertExchange` (one autograd Function for all chunks): for chunk c it waits for c's dispatch
    all-to-all while c+1's is already in flight, regroups the received rows from source-major to
    expert-major, runs the local experts' grouped SwiGLU (torch._grouped_mm on CUDA bf16, a loop on CPU),
    regroups back and starts c's combine all-to-all. Backward mirrors it: the gradient all-to-all of chunk
@@ -111,7 +111,7 @@ def _expert_major(keys: torch.Tensor, sizes: torch.Tensor, total: int) -> tuple[
     return perm, inv
 
 
-class _ExpertExchange(torch.autograd.Function):
+class ExpertExchange(torch.autograd.Function):
     """send rows (all chunks, chunk-major) -> dispatch a2a -> local experts -> combine a2a -> rows back
     in the send order. Pipelined over chunks in forward and backward (see the module docstring); the
     weight gradients are computed once for all chunks at the end of backward (moe_experts.py)."""
@@ -242,7 +242,7 @@ class AllToAllDispatcher:
         gather(out, payload, group=g.dispatch_group)
         return out.view(g.dispatch_size, -1)
 
-    def __call__(self, x: torch.Tensor, route, experts) -> tuple[torch.Tensor, dict]:
+    def __call__(self, x: torch.Tensor, route, experts):
         g = self.groups
         e_all, k_chunks = self.num_experts, self.chunks
         t, k = route.experts.shape
@@ -355,7 +355,7 @@ class AllToAllDispatcher:
             out = torch.zeros(x.shape, dtype=torch.float32, device=dev).index_add_(0, token_of, y.float()).to(x.dtype)
         else:
             out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
-        return out, {"tokens_per_expert": counts_k.sum(0), "dropped": dev_vals[-1]}
+        return out, route, {"tokens_per_expert": counts_k.sum(0), "dropped": dev_vals[-1]}
 
 
 __all__ = ["AllToAllDispatcher", "DispatchPlan"]

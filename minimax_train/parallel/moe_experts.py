@@ -1,6 +1,6 @@
 """Grouped-GEMM pieces of the expert FFN with an explicit backward, for the pipelined exchange.
 
-The exchange (moe_dispatch._ExpertExchange) runs each chunk's activation gradient as soon as that chunk's
+The exchange (moe_dispatch.ExpertExchange) runs each chunk's activation gradient as soon as that chunk's
 gradients arrive (its all-to-all back is on the critical path) and the weight gradients ONCE for all chunks
 at the end, on the rows of every chunk regrouped by expert: per-chunk weight gradients would write and
 add a full expert-weight-sized tensor per chunk, which on GPU costs more than the overlap saves.

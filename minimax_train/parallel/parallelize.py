@@ -1,6 +1,14 @@
-"""The one place where a model is laid out over the mesh (TorchTitan's parallelize function):
-tensor (+ sequence) -> context -> expert (+ expert-tensor) -> FSDP2 data parallelism. Every piece takes
-its process groups from the ParallelMesh passed in; nothing is global."""
+"""The one place where a model is built for a layout (TorchTitan's parallelize function, at construction):
+
+    parts  = model_parts(mesh, cfg)                      # tensor/sequence, context, expert parallel pieces
+    model  = MiniMaxForCausalLM(cfg, parts, seed=None)   # on the meta device: no memory
+    FSDP2  : experts over edp, decoder layers and root over dp x cp
+    to_empty(device) ; fill_parameters(model, source)    # only this rank's shards exist, ever
+
+`source` gives the values (model/init.py): InitSource(cfg, seed) for a new run (the same values in every
+layout), a transformers checkpoint read by slices (hf/io.py), or a full state dict. Every piece takes its
+process groups from the ParallelMesh passed in; nothing is global. Build the optimiser afterwards (it
+must see the sharded parameters)."""
 
 from __future__ import annotations
 
@@ -9,50 +17,54 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..model.config import ModelConfig
+from ..model.init import WeightSource, fill_parameters
+from ..model.parts import ModelParts
+from ..model.transformer import MiniMaxForCausalLM
 from .data_parallel import apply_fsdp
-from .mesh import ParallelConfig, ParallelMesh
+from .layout import rank_groups, uses_expert_parallel
+from .mesh import ParallelMesh
+from .model_parts import model_parts
 
 
-def experts_follow_tp(mesh: ParallelMesh) -> bool:
-    """Without expert parallelism and with etp == tp, tensor parallelism shards each expert's FFN itself."""
-    L = mesh.layout
-    return L.tp > 1 and L.ep == 1 and L.etp == L.tp
-
-
-def parallelize(
-    model: nn.Module,
+def build_model(
+    cfg: ModelConfig,
     mesh: ParallelMesh,
-    cfg: ParallelConfig,
+    source: WeightSource,
     *,
     param_dtype: Optional[torch.dtype] = None,
     reduce_dtype: Optional[torch.dtype] = torch.float32,
-) -> nn.Module:
-    """Apply every configured parallelism to a full model that is identical on all ranks, in place.
-    Build the optimiser afterwards (it must see the sharded parameters)."""
-    L = mesh.layout
-    if L.tp > 1:
-        from .tensor_parallel import apply_tensor_parallel
+    fsdp: bool = True,
+    memory: Optional[dict] = None,
+    parts: Optional[ModelParts] = None,
+) -> MiniMaxForCausalLM:
+    """The model of `cfg` for this rank of `mesh`, with its local shards on mesh.device filled from
+    `source`. fsdp=False leaves data parallelism to another engine (DeepSpeed). memory: keyword arguments
+    of MiniMaxForCausalLM.set_memory_options (activation checkpointing, MoE and loss chunks). parts: the
+    layout's parts (default model_parts(mesh, cfg)), e.g. a subclass that changes one slot."""
+    with torch.device("meta"):
+        model = MiniMaxForCausalLM(cfg, parts if parts is not None else model_parts(mesh, cfg), seed=None)
+    model.set_memory_options(**(memory or {}))
+    divide_hooks = None
+    if fsdp:
+        divide_hooks = shard_data_parallel(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    model.to_empty(device=mesh.device)
+    fill_parameters(model, source)
+    if divide_hooks is not None:  # on the materialised parameters
+        divide_hooks()
+    return model
 
-        apply_tensor_parallel(
-            model, mesh.device_mesh["tp"], sequence_parallel=cfg.sequence_parallel, experts=experts_follow_tp(mesh)
-        )
-    if L.cp > 1:
-        from .context_parallel import apply_context_parallel
 
-        apply_context_parallel(model, mesh.cp_group, lasp=cfg.lasp)
-    expert_parallel = (L.ep > 1 or L.etp > 1 or L.tp > 1) and not experts_follow_tp(mesh)
-    if expert_parallel:
-        from .expert_parallel import apply_expert_parallel
-
-        apply_expert_parallel(
-            model, mesh, overlap_chunks=cfg.moe_overlap_chunks, sequence_parallel=cfg.sequence_parallel
-        )
-    ignored = None
-    if expert_parallel:
-        ignored = _reduce_expert_grads(model, mesh, cfg.sequence_parallel, param_dtype, reduce_dtype)
+def shard_data_parallel(model: nn.Module, mesh: ParallelMesh, *, param_dtype=None, reduce_dtype=torch.float32):
+    """FSDP2 over the data-parallel dims: expert parameters over edp (or, when edp == 1, a gradient divide
+    installed by the returned function once the parameters are materialised), then the decoder layers and
+    the root over dp x cp. Returns that function, or None."""
+    ignored, hooks = None, None
+    if uses_expert_parallel(mesh.layout):
+        ignored, hooks = _reduce_expert_grads(model, mesh, mesh.cfg.sequence_parallel, param_dtype, reduce_dtype)
     if mesh.grad_reduce_size > 1:
         apply_fsdp(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype, ignored_params=ignored)
-    return model
+    return hooks
 
 
 def token_replicas_over_edp(mesh: ParallelMesh, sequence_parallel: bool) -> int:
@@ -60,8 +72,6 @@ def token_replicas_over_edp(mesh: ParallelMesh, sequence_parallel: bool) -> int:
     MoE input is identical on every tp rank of a (dp, cp) block."""
     if sequence_parallel or mesh.layout.tp == 1:
         return 1
-    from .mesh import rank_groups
-
     group = next(g for g in rank_groups(mesh.layout)["edp"] if mesh.rank in g)
     return sum(1 for r in group if r // mesh.layout.tp == mesh.rank // mesh.layout.tp)
 
@@ -79,10 +89,13 @@ def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, par
     experts = [m.experts for m in model.modules() if isinstance(m, MoE)]
     if mesh.layout.edp == 1:
         params = {p for e in experts for p in e.parameters()}
-        if divide != 1.0:
-            for p in params:
-                p.register_hook(lambda g, f=divide: g / f)
-        return params
+
+        def install():
+            for e in experts:
+                for p in e.parameters():
+                    p.register_hook(lambda g, f=divide: g / f)
+
+        return params, (install if divide != 1.0 else None)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for e in experts:
         fully_shard(e, mesh=mesh.expert_mesh["edp"], mp_policy=mp)
@@ -90,7 +103,7 @@ def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, par
             e.set_gradient_divide_factor(divide)
             # a factor other than the group size becomes NCCL's PREMUL_SUM, which gloo lacks: sum, then scale
             e.set_force_sum_reduction_for_comms(True)
-    return None
+    return None, None
 
 
-__all__ = ["parallelize", "experts_follow_tp"]
+__all__ = ["build_model", "shard_data_parallel", "token_replicas_over_edp"]

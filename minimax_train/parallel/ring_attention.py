@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..ops.attention import _TORCH_CHUNK_ELEMS, attention_backward, merge_partial_attention, varlen_attention
+from ..ops.attention import TORCH_CHUNK_ELEMS, attention_backward, merge_partial_attention, varlen_attention
 from .cp_shard import CPShardInfo, zigzag_chunks
 
 Ranges = list  # [(start, end), ...] over local rows, in order
@@ -165,7 +165,7 @@ def _compute_dtype(q):
 def _block_backward_fused(q, k, v, o, lse, do, delta, q_doc, q_pos, k_doc, k_pos, scale, sliding_window):
     """Gradients of one (query rows, key rows) block given the FINAL output/lse of the query rows:
     ops.attention's backward math with the merged lse and row = -delta (delta = rowsum(dO * O_final))."""
-    chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, q.shape[1] * k.shape[0]))
+    chunk = max(1, TORCH_CHUNK_ELEMS // max(1, q.shape[1] * k.shape[0]))
     return attention_backward(q, k, v, lse, do, -delta, q_doc, q_pos, k_doc, k_pos, scale, sliding_window, chunk)
 
 
@@ -337,7 +337,7 @@ def ring_attention(
 
 
 class RingAttentionCore:
-    """The softmax attention core for context parallelism (install with apply_context_parallel).
+    """The softmax attention core under context parallelism (model/parts.py's SoftmaxCore, given by model_parts).
 
     A sequence without CP metadata (a plain PackedSequence: the whole row on this rank) falls back to the
     local computation."""

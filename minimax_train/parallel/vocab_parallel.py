@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .tp_ops import _size
+from .collectives import group_size
 
 
 def vocab_range(vocab_size: int, rank: int, world: int) -> tuple[int, int]:
@@ -68,7 +68,7 @@ def vocab_parallel_cross_entropy(
 ) -> torch.Tensor:
     """Per-token losses [T] (fp32, 0 where labels == -100), identical on every tp rank."""
     logits_local = logits_local.float()
-    if _size(group) == 1:
+    if group_size(group) == 1:
         return F.cross_entropy(logits_local, labels, ignore_index=-100, reduction="none")
     return _VocabParallelCrossEntropy.apply(logits_local, labels, vocab_start, group)
 

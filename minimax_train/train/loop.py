@@ -27,7 +27,6 @@ import torch.distributed as dist
 from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
 from minimax_train.parallel.data_parallel import is_sharded, set_gradient_sync
 from minimax_train.parallel.mesh import ParallelMesh
-from minimax_train.parallel.parallelize import parallelize
 from minimax_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
 from minimax_train.train.faults import Faults
 from minimax_train.train.metrics import (
@@ -98,30 +97,34 @@ def _seed_all(seed: int) -> None:
 
 
 def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_from_hf: Optional[str] = None):
-    """Seeded fp32 model on mesh.device (or transformers weights), activation checkpointing, FSDP2 over dp."""
-    from minimax_train.model import MiniMaxForCausalLM
+    """This rank's shards of the model, built on the meta device for the layout and filled from the
+    layout-independent init of train.seed (or, with init_from_hf, from the transformers checkpoint read by
+    slices); FSDP2 over dp unless DeepSpeed owns data parallelism."""
+    from minimax_train.model.init import InitSource
+    from minimax_train.parallel.parallelize import build_model as build_for_layout
 
-    _seed_all(job.train.seed)
+    _seed_all(job.train.seed)  # data order and router jitter; the weights do not use the global RNG
     if init_from_hf:
-        from minimax_train.hf import load_hf
+        from minimax_train.hf import SafetensorsSource
 
-        model = load_hf(init_from_hf, dtype=torch.float32)
-        log.info("initialised from transformers weights in %s", init_from_hf)
+        source = SafetensorsSource(init_from_hf, job.model)
+        log.info("initialising from transformers weights in %s (each rank reads its own slices)", init_from_hf)
     else:
-        model = MiniMaxForCausalLM(job.model)
-    model = model.to(mesh.device)
-    model.set_activation_checkpointing(job.train.activation_checkpointing, job.train.moe_chunk_tokens)
-    model.loss_chunk_tokens = job.train.loss_chunk_tokens  # read by lm_loss_sum (ops/cross_entropy.py)
-    if job.parallel.engine == "deepspeed":
-        return model  # DeepSpeed wraps it with its optimiser (build_engine)
-    parallelize(
-        model,
+        source = InitSource(job.model, job.train.seed)
+    memory = dict(
+        activation_checkpointing=job.train.activation_checkpointing,
+        moe_chunk_tokens=job.train.moe_chunk_tokens,
+        loss_chunk_tokens=job.train.loss_chunk_tokens,
+    )
+    return build_for_layout(
+        job.model,
         mesh,
-        job.parallel,
+        source,
         param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None,
         reduce_dtype=torch.float32,
+        fsdp=job.parallel.engine != "deepspeed",  # DeepSpeed wraps it with its optimiser (build_engine)
+        memory=memory,
     )
-    return model
 
 
 class TorchEngine:
@@ -284,7 +287,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
     stop = StopFlag()
     stop.install()  # first: a preemption signal during start-up must not kill the process
     try:
-        mesh = ParallelMesh.from_env(job.parallel, device=job.train.device, model_cfg=job.model)
+        mesh = ParallelMesh.from_env(job.parallel, device=job.train.device, model_cfg=job.model, train_cfg=job.train)
     except BaseException:
         stop.restore()
         raise
@@ -328,6 +331,9 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                     "checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)", init_hf
                 )
                 job.model = hf_cfg
+                from minimax_train.parallel.layout import resolve_layout
+
+                resolve_layout(job.parallel, mesh.world_size, job.model, job.train)  # the layout vs the HF shapes
         if len(tokenizer) > job.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size={job.model.vocab_size} is smaller than the tokenizer's vocabulary "

@@ -10,11 +10,9 @@ cp GPUs vs one GPU. Needs >= 2 CUDA devices and fla-core; skipped otherwise (CPU
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from util_models import tiny_model_config
+from util_models import build_parallel, make_model, tiny_model_config
 
 from minimax_train.tools.spawn import run_distributed
 
@@ -131,13 +129,11 @@ def _gpu_worker():
             )
 
     # ---- the model (fp32): cp GPUs vs one GPU, both on fla + flex --------------------------------------------
-    from minimax_train.model.transformer import MiniMaxForCausalLM
-    from minimax_train.parallel.context_parallel import apply_context_parallel, cp_loss_for_backward
+    from minimax_train.parallel.context_parallel import cp_loss_for_backward
 
     cfg = tiny_model_config(hidden_size=64, head_dim=16, block_size=64, max_position_embeddings=ROW)
-    torch.manual_seed(0)
-    ref_m = MiniMaxForCausalLM(cfg).to(dev)
-    par = apply_context_parallel(copy.deepcopy(ref_m), group)
+    ref_m = make_model(cfg).to(dev)
+    par, _ = build_parallel(cfg, fsdp=False, device=dev, cp=cp)
     ids = torch.randint(0, cfg.vocab_size, (1, ROW), generator=gen).to(dev)
     labels = torch.roll(ids, -1, 1)
     labels[0, (cu[1:] - 1).long()] = -100

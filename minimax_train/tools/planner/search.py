@@ -180,7 +180,7 @@ def _check_fixed(w: Workload, c: Constraints) -> None:
         if err:
             raise PlanError(err)
     if c.engines == ("deepspeed",):
-        from minimax_train.parallel.deepspeed_engine import check_deepspeed_layout
+        from minimax_train.parallel.layout import check_deepspeed_layout
         from minimax_train.parallel.mesh import ParallelConfig, ParallelConfigError
 
         try:

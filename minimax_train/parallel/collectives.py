@@ -1,7 +1,7 @@
-"""Autograd collectives over the tensor-parallel group (Megatron's mappings, for packed [T, ...] tokens).
-
-Convention (Megatron's): inside a tp group, a *replicated* tensor carries its full gradient on every rank,
-a *sharded* tensor the gradient of its shard. Each op below states its forward and its backward:
+"""The autograd collectives of every parallel technique (tensor, context, expert), each stating its forward
+and its backward. Tensor parallelism follows Megatron's mappings for packed [T, ...] tokens: inside a tp
+group a *replicated* tensor carries its full gradient on every rank, a *sharded* tensor the gradient of
+its shard.
 
     copy_to_tp            identity          | all-reduce      enter a TP region from replicated tokens
     reduce_from_tp        all-reduce        | identity        leave a TP region to replicated tokens
@@ -11,6 +11,8 @@ a *sharded* tensor the gradient of its shard. Each op below states its forward a
     all_reduce_sum        all-reduce        | all-reduce      a sum of per-rank partial terms used by all ranks
     gather_last_dim       all-gather dim -1 | own slice       full logits from vocabulary shards
     pair_gate_up          all-to-all        | all-to-all      expert TP: [gate;up] column shards -> (gate_r, up_r)
+    all_gather_stacked    all-gather -> [world, ...] | reduce-scatter (sum)   LASP+ state summaries
+    send_state/recv_state point-to-point    | point-to-point back            serial LASP (the baseline)
 
 Every op is the identity when the group has one rank. The group is a torch.distributed ProcessGroup
 (DeviceMesh.get_group())."""
@@ -21,34 +23,36 @@ import torch
 import torch.distributed as dist
 
 
-def _size(group) -> int:
+def group_size(group) -> int:
+    """Ranks in `group`; None means no group (one rank)."""
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _rank(group) -> int:
+def group_rank(group) -> int:
     return 0 if group is None else dist.get_rank(group)
 
 
-# torch >= 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn)
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); the GPU images'
+# older torch has only the old ones
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _all_gather0(x: torch.Tensor, group) -> torch.Tensor:
-    p = _size(group)
+    p = group_size(group)
     x = x.contiguous()
     out = x.new_empty((p * x.shape[0],) + tuple(x.shape[1:]))
-    _all_gather_single(out, x, group=group)
+    all_gather_flat(out, x, group=group)
     return out
 
 
 def _reduce_scatter0(x: torch.Tensor, group) -> torch.Tensor:
-    p = _size(group)
+    p = group_size(group)
     if x.shape[0] % p:
         raise ValueError(f"reduce-scatter over {p} tp ranks needs a multiple of {p} tokens, got {x.shape[0]}")
     x = x.contiguous()
     out = x.new_empty((x.shape[0] // p,) + tuple(x.shape[1:]))
-    _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
+    reduce_scatter_flat(out, x, op=dist.ReduceOp.SUM, group=group)
     return out
 
 
@@ -129,7 +133,7 @@ class _GatherSeqTwoWays(torch.autograd.Function):
         if g_partial is not None:
             grad = _reduce_scatter0(g_partial, ctx.group)
         if g_replicated is not None:
-            r = _rank(ctx.group)
+            r = group_rank(ctx.group)
             own = g_replicated[r * ctx.n : (r + 1) * ctx.n]
             grad = own.clone() if grad is None else grad + own
         return grad, None
@@ -139,42 +143,42 @@ class _GatherLastDim(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group, ctx.n = group, x.shape[-1]
-        p = _size(group)
+        p = group_size(group)
         parts = _all_gather0(x.movedim(-1, 0), group).view((p, ctx.n) + tuple(x.shape[:-1]))
         return parts.movedim(1, -1).movedim(0, -2).reshape(tuple(x.shape[:-1]) + (p * ctx.n,))
 
     @staticmethod
     def backward(ctx, g):
-        r = _rank(ctx.group)
+        r = group_rank(ctx.group)
         return g[..., r * ctx.n : (r + 1) * ctx.n].contiguous(), None
 
 
 def copy_to_tp(x, group):
-    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+    return x if group_size(group) == 1 else _CopyToTP.apply(x, group)
 
 
 def reduce_from_tp(x, group):
-    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+    return x if group_size(group) == 1 else _ReduceFromTP.apply(x, group)
 
 
 def all_reduce_sum(x, group):
-    return x if _size(group) == 1 else _AllReduceSum.apply(x, group)
+    return x if group_size(group) == 1 else _AllReduceSum.apply(x, group)
 
 
 def gather_seq(x, group):
-    return x if _size(group) == 1 else _GatherSeq.apply(x, group)
+    return x if group_size(group) == 1 else _GatherSeq.apply(x, group)
 
 
 def scatter_seq(x, group):
-    return x if _size(group) == 1 else _ScatterSeq.apply(x, group)
+    return x if group_size(group) == 1 else _ScatterSeq.apply(x, group)
 
 
 def gather_seq_two_ways(x, group):
-    return (x, x) if _size(group) == 1 else _GatherSeqTwoWays.apply(x, group)
+    return (x, x) if group_size(group) == 1 else _GatherSeqTwoWays.apply(x, group)
 
 
 def gather_last_dim(x, group):
-    return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
+    return x if group_size(group) == 1 else _GatherLastDim.apply(x, group)
 
 
 # ---- expert tensor parallelism: pair the gate and up halves -------------------------------------------------
@@ -199,7 +203,7 @@ def _a2a_columns(
     blocks_by_peer: dict[int, torch.Tensor], recv_from: list[int], n: int, c: int, group, like: torch.Tensor
 ) -> list[torch.Tensor]:
     """Send each [n, c] block to its peer; receive one [n, c] block from each rank in recv_from (sorted)."""
-    p = _size(group)
+    p = group_size(group)
     send_sizes = [n * c if q in blocks_by_peer else 0 for q in range(p)]
     recv_sizes = [n * c if q in recv_from else 0 for q in range(p)]
     send = (
@@ -215,7 +219,7 @@ def _a2a_columns(
 class _PairGateUp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, group):
-        p, r = _size(group), _rank(group)
+        p, r = group_size(group), group_rank(group)
         n, c2 = h.shape
         c = c2 // 2
         dests, srcs = _pair_plan(p, r)
@@ -234,10 +238,96 @@ class _PairGateUp(torch.autograd.Function):
 def pair_gate_up(h: torch.Tensor, group) -> torch.Tensor:
     """h [N, 2I/P]: this rank's columns of x @ [gate; up]^T (a Shard(1) of the 2I rows) -> [N, 2I/P] holding
     [gate chunk r | up chunk r] for this rank r (the columns matching its down_proj shard)."""
-    return h if _size(group) == 1 else _PairGateUp.apply(h, group)
+    return h if group_size(group) == 1 else _PairGateUp.apply(h, group)
+
+
+# ---- context parallelism ---------------------------------------------------------------------------------------
+
+
+class _AllGatherStacked(torch.autograd.Function):
+    """[...] -> [world, ...]; backward sums the gradients of every rank's slice (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        world = group_size(group)
+        x = x.contiguous()
+        if world == 1:
+            return x[None].clone()
+        out = x.new_empty((world * x.shape[0],) + tuple(x.shape[1:]))
+        all_gather_flat(out, x, group=group)
+        return out.view((world,) + tuple(x.shape))
+
+    @staticmethod
+    def backward(ctx, g):
+        world = g.shape[0]
+        if world == 1:
+            return g[0], None
+        out = g.new_empty(g.shape[1:])
+        reduce_scatter_flat(
+            out, g.reshape((-1,) + tuple(g.shape[2:])).contiguous(), op=dist.ReduceOp.SUM, group=ctx.group
+        )
+        return out, None
+
+
+def all_gather_stacked(x: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's x stacked [world, ...]; the gradient of each slice is summed onto its owner."""
+    return _AllGatherStacked.apply(x, group)
+
+
+class _RecvState(torch.autograd.Function):
+    """Forward: receive a state from `src`. Backward: send its gradient back. `after` only orders the
+    backward (its gradient, zero, flows once this node's backward has run)."""
+
+    @staticmethod
+    def forward(ctx, after, like, src, group):
+        ctx.src, ctx.group = src, group
+        ctx.after_dtype = after.dtype if isinstance(after, torch.Tensor) else None
+        out = torch.empty_like(like)
+        dist.recv(out, src=src, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        dist.send(g.contiguous(), dst=ctx.src, group=ctx.group)
+        after = torch.zeros((), device=g.device, dtype=ctx.after_dtype) if ctx.needs_input_grad[0] else None
+        return after, None, None, None
+
+
+class _SendState(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, state, dst, group):
+        ctx.dst, ctx.group = dst, group
+        ctx.meta = (state.shape, state.dtype, state.device)
+        dist.send(state.contiguous(), dst=dst, group=group)
+        return torch.zeros((), device=state.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        shape, dtype, device = ctx.meta
+        ds = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(ds, src=ctx.dst, group=ctx.group)
+        return ds, None, None
+
+
+def recv_state(after, like: torch.Tensor, src: int, group) -> torch.Tensor:
+    """A tensor shaped like `like` received from `src` (its gradient goes back to `src`); `after` orders it."""
+    return _RecvState.apply(after, like, src, group)
+
+
+def send_state(state: torch.Tensor, dst: int, group) -> torch.Tensor:
+    """Send `state` to `dst`; returns a scalar token whose backward receives the state's gradient."""
+    return _SendState.apply(state, dst, group)
 
 
 __all__ = [
+    "group_size",
+    "group_rank",
+    "all_gather_flat",
+    "reduce_scatter_flat",
+    "all_gather_stacked",
+    "recv_state",
+    "send_state",
     "copy_to_tp",
     "reduce_from_tp",
     "all_reduce_sum",
