@@ -8,8 +8,9 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, by_step, compose_job, read_metrics, run_train
+from util_train import TINY, by_step, read_metrics, run_train
 
+from minimax_train.conf_tree import compose_job
 from minimax_train.data import DataError, build_loader, tokenize_documents
 from minimax_train.data.docstream import MIN_VALID_TOKENS
 
