@@ -8,38 +8,15 @@ import signal
 import numpy as np
 import pytest
 import torch
+from test_data import _roundtrip, cfg_for, check_invariants, rows_of, take
+from util_data import make_docs, write_jsonl
 from util_train import TINY, by_step, read_metrics, run_train
 
 from minimax_train.conf_tree import compose_job
 from minimax_train.data import DataError, build_loader, tokenize_documents
 from minimax_train.data.docstream import MIN_VALID_TOKENS
 
-try:  # shared fixtures and helpers (tests/ is on sys.path under pytest's default import mode)
-    from test_data import (  # noqa: F401
-        _cache_env,
-        _roundtrip,
-        cache_dir,
-        cfg_for,
-        check_invariants,
-        make_docs,
-        rows_of,
-        take,
-        tok,
-        write_jsonl,
-    )
-except ImportError:  # tests/ became a package
-    from tests.test_data import (  # noqa: F401
-        _cache_env,
-        _roundtrip,
-        cache_dir,
-        cfg_for,
-        check_invariants,
-        make_docs,
-        rows_of,
-        take,
-        tok,
-        write_jsonl,
-    )
+pytestmark = pytest.mark.usefixtures("data_cache_env")  # tok and the cache come from conftest
 
 T = 32
 LONG_WORD = "omega"  # the long document's only word: its rows are recognisable
