@@ -183,9 +183,9 @@ def lightning_flops(T: int, H: int, d: int) -> float:
 
 def bench_lightning(b: Bench):
     a, dev = b.a, b.dev
-    from minimax_train.ops.lightning import _fla_chunk_simple_gla, lightning_attention, lightning_slopes
+    from minimax_train.ops.lightning import fla_chunk_simple_gla, lightning_attention, lightning_slopes
 
-    chunk_simple_gla = _fla_chunk_simple_gla()
+    chunk_simple_gla = fla_chunk_simple_gla()
     impls = [s.strip() for s in a.lightning_impls.split(",") if s.strip()]
     esize = torch.empty((), dtype=a.dt).element_size()
     d = a.head_dim

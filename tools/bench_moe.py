@@ -119,7 +119,7 @@ def run(a) -> None:
     from minimax_train.model.moe import MoE
     from minimax_train.model.parts import ModelParts
     from minimax_train.parallel.expert_parallel import ExpertGroups, ExpertParallelExperts, expert_groups
-    from minimax_train.parallel.moe_dispatch import AllToAllDispatcher, _a2a
+    from minimax_train.parallel.moe_dispatch import AllToAllDispatcher, all_to_all_async
     from minimax_train.parallel.moe_experts import swiglu_backward_input, swiglu_forward, weight_grad
 
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -201,8 +201,8 @@ def run(a) -> None:
 
     def a2a4():
         for _ in range(2):  # forward (dispatch, combine) and backward (the same two, reversed)
-            _a2a(recv, send, plan.recv_splits[0], plan.send_splits[0], grp).wait()
-            _a2a(send, recv, plan.send_splits[0], plan.recv_splits[0], grp).wait()
+            all_to_all_async(recv, send, plan.recv_splits[0], plan.send_splits[0], grp).wait()
+            all_to_all_async(send, recv, plan.send_splits[0], plan.recv_splits[0], grp).wait()
 
     a2a_ms = _timed_ms(a2a4, dev, a.iters, a.warmup) if grp is not None else 0.0
     gu, dn = moe.experts.local_weights()

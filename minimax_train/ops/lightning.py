@@ -80,7 +80,7 @@ def _check_inputs(q, k, v, slopes, cu_seqlens, initial_state, block_size) -> int
     return N
 
 
-def _fla_chunk_simple_gla():
+def fla_chunk_simple_gla():
     """fla-core's kernel, or None when it cannot be imported (CPU machines do not install it)."""
     try:
         from fla.ops.simple_gla import chunk_simple_gla
@@ -118,14 +118,14 @@ def lightning_attention(
         raise ValueError(f"lightning_attention: backend must be one of {_BACKENDS}, got {backend!r}")
     _check_inputs(q, k, v, slopes, cu_seqlens, initial_state, block_size)
     if backend == "auto":
-        backend = "fla" if q.is_cuda and _fla_chunk_simple_gla() is not None else "torch"
+        backend = "fla" if q.is_cuda and fla_chunk_simple_gla() is not None else "torch"
     if backend == "fla":
         return _lightning_fla(q, k, v, slopes, cu_seqlens, initial_state, output_final_state)
     return _lightning_torch(q, k, v, slopes, cu_seqlens, initial_state, output_final_state, block_size)
 
 
 def _lightning_fla(q, k, v, slopes, cu_seqlens, initial_state, output_final_state):
-    chunk_simple_gla = _fla_chunk_simple_gla()
+    chunk_simple_gla = fla_chunk_simple_gla()
     if chunk_simple_gla is None:
         raise ImportError(
             "lightning_attention(backend='fla') needs fla-core (pip extra 'cuda'); use backend='torch' on CPU"

@@ -147,10 +147,10 @@ class DeepSpeedEngine:
     def zero_grad(self) -> None:
         pass  # the ZeRO optimiser clears its gradients after each step
 
-    def set_lr(self, lr: float) -> None:
-        from minimax_train.train.optim import set_lr
-
-        set_lr(self.client_optimizer, lr)
+    @property
+    def lr_optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser whose param_groups' lr the schedule sets (DeepSpeed steps the torch AdamW it wraps)."""
+        return self.client_optimizer
 
     def train(self):
         self.engine.train()
@@ -237,9 +237,9 @@ class DeepSpeedEngine:
     def _sync_module_from_master(self) -> None:
         """Copy the fp32 master partitions into the module's parameters (what a step ends with)."""
         opt = self.optimizer
-        if hasattr(opt, "update_lp_params"):  # ZeRO-1/2: this rank's partition, then all-gather
+        if self.stage < 3:  # ZeRO-1/2: this rank's partition, then all-gather
             opt.update_lp_params()
-        elif hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3: the module's partitions
+        else:  # ZeRO-3: the module's partitions
             for i in range(len(opt.fp32_partitioned_groups_flat)):
                 opt._reassign_or_swap_out_partitioned_parameters(i)  # noqa: SLF001
 

@@ -99,13 +99,23 @@ def resolve_layout(cfg: ParallelConfig, world_size: int | None, model_cfg=None, 
     cfg.validate()
     if cfg.engine == "deepspeed":
         check_deepspeed_layout(cfg)
+    layout = None if world_size is None else _world_layout(cfg, world_size)  # the world first, as the planner
     if model_cfg is not None:
         check_model_split(cfg, model_cfg, world_size)
     if train_cfg is not None:
         check_batch_split(cfg, train_cfg)
-    if world_size is None:
-        return None
-    w = world_size
+    if layout is not None and model_cfg is not None and model_cfg.moe_routing == "capacity":
+        if ep_token_replicas(layout, cfg) > 1:
+            raise ParallelConfigError(
+                "model.moe_routing=capacity with tokens replicated inside the EP group (tp > 1 without sequence "
+                "parallelism and etp < tp) would count each token several times against the capacity; use "
+                f"parallel.etp={cfg.tp} or parallel.sequence_parallel=true"
+            )
+    return layout
+
+
+def _world_layout(cfg: ParallelConfig, w: int) -> Layout:
+    """dp and edp of `cfg` on w ranks, or ParallelConfigError when the world does not split that way."""
     if w % cfg.tp:
         raise ParallelConfigError(
             f"parallel.tp={cfg.tp} does not divide the world size {w}; valid: {_fmt(_divisors(w))}"
@@ -122,14 +132,7 @@ def resolve_layout(cfg: ParallelConfig, world_size: int | None, model_cfg=None, 
             f"parallel.ep={cfg.ep} does not divide dp*cp*(tp/etp)={ep_room} (dp {dp}, cp {cfg.cp}, tp {cfg.tp}, "
             f"etp {cfg.etp}); valid: {_fmt(_divisors(ep_room))}"
         )
-    layout = Layout(world=w, dp=dp, cp=cfg.cp, tp=cfg.tp, ep=cfg.ep, etp=cfg.etp, edp=w // (cfg.ep * cfg.etp))
-    if model_cfg is not None and model_cfg.moe_routing == "capacity" and ep_token_replicas(layout, cfg) > 1:
-        raise ParallelConfigError(
-            "model.moe_routing=capacity with tokens replicated inside the EP group (tp > 1 without sequence "
-            "parallelism and etp < tp) would count each token several times against the capacity; use "
-            f"parallel.etp={cfg.tp} or parallel.sequence_parallel=true"
-        )
-    return layout
+    return Layout(world=w, dp=dp, cp=cfg.cp, tp=cfg.tp, ep=cfg.ep, etp=cfg.etp, edp=w // (cfg.ep * cfg.etp))
 
 
 def rank_groups(layout: Layout) -> dict[str, list[list[int]]]:

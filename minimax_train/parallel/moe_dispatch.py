@@ -48,7 +48,7 @@ class _Done:
         return True
 
 
-def _a2a(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+def all_to_all_async(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
     """Asynchronous uneven all_to_all_single; a local copy without a group (single process)."""
     if group is None:
         out.copy_(inp)
@@ -128,7 +128,7 @@ class ExpertExchange(torch.autograd.Function):
 
         def start_dispatch(c):
             recv[c] = send_x.new_empty(plan.recv_rows[c], h)
-            dw[c] = _a2a(recv[c], ins[c], plan.recv_splits[c], plan.send_splits[c], group)
+            dw[c] = all_to_all_async(recv[c], ins[c], plan.recv_splits[c], plan.send_splits[c], group)
 
         start_dispatch(0)
         for c in range(k_chunks):
@@ -144,7 +144,7 @@ class ExpertExchange(torch.autograd.Function):
             if plan.etp_reduce_group is not None:  # sum the I-slices' partial outputs
                 dist.all_reduce(y, group=plan.etp_reduce_group)
             y = y if inv is None else y.index_select(0, inv)
-            cw[c] = _a2a(out_chunks[c], y, plan.send_splits[c], plan.recv_splits[c], group)
+            cw[c] = all_to_all_async(out_chunks[c], y, plan.send_splits[c], plan.recv_splits[c], group)
         for w in cw:
             w.wait()
         if plan.needs_grad:  # through save_for_backward, so activation checkpointing can drop them
@@ -169,7 +169,7 @@ class ExpertExchange(torch.autograd.Function):
 
         def start(c):  # reverse of the combine: output gradients to the expert ranks
             grecv[c] = grad_out.new_empty(plan.recv_rows[c], h)
-            w1[c] = _a2a(grecv[c], gins[c], plan.recv_splits[c], plan.send_splits[c], group)
+            w1[c] = all_to_all_async(grecv[c], gins[c], plan.recv_splits[c], plan.send_splits[c], group)
 
         start(0)
         for c in range(k_chunks):
@@ -187,7 +187,7 @@ class ExpertExchange(torch.autograd.Function):
             dx = dxs if inv is None else dxs.index_select(0, inv)
             if plan.etp_reduce_group is not None:  # each etp rank holds only its I-slice's share
                 dist.all_reduce(dx, group=plan.etp_reduce_group)
-            w2[c] = _a2a(gx_chunks[c], dx, plan.send_splits[c], plan.recv_splits[c], group)
+            w2[c] = all_to_all_async(gx_chunks[c], dx, plan.send_splits[c], plan.recv_splits[c], group)
         g_gu = g_dn = None
         if want_w:  # while the last chunks' gradients travel: one grouped GEMM per weight, all chunks
             if k_chunks == 1:

@@ -93,7 +93,7 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     for f in path.rglob("*"):
         if f.is_file():
             try:
@@ -105,7 +105,7 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_single_process():
+def quiet_single_process():
     """DCP warns that it 'assumes the intent is to save in a single process': that is the intent."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to")
@@ -190,7 +190,7 @@ class CheckpointManager:
         self.mesh.barrier()
         # an engine adapter (DeepSpeed) gives full-tensor state dicts in the same layout itself
         model_sd, optim_sd = model.get_state_dict() if optimizer is None else get_state_dict(model, optimizer)
-        with _quiet_single_process(), standard_gate_up({"model": model_sd, "optim": optim_sd}) as state:
+        with quiet_single_process(), standard_gate_up({"model": model_sd, "optim": optim_sd}) as state:
             dcp.save(state, checkpoint_id=str(tmp), no_dist=self.mesh.world_size == 1)
         ranks = self.mesh.all_gather_object(plain(rank_state))
         if self.mesh.is_main:
@@ -204,7 +204,7 @@ class CheckpointManager:
                 tmp / META,
             )
             (tmp / CONFIG).write_text(config_yaml)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if self.faults is not None:
                 self.faults.maybe_kill("save_crash", step)
             with open(tmp / COMPLETE, "w") as f:
@@ -261,18 +261,18 @@ def load_model_and_optim(path: Path, model, optimizer=None, *, no_dist: bool | N
     if optimizer is None and hasattr(model, "set_state_dict"):  # an engine adapter (DeepSpeed)
         model_sd, optim_sd = model.get_state_dict()
         state = {"model": model_sd, "optim": optim_sd}
-        with _quiet_single_process(), standard_gate_up(state):
+        with quiet_single_process(), standard_gate_up(state):
             dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
         model.set_state_dict(state["model"], state["optim"])
         return
     if optimizer is None:
         model_sd = get_model_state_dict(model)
-        with _quiet_single_process(), standard_gate_up({"model": model_sd}) as state:
+        with quiet_single_process(), standard_gate_up({"model": model_sd}) as state:
             dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
         set_model_state_dict(model, model_sd)
         return
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _quiet_single_process(), standard_gate_up(state):
+    with quiet_single_process(), standard_gate_up(state):
         dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -157,8 +157,9 @@ class TorchEngine:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def set_lr(self, lr: float) -> None:
-        set_lr(self.optimizer, lr)
+    @property
+    def lr_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer
 
     def train(self):
         self.model.train()
@@ -450,7 +451,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             profiler.before_step(step + 1)
             t_start = time.perf_counter()
             lr = lr_at(step, job.optim, job.train.steps)
-            engine.set_lr(lr)
+            set_lr(engine.lr_optimizer, lr)
             batches = [next(it) for _ in range(accum)]
             fb = forward_backward(
                 model,

@@ -106,7 +106,7 @@ def _save_dcp_step(sd: dict, blob: dict, cfg: dict, out_root: Path, step_name: s
     import torch.distributed.checkpoint as dcp
     from omegaconf import OmegaConf
 
-    from minimax_train.train.checkpoint import COMPLETE, CONFIG, META, _fsync_tree, _quiet_single_process
+    from minimax_train.train.checkpoint import COMPLETE, CONFIG, META, fsync_tree, quiet_single_process
 
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / step_name
@@ -117,11 +117,11 @@ def _save_dcp_step(sd: dict, blob: dict, cfg: dict, out_root: Path, step_name: s
             raise CkptToolError(f"{final} exists; pass --overwrite")
         shutil.rmtree(final)
     tmp.mkdir(parents=True)
-    with _quiet_single_process():
+    with quiet_single_process():
         dcp.save({"model": sd["model"], "optim": sd["optim"]}, checkpoint_id=str(tmp), no_dist=True)
     torch.save(blob, tmp / META)
     (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     (tmp / COMPLETE).write_text(f"{int(step_name.split('_')[-1])}\n")
     os.replace(tmp, final)
     return final
