@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.rope import apply_rope, rope_cos_sin
+from ..ops.fused import rope, sigmoid_gate
+from ..ops.rope import rope_cos_sin
 from .config import ModelConfig
 from .layers import ACTIVATIONS, PackedSequence
 from .parts import ModelParts
@@ -39,7 +40,7 @@ class SoftmaxAttention(nn.Module):
         k = self.k_proj(x).view(t, -1, self.head_dim)
         v = self.v_proj(x).view(t, -1, self.head_dim)
         # RoPE in at least fp32, the result in q's dtype: under bf16 autocast q and k stay bf16 for the
-        # attention kernel (x, the fp32 norm output, must not set the dtype). One table per sequence.
+        # attention kernel. One table per sequence.
         rdt = torch.promote_types(q.dtype, torch.float32)
         cos, sin = seq.cached(
             ("rope", self.rotary_dim, self.rope_theta, rdt),
@@ -47,8 +48,7 @@ class SoftmaxAttention(nn.Module):
                 seq.rope_pos, head_dim=self.head_dim, rotary_dim=self.rotary_dim, theta=self.rope_theta, dtype=rdt
             ),
         )
-        # apply_rope expects [..., T, H, D] with cos/sin [..., T, rotary_dim]
-        q, k = apply_rope(q, cos, sin).to(q.dtype), apply_rope(k, cos, sin).to(k.dtype)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)  # [T, H, D] with cos/sin [T, rotary_dim]
         o = self.core(q, k, v, seq, scale=self.head_dim**-0.5, sliding_window=self.sliding_window)
         return self.region.exit(self.o_proj(o.reshape(t, -1)))
 
@@ -79,5 +79,5 @@ class LightningAttention(nn.Module):
     def forward(self, x: torch.Tensor, seq: PackedSequence) -> torch.Tensor:
         x = self.region.enter(x)
         y = self.norm(self.mix(x, seq))
-        y = torch.sigmoid(self.output_gate(x)) * y
+        y = sigmoid_gate(self.output_gate(x), y)
         return self.region.exit(self.out_proj(y))

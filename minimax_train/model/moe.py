@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.experts import grouped_swiglu, to_autocast
+from ..ops.fused import weighted_slot_sum
 from .config import ModelConfig
 from .layers import ACTIVATIONS
 
@@ -126,8 +127,10 @@ class LocalDispatcher:
         token_of = order // k
         (xin,) = to_autocast(x)  # gather k copies in the matmul dtype, not fp32
         y = experts(xin[token_of], run_counts)
-        y = y * route.weights.reshape(-1)[order, None].to(y.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of, y.to(x.dtype))
+        # back to slot order (dropped slots zero), then each token's k outputs weighted and summed (one
+        # fused kernel on CUDA) instead of an atomic index_add_ after a separate weighting pass
+        slots = y.new_zeros(t * k, y.shape[-1]).index_copy(0, order, y)
+        out = weighted_slot_sum(slots.view(t, k, -1), route.weights).to(x.dtype)
         return out, route, {"tokens_per_expert": counts, "dropped": dropped}
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..ops.attention import packed_causal_attention, resolve_packed_backend
 from ..ops.cross_entropy import chunked_loss_sum
+from ..ops.fused import rms_norm
 from ..ops.lightning import lightning_attention, lightning_slopes
 from .config import ModelConfig
 
@@ -82,13 +83,20 @@ class RMSNorm(nn.Module):
         self.reduce_sum = reduce_sum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
+        weight = self.view(self.weight)
+        # under autocast the output is in the matmul dtype, as a bf16 transformers model's: the residual
+        # stream and every projection's input then need no cast
+        kind = x.device.type
+        out_dtype = (
+            torch.get_autocast_dtype(kind)
+            if torch.is_autocast_enabled(kind)
+            else torch.promote_types(x.dtype, weight.dtype)
+        )
         if self.reduce_sum is None:
-            ms = x32.pow(2).mean(-1, keepdim=True)
-        else:
-            ms = self.reduce_sum(x32.pow(2).sum(-1, keepdim=True)) / self.weight.shape[0]
-        return self.view(self.weight) * (x32 * torch.rsqrt(ms + self.eps)).to(dtype)
+            return rms_norm(x, weight, self.eps, out_dtype)
+        x32 = x.float()
+        ms = self.reduce_sum(x32.pow(2).sum(-1, keepdim=True)) / self.weight.shape[0]
+        return weight.to(out_dtype) * (x32 * torch.rsqrt(ms + self.eps)).to(x.dtype).to(out_dtype)
 
 
 class LMHead(nn.Module):

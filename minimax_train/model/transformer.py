@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.fused import scaled_sum
 from .attention import LightningAttention, SoftmaxAttention
 from .config import FULL, ModelConfig
 from .init import InitSource, fill_parameters
@@ -45,7 +46,7 @@ class DecoderLayer(nn.Module):
     def _moe_sublayer(self, h):
         b = self.post_attention_layernorm(h)
         moe, route, stats = self.mlp(b)
-        return self.mlp_alpha * b + self.mlp_beta * moe, route, stats
+        return scaled_sum(b, self.mlp_alpha, moe, self.mlp_beta), route, stats
 
     def forward(self, x: torch.Tensor, seq: PackedSequence):
         a = self.input_layernorm(x)
@@ -53,7 +54,7 @@ class DecoderLayer(nn.Module):
             attn = checkpoint(self.self_attn, a, seq, use_reentrant=False)
         else:
             attn = self.self_attn(a, seq)
-        h = self.attn_alpha * a + self.attn_beta * attn
+        h = scaled_sum(a, self.attn_alpha, attn, self.attn_beta)
         n = self.moe_chunk_tokens
         if n > 0 and h.shape[0] > n and torch.is_grad_enabled():
             return _chunked_moe_sublayer(self._moe_sublayer, h, n)

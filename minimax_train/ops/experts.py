@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused import swiglu
+
 
 def use_grouped_mm(*tensors: torch.Tensor) -> bool:
     """CUDA bf16 operands that torch._grouped_mm takes: it needs 16-byte-aligned strides, i.e. the feature
@@ -24,8 +26,8 @@ def use_grouped_mm(*tensors: torch.Tensor) -> bool:
 
 def to_autocast(x: torch.Tensor, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Cast as autocast casts F.linear's operands. torch._grouped_mm is not on autocast's cast list, and
-    the MoE input is fp32 under bf16 autocast (the RMSNorm's fp32 weight promotes it), so without this
-    cast the grouped GEMM would fall back to the per-expert loop."""
+    fp32 master weights would otherwise reach it uncast (and an fp32 input, e.g. a caller outside the
+    model), and the grouped GEMM would fall back to the per-expert loop."""
     kind = x.device.type
     if not torch.is_autocast_enabled(kind):
         return (x, *weights)
@@ -60,5 +62,4 @@ def grouped_swiglu(
     x, gate_up, down = to_autocast(x, gate_up, down)  # once for both GEMMs
     if counts_cpu is None and not use_grouped_mm(x, gate_up):
         counts_cpu = counts.tolist()  # one host sync for both GEMMs
-    g, u = grouped_linear(x, counts, gate_up, counts_cpu).chunk(2, dim=-1)
-    return grouped_linear(act(g) * u, counts, down, counts_cpu)
+    return grouped_linear(swiglu(grouped_linear(x, counts, gate_up, counts_cpu), act), counts, down, counts_cpu)
