@@ -204,6 +204,7 @@ class CheckpointConfig:
     # checkpoint.dir: its latest); model shapes must match, rope_theta / seq_len / data / schedule may change
     init_from: Optional[str] = None
     init_load: str = "model"  # model | model+optim (also the AdamW moments and step counts)
+    require_init: bool = False  # refuse to start without init_from / init_from_hf (continuation recipes)
 
     def __post_init__(self):
         _positive("checkpoint.interval", self.interval, zero_ok=True)
@@ -340,6 +341,12 @@ def validate_job(job: JobConfig) -> None:
         resolve_layout(job.parallel, None, job.model, job.train)
     except ParallelConfigError as e:
         raise ConfigError(str(e)) from None
+    c = job.checkpoint
+    if c.require_init and c.init_from is None and c.init_from_hf is None:
+        raise ConfigError(
+            "checkpoint.require_init: this config continues from another run; set "
+            "checkpoint.init_from=<a checkpoint step dir or checkpoint.dir> (or checkpoint.init_from_hf=<dir>)"
+        )
     if job.checkpoint.init_from_hf is not None and not Path(job.checkpoint.init_from_hf).is_dir():
         raise ConfigError(f"checkpoint.init_from_hf={job.checkpoint.init_from_hf!r}: no such directory")
 
