@@ -154,6 +154,11 @@ class DeepSpeedEngine:
             self.engine.set_train_batch_size(global_batch_size)
             self.config["train_batch_size"] = global_batch_size
             self.config["gradient_accumulation_steps"] = accum
+            log.info(
+                "DeepSpeed train_batch_size %d, gradient_accumulation_steps %d",
+                self.engine.train_batch_size(),
+                self.engine.gradient_accumulation_steps(),
+            )
 
     def set_lr(self, lr: float) -> None:
         from minimax_train.train.optim import set_lr
