@@ -1,5 +1,5 @@
 """checkpoint.init_from: a new run (own step 0, data and schedule) from another run's weights (and AdamW
-state); rope_theta may change, shapes may not (the differing fields are listed); init_load=model+optim
+state), into any layout; rope_theta may change, shapes may not (the differing fields are listed); init_load=model+optim
 restores the optimiser state exactly while the new run's hyperparameters stay its own."""
 
 from __future__ import annotations
@@ -33,6 +33,15 @@ def test_init_from_with_rope_theta_changed_trains_from_the_weights(reference_run
     ref = by_step(read_metrics(reference_run))
     assert got[1]["loss"] != fresh[1]["loss"]
     assert got[1]["loss"] < fresh[1]["loss"] and got[1]["loss"] < ref[1]["loss"]
+
+    # another layout on the new side (tp=2 shards every matrix; DCP reshards the one-process checkpoint)
+    from util_train import compare_metrics, train_rank
+
+    from minimax_train.tools.spawn import run_distributed
+
+    tp_args = [*args, "parallel.tp=2", f"checkpoint.init_from={ckpt}"]
+    assert run_distributed(train_rank, 2, tp_args, str(tmp_path / "tp2"), timeout=300) == [2, 2]
+    compare_metrics(got, by_step(read_metrics(tmp_path / "tp2")))
 
 
 def test_init_from_with_a_shape_change_is_refused(reference_run, tmp_path):
