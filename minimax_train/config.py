@@ -16,7 +16,9 @@ from minimax_train.data.config import DataConfig, SourceConfig, validate_data_co
 from minimax_train.model.config import ModelConfig
 from minimax_train.parallel.mesh import ParallelConfig
 
-SCHEDULES = ("cosine", "wsd", "linear", "constant")
+SCHEDULES = ("cosine", "wsd", "linear", "constant", "piecewise")
+SEGMENT_SHAPES = ("constant", "linear", "cosine", "exponential")
+INIT_LOADS = ("model", "model+optim")
 DECAY_STYLES = ("linear", "cosine", "sqrt")
 OPTIM_IMPLS = ("auto", "fused", "foreach", "apex")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -41,6 +43,17 @@ def _positive(key: str, value, *, zero_ok: bool = False) -> None:
 
 
 @dataclass
+class SegmentConfig:
+    """One segment of optim.schedule=piecewise: from its start lr to `lr` over `steps` or `tokens`."""
+
+    shape: str = "constant"  # constant (lr throughout) | linear | cosine | exponential (geometric)
+    lr: float = 1.0e-4  # the lr at the segment's end (constant: throughout)
+    steps: Optional[int] = None  # length in optimiser steps ...
+    tokens: Optional[int] = None  # ... or in consumed tokens (exactly one of the two)
+    start_lr: Optional[float] = None  # None: where the previous segment ended (the first: 0)
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"
     impl: str = "auto"  # auto: apex FusedAdam if importable (GPU, unsharded), else torch fused on GPU, foreach on CPU
@@ -51,9 +64,13 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1.0e-8
     clip_grad: float = 1.0  # global gradient-norm clip; 0 disables
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | linear | constant
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | linear | constant | piecewise
     warmup_steps: int = 10
+    warmup_tokens: Optional[int] = None  # instead of warmup_steps: warm up until this many tokens are consumed
     decay_steps: Optional[int] = None  # wsd: length of the final decay; None: decay_fraction * train.steps
+    decay_tokens: Optional[int] = None  # wsd, instead of decay_steps: the decay covers the last N tokens
+    # piecewise: the whole schedule as segments in order (warmup included); the last lr holds after them
+    segments: list[SegmentConfig] = field(default_factory=list)
     decay_fraction: float = 0.2  # wsd only
     decay_style: str = "sqrt"  # wsd decay shape: linear | cosine | sqrt (1 - sqrt, as MiniCPM/DeepSeek)
 
@@ -64,7 +81,7 @@ class OptimConfig:
         _choice("optim.decay_style", self.decay_style, DECAY_STYLES)
         _positive("optim.lr", self.lr)
         _positive("optim.min_lr", self.min_lr, zero_ok=True)
-        if self.min_lr > self.lr:
+        if self.min_lr > self.lr and self.schedule != "piecewise":
             raise ConfigError(f"optim.min_lr={self.min_lr} exceeds optim.lr={self.lr}")
         _positive("optim.weight_decay", self.weight_decay, zero_ok=True)
         for k in ("beta1", "beta2"):
@@ -77,13 +94,59 @@ class OptimConfig:
             _positive("optim.decay_steps", self.decay_steps, zero_ok=True)
         if not 0.0 <= self.decay_fraction <= 1.0:
             raise ConfigError(f"optim.decay_fraction: must be in [0, 1], got {self.decay_fraction}")
+        for k in ("warmup_tokens", "decay_tokens"):
+            if getattr(self, k) is not None:
+                _positive(f"optim.{k}", getattr(self, k), zero_ok=True)
+        if self.warmup_tokens is not None and self.warmup_steps:
+            raise ConfigError(
+                f"optim.warmup_tokens={self.warmup_tokens} and optim.warmup_steps={self.warmup_steps}: "
+                f"give one (set optim.warmup_steps=0)"
+            )
+        if self.decay_tokens is not None and self.decay_steps is not None:
+            raise ConfigError("optim.decay_tokens and optim.decay_steps: give one (set optim.decay_steps=null)")
+        if self.schedule == "piecewise":
+            self._check_segments()
+        elif self.segments:
+            raise ConfigError(f"optim.segments is set but optim.schedule={self.schedule}; use optim.schedule=piecewise")
+
+    def _check_segments(self) -> None:
+        if not self.segments:
+            raise ConfigError(
+                "optim.schedule=piecewise needs optim.segments, e.g. "
+                "'[{shape:linear,lr:2e-4,steps:500},{shape:constant,lr:2e-4,tokens:7200000000000}]'"
+            )
+        if self.warmup_steps or self.warmup_tokens:
+            raise ConfigError(
+                "optim.schedule=piecewise: the warmup is a segment (e.g. {shape:linear,lr:2e-4,steps:500}); "
+                "set optim.warmup_steps=0"
+            )
+        prev = 0.0
+        for i, seg in enumerate(self.segments):
+            key = f"optim.segments[{i}]"
+            _choice(f"{key}.shape", seg.shape, SEGMENT_SHAPES)
+            if (seg.steps is None) == (seg.tokens is None):
+                raise ConfigError(f"{key}: give exactly one of steps or tokens (its length)")
+            _positive(f"{key}.{'steps' if seg.steps is not None else 'tokens'}", seg.steps or seg.tokens)
+            _positive(f"{key}.lr", seg.lr, zero_ok=seg.shape != "exponential")
+            start = prev if seg.start_lr is None else seg.start_lr
+            if seg.start_lr is not None:
+                _positive(f"{key}.start_lr", seg.start_lr, zero_ok=True)
+            if seg.shape == "exponential" and not start > 0:
+                raise ConfigError(
+                    f"{key}: an exponential segment needs a start lr > 0 (got {start}); set {key}.start_lr"
+                )
+            prev = seg.lr
 
 
 @dataclass
 class TrainConfig:
     steps: int = 150  # optimiser steps
     seq_len: int = 128  # tokens per packed row
-    global_batch_size: int = 8  # rows per optimiser step, over all data-parallel ranks
+    global_batch_size: int = 8  # rows per optimiser step, over all data-parallel ranks (unused with batch_ramp)
+    # [[consumed_tokens, global_batch_size], ...] from [0, rows]: the batch of a step is that of the last
+    # threshold the tokens consumed before it reached (Megatron's --rampup-batch-size); null: global_batch_size
+    batch_ramp: Optional[list[list[int]]] = None
+    tokens: Optional[int] = None  # train this many tokens: train.steps is then derived (with the ramp)
     micro_batch_size: int = 4  # rows per forward/backward on one rank
     seed: int = 1234  # model init, data order, dropout/jitter
     device: str = "auto"  # auto | cpu | cuda
@@ -104,12 +167,29 @@ class TrainConfig:
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.activation_checkpointing", self.activation_checkpointing, AC_MODES)
-        if self.global_batch_size % self.micro_batch_size:
-            raise ConfigError(
-                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={self.micro_batch_size}; valid micro_batch_size: "
-                f"{_divs(self.global_batch_size)}"
-            )
+        if self.tokens is not None:
+            _positive("train.tokens", self.tokens)
+        for key, g in self.batch_sizes():
+            if g % self.micro_batch_size:
+                raise ConfigError(
+                    f"{key}={g} is not a multiple of train.micro_batch_size={self.micro_batch_size}; "
+                    f"valid micro_batch_size: {_divs(g)}"
+                )
+
+    def ramp(self):
+        """The BatchRamp of this config (one row of global_batch_size without train.batch_ramp)."""
+        from minimax_train.train.batch_ramp import BatchRamp, BatchRampError
+
+        try:
+            return BatchRamp.from_train(self)
+        except BatchRampError as e:
+            raise ConfigError(str(e)) from None
+
+    def batch_sizes(self) -> list[tuple[str, int]]:
+        """(config key, rows) of every global batch size the run uses."""
+        if not self.batch_ramp:
+            return [("train.global_batch_size", self.global_batch_size)]
+        return [(f"train.batch_ramp[{i}] global_batch_size", g) for i, g in enumerate(self.ramp().rows)]
 
 
 @dataclass
@@ -120,10 +200,18 @@ class CheckpointConfig:
     save_final: bool = True  # save after the last step
     resume: bool = True  # resume from the latest complete checkpoint in dir when there is one
     init_from_hf: Optional[str] = None  # start a fresh run from these transformers weights
+    # start a new run (its own step 0, data position and schedule) from this checkpoint (a step dir, or a
+    # checkpoint.dir: its latest); model shapes must match, rope_theta / seq_len / data / schedule may change
+    init_from: Optional[str] = None
+    init_load: str = "model"  # model | model+optim (also the AdamW moments and step counts)
+    require_init: bool = False  # refuse to start without init_from / init_from_hf (continuation recipes)
 
     def __post_init__(self):
         _positive("checkpoint.interval", self.interval, zero_ok=True)
         _positive("checkpoint.keep_last", self.keep_last, zero_ok=True)
+        _choice("checkpoint.init_load", self.init_load, INIT_LOADS)
+        if self.init_from is not None and self.init_from_hf is not None:
+            raise ConfigError("checkpoint.init_from and checkpoint.init_from_hf: give one")
 
 
 @dataclass
@@ -220,12 +308,23 @@ def validate_job(job: JobConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     t, o = job.train, job.optim
+    if t.tokens is not None:
+        t.steps = t.ramp().steps_for_tokens(t.tokens)  # train.steps follows train.tokens
     if o.warmup_steps > t.steps:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
     if o.schedule == "wsd" and o.decay_steps is not None and o.warmup_steps + o.decay_steps > t.steps:
         raise ConfigError(
             f"optim.warmup_steps + optim.decay_steps = {o.warmup_steps + o.decay_steps} exceeds train.steps={t.steps}"
         )
+    if o.warmup_tokens is not None or o.decay_tokens is not None:
+        from minimax_train.train.schedule import LRSchedule
+
+        sc = LRSchedule(o, t.steps, t.ramp()).step_config
+        if sc.warmup_steps + (sc.decay_steps or 0) > t.steps:
+            raise ConfigError(
+                f"optim.warmup_tokens / optim.decay_tokens cover {sc.warmup_steps} + {sc.decay_steps or 0} steps, "
+                f"more than train.steps={t.steps} ({t.ramp().tokens_after(t.steps)} tokens)"
+            )
     if job.model.max_position_embeddings < t.seq_len:
         raise ConfigError(
             f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings={job.model.max_position_embeddings}"
@@ -242,13 +341,25 @@ def validate_job(job: JobConfig) -> None:
         resolve_layout(job.parallel, None, job.model, job.train)
     except ParallelConfigError as e:
         raise ConfigError(str(e)) from None
+    c = job.checkpoint
+    if c.require_init and c.init_from is None and c.init_from_hf is None:
+        raise ConfigError(
+            "checkpoint.require_init: this config continues from another run; set "
+            "checkpoint.init_from=<a checkpoint step dir or checkpoint.dir> (or checkpoint.init_from_hf=<dir>)"
+        )
     if job.checkpoint.init_from_hf is not None and not Path(job.checkpoint.init_from_hf).is_dir():
         raise ConfigError(f"checkpoint.init_from_hf={job.checkpoint.init_from_hf!r}: no such directory")
 
 
-def check_batch_layout(train: TrainConfig, dp: int) -> int:
-    """Gradient-accumulation steps for `dp` data-parallel ranks; a clear error when the batch does not split."""
-    g, m = train.global_batch_size, train.micro_batch_size
+def check_batch_layout(train: TrainConfig, dp: int, global_batch_size: Optional[int] = None) -> int:
+    """Gradient-accumulation steps for `dp` data-parallel ranks (of train.global_batch_size, or of the given
+    batch size: a batch_ramp row); a clear error when the batch does not split. Checks every ramp row
+    when none is given."""
+    if global_batch_size is None:
+        accum = [check_batch_layout(train, dp, g) for _, g in train.batch_sizes()]
+        return accum[0]
+    g, m = global_batch_size, train.micro_batch_size
+    key = next((k for k, v in train.batch_sizes() if v == g), "train.global_batch_size")
     if g % (m * dp):
         ok_m = [d for d in range(1, g // dp + 1) if g % (d * dp) == 0] if g % dp == 0 else []
         hint = (
@@ -256,9 +367,7 @@ def check_batch_layout(train: TrainConfig, dp: int) -> int:
             if ok_m
             else f"global_batch_size must be a multiple of dp={dp} (e.g. {dp * m}, {2 * dp * m})"
         )
-        raise ConfigError(
-            f"train.global_batch_size={g} is not divisible by train.micro_batch_size * dp = {m} * {dp}; {hint}"
-        )
+        raise ConfigError(f"{key}={g} is not divisible by train.micro_batch_size * dp = {m} * {dp}; {hint}")
     return g // (m * dp)
 
 
@@ -285,6 +394,7 @@ def load_job_yaml(path) -> JobConfig:
 __all__ = [
     "JobConfig",
     "OptimConfig",
+    "SegmentConfig",
     "TrainConfig",
     "CheckpointConfig",
     "LoggingConfig",

@@ -6,7 +6,7 @@ Hydra schema can embed DataConfig as is."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hf", "megatron")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
@@ -51,6 +51,39 @@ class DataConfig:
     shuffle_span_tokens: int = 1 << 24
     tokenize_batch: int = 64  # documents tokenised per call (the fast tokenizer runs a batch in parallel)
     cache_dir: Optional[str] = None  # datasets' cache for parquet/text/hf (None: datasets' default)
+    # Mix of the train split by document length (tokens, EOS included): [[upper_bound, weight], ...] with
+    # increasing bounds (exclusive; null: no bound, last only), e.g. [[8192, 0.3], [131072, 0.7], [null, 0]]
+    # gives 30% of the rows from documents < 8K, 70% from 8K..128K, none from longer ones. Each bucket
+    # of each source is packed on its own; weights multiply the sources'. null: no length mix.
+    length_buckets: Optional[list[list[Any]]] = None  # entries: int or null, float
+
+
+def length_bucket_ranges(cfg: DataConfig) -> list[tuple[int, Optional[int], float]]:
+    """(lower bound, upper bound or None, weight) of every data.length_buckets entry, in order; one
+    unbounded bucket of weight 1 without length_buckets. Raises DataError naming the entry."""
+    if cfg.length_buckets is None:
+        return [(0, None, 1.0)]
+    if not cfg.length_buckets:
+        raise DataError("data.length_buckets is empty: give [[upper_bound, weight], ...] or null")
+    out, lo = [], 0
+    for i, entry in enumerate(cfg.length_buckets):
+        key = f"data.length_buckets[{i}]"
+        if len(entry) != 2:
+            raise DataError(f"{key}={list(entry)!r}: expected [upper_bound_tokens (or null), weight]")
+        hi, w = entry
+        if hi is not None:
+            if not isinstance(hi, (int, float)) or int(hi) != hi or hi <= lo:
+                raise DataError(f"{key}: upper bound {hi!r} must be a whole number above the previous one ({lo})")
+            hi = int(hi)
+        elif i != len(cfg.length_buckets) - 1:
+            raise DataError(f"{key}: only the last bucket may have no upper bound (null)")
+        if not isinstance(w, (int, float)) or not w >= 0:
+            raise DataError(f"{key}: weight {w!r} must be >= 0")
+        out.append((lo, hi, float(w)))
+        lo = hi if hi is not None else lo
+    if not sum(w for _, _, w in out) > 0:
+        raise DataError("data.length_buckets: the weights sum to 0; give at least one bucket a weight > 0")
+    return out
 
 
 def validate_data_config(cfg: DataConfig) -> None:
@@ -81,3 +114,4 @@ def validate_data_config(cfg: DataConfig) -> None:
         raise DataError(f"data.shuffle_buffer={cfg.shuffle_buffer!r} must be >= 1")
     if cfg.tokenize_batch < 1:
         raise DataError(f"data.tokenize_batch={cfg.tokenize_batch!r} must be >= 1")
+    length_bucket_ranges(cfg)

@@ -51,8 +51,21 @@ def _seed_words(seed: int, index: int, epoch: int) -> list[int]:
 
 
 class DocStream:
-    def __init__(self, source: DocSource, tokenizer, cfg: DataConfig, *, split: str, seed: int, index: int):
+    def __init__(
+        self,
+        source: DocSource,
+        tokenizer,
+        cfg: DataConfig,
+        *,
+        split: str,
+        seed: int,
+        index: int,
+        length_range: Optional[tuple[int, Optional[int]]] = None,
+    ):
+        """length_range (lo, hi): keep only documents of lo <= tokens < hi (hi None: no bound), skipping
+        the others like held-out ones, so positions stay raw indices (data.length_buckets)."""
         self.source, self.tokenizer, self.index, self.seed = source, tokenizer, index, seed
+        self.length_range = length_range
         self.finite = split == "valid"
         self.shuffle = cfg.shuffle != "none" and not self.finite
         self.valid_fraction, self.add_eos = cfg.valid_fraction, cfg.add_eos
@@ -165,6 +178,12 @@ class DocStream:
     def _end_epoch(self) -> None:
         if self._kept_this_epoch == 0:
             n = f"{self.source.num_docs} " if self.source.num_docs is not None else ""
+            if self.length_range is not None:
+                lo, hi = self.length_range
+                raise DataError(
+                    f"{self.source.label}: no train documents of {lo} <= tokens < {hi or 'inf'} for its "
+                    f"data.length_buckets bucket; give that bucket weight 0 or change its bounds"
+                )
             raise DataError(
                 f"{self.source.label}: no documents for the train split (all {n}documents are "
                 f"empty, malformed or held out by data.valid_fraction={self.valid_fraction})"
@@ -234,10 +253,16 @@ class DocStream:
         for k, t in zip(todo_k, toks):
             out[k] = t
         for p, t in zip(range(lo, hi), out):
-            if t is not None and len(t):
+            if t is not None and len(t) and self._in_range(len(t)):
                 self._ready.append((self.epoch, p, t))
                 self._kept_this_epoch += 1
         return True
+
+    def _in_range(self, n: int) -> bool:
+        if self.length_range is None:
+            return True
+        lo, hi = self.length_range
+        return lo <= n and (hi is None or n < hi)
 
     def _remember(self, doc_id, tokens) -> None:
         """Cache tokenised text documents of map-style sources (by index) while the budget lasts,

@@ -14,7 +14,7 @@ import logging
 from typing import Optional
 
 from .batch import PackedBatch, collate
-from .config import SPLITS, DataConfig, DataError, validate_data_config
+from .config import SPLITS, DataConfig, DataError, length_bucket_ranges, validate_data_config
 from .docstream import DocStream
 from .packing import Row, RowPacker
 from .sources import open_source
@@ -63,7 +63,10 @@ class GlobalRows:
 
 def _fingerprint(cfg: DataConfig) -> str:
     srcs = [[s.kind, s.path, s.weight, s.text_key, s.split, s.name, s.sample_by] for s in cfg.sources]
-    return json.dumps([srcs, cfg.tokenizer, cfg.valid_fraction, cfg.add_eos, cfg.shuffle, cfg.shuffle_span_tokens])
+    return json.dumps(
+        [srcs, cfg.tokenizer, cfg.valid_fraction, cfg.add_eos, cfg.shuffle, cfg.shuffle_span_tokens]
+        + ([cfg.length_buckets] if cfg.length_buckets is not None else [])
+    )
 
 
 class PackedLoader:
@@ -86,15 +89,25 @@ class PackedLoader:
         self.finite = split == "valid"
         self.pad_id = pad_token_id(tokenizer)
         self.sources = [open_source(s, cfg, i) for i, s in enumerate(cfg.sources)]
-        streams = [
-            DocStream(src, tokenizer, cfg, split=split, seed=seed, index=i) for i, src in enumerate(self.sources)
-        ]
+        # one stream per (source, length bucket of weight > 0), each a length-filtered view of the source's
+        # order; the validation pass keeps every length (it measures the held-out set as it is)
+        self.buckets = length_bucket_ranges(cfg) if not self.finite else [(0, None, 1.0)]
+        bucketed = cfg.length_buckets is not None and not self.finite
+        streams, weights, self._bucket_of = [], [], []
+        for i, src in enumerate(self.sources):
+            for b, (lo, hi, w) in enumerate(self.buckets):
+                if w > 0:
+                    rng = (lo, hi) if bucketed else None
+                    streams.append(DocStream(src, tokenizer, cfg, split=split, seed=seed, index=i, length_range=rng))
+                    weights.append(cfg.sources[i].weight * w)
+                    self._bucket_of.append(b)
+        self.bucketed = bucketed
         packers = [RowPacker(d, seq_len) for d in streams]
         self.shuffle_rows = cfg.shuffle == "samples" and not self.finite
         if self.shuffle_rows:
             span_rows = max(1, cfg.shuffle_span_tokens // seq_len)
-            packers = [SpanShuffler(p, seed=seed, index=i, span_rows=span_rows) for i, p in enumerate(packers)]
-        self._stream = GlobalRows(packers, [s.weight for s in cfg.sources])
+            packers = [SpanShuffler(p, seed=seed, index=k, span_rows=span_rows) for k, p in enumerate(packers)]
+        self._stream = GlobalRows(packers, weights)
         self.rows = 0  # global rows consumed (a multiple of dp_size between batches)
         self._initial = self.state_dict()
 
@@ -107,6 +120,17 @@ class PackedLoader:
             "rows_per_source": list(self._stream.blender.taken),
             "global_rows": self.rows,
         }
+
+    def bucket_rows(self) -> list[int]:
+        """Global rows taken so far from each data.length_buckets bucket (all sources together)."""
+        out = [0] * len(self.buckets)
+        for b, n in zip(self._bucket_of, self._stream.blender.taken):
+            out[b] += n
+        return out
+
+    def step_metrics(self) -> dict:
+        """What the trainer adds to each metrics.jsonl record: rows per length bucket, when mixing by length."""
+        return {"bucket_rows": self.bucket_rows()} if self.bucketed else {}
 
     def __iter__(self):
         if self.finite:  # each pass over a finite split starts from its beginning

@@ -182,6 +182,35 @@ class ModelConfig:
         return cls(**out)
 
 
+# The fields that decide the parameters' shapes (and which exist): a checkpoint loads into a model only
+# when these agree. rope_theta, max_position_embeddings, router settings and the like do not count.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+    "tie_word_embeddings",
+    "layer_types",
+)
+
+
+def shape_mismatches(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """'field: old -> new' for every SHAPE_FIELDS entry that differs (layer_types as resolved)."""
+    out = []
+    for name in SHAPE_FIELDS:
+        if name == "layer_types":
+            old, new = saved.resolved_layer_types(), current.resolved_layer_types()
+        else:
+            old, new = getattr(saved, name), getattr(current, name)
+        if old != new:
+            out.append(f"{name}: {old!r} -> {new!r}")
+    return out
+
+
 _NOT_IN_HF = {"layer_types", "init", "softmax_every", "moe_routing", "capacity_factor", "legacy_slopes", "rope_theta"}
 _LEGACY_FACTORS = {
     "layernorm_full_attention_alpha": "full_attn_alpha_factor",

@@ -47,7 +47,7 @@ def ds_config(job, *, accum: int, dp: int, bf16: bool) -> dict:
         # keep every parameter partitioned between uses (no persistence threshold surprises in tests)
         zero["stage3_param_persistence_threshold"] = 0
     return {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": t.micro_batch_size * accum * dp,  # the first ramp row's (set_batch follows the ramp)
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": float(job.optim.clip_grad),  # 0: off
@@ -146,6 +146,19 @@ class DeepSpeedEngine:
 
     def zero_grad(self) -> None:
         pass  # the ZeRO optimiser clears its gradients after each step
+
+    def set_batch(self, global_batch_size: int, accum: int) -> None:
+        """Follow train.batch_ramp: DeepSpeed's own ramp hook changes the accumulation steps it expects
+        (the micro-batch stays train.micro_batch_size); its config then reports the new batch."""
+        if self.engine.train_batch_size() != global_batch_size:
+            self.engine.set_train_batch_size(global_batch_size)
+            self.config["train_batch_size"] = global_batch_size
+            self.config["gradient_accumulation_steps"] = accum
+            log.info(
+                "DeepSpeed train_batch_size %d, gradient_accumulation_steps %d",
+                self.engine.train_batch_size(),
+                self.engine.gradient_accumulation_steps(),
+            )
 
     @property
     def lr_optimizer(self) -> torch.optim.Optimizer:

@@ -245,8 +245,30 @@ def read_meta(path: Path) -> dict:
     return torch.load(Path(path) / META, map_location="cpu", weights_only=True)
 
 
-def load_model_and_optim(path: Path, model, optimizer=None, *, no_dist: bool | None = None) -> None:
-    """Load the model (and optimiser) state of checkpoint `path` into the current layout (DCP reshards)."""
+def saved_model_config(path: Path):
+    """The ModelConfig in checkpoint `path`'s config.yaml (only the model section is read and checked: the
+    data paths and layout of the run that wrote it need not exist here)."""
+    from omegaconf import OmegaConf
+
+    from minimax_train.model.config import ModelConfig
+
+    f = Path(path) / CONFIG
+    if not f.is_file():
+        raise CheckpointError(f"{str(path)!r} has no {CONFIG}: its model cannot be checked")
+    model = OmegaConf.to_container(OmegaConf.load(f), resolve=True).get("model")
+    if not model:
+        raise CheckpointError(f"{str(f)!r} has no model section")
+    try:
+        return ModelConfig(**model)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(f)!r}: model section unreadable ({e})") from None
+
+
+def load_model_and_optim(
+    path: Path, model, optimizer=None, *, no_dist: bool | None = None, with_optim: bool = True
+) -> None:
+    """Load the model (and optimiser) state of checkpoint `path` into the current layout (DCP reshards).
+    with_optim=False: the weights only (an engine adapter's or a torch optimiser's state is left as is)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -260,12 +282,12 @@ def load_model_and_optim(path: Path, model, optimizer=None, *, no_dist: bool | N
         no_dist = not (dist.is_available() and dist.is_initialized())
     if optimizer is None and hasattr(model, "set_state_dict"):  # an engine adapter (DeepSpeed)
         model_sd, optim_sd = model.get_state_dict()
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd} if with_optim else {"model": model_sd}
         with quiet_single_process(), standard_gate_up(state):
             dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)
-        model.set_state_dict(state["model"], state["optim"])
+        model.set_state_dict(state["model"], state.get("optim"))
         return
-    if optimizer is None:
+    if optimizer is None or not with_optim:
         model_sd = get_model_state_dict(model)
         with quiet_single_process(), standard_gate_up({"model": model_sd}) as state:
             dcp.load(state, checkpoint_id=str(path), no_dist=no_dist)

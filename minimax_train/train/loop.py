@@ -37,8 +37,9 @@ from minimax_train.train.metrics import (
     max_memory_gb,
     peak_tflops,
 )
-from minimax_train.train.optim import build_optimizer, clip_grad_norm, lr_at, set_lr
+from minimax_train.train.optim import build_optimizer, clip_grad_norm, set_lr
 from minimax_train.train.profiler import StepProfiler
+from minimax_train.train.schedule import LRSchedule
 
 log = logging.getLogger("minimax_train.train")
 
@@ -161,6 +162,9 @@ class TorchEngine:
     def lr_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer
 
+    def set_batch(self, global_batch_size: int, accum: int) -> None:
+        pass  # the loop hands forward_backward `accum` micro-batches; nothing here counts them
+
     def train(self):
         self.model.train()
 
@@ -183,6 +187,45 @@ def build_engine(
         return engine, f"{opt_impl} in DeepSpeed ZeRO-{job.parallel.zero_stage}"
     optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=is_sharded(model))
     return TorchEngine(model, optimizer, job.parallel.grad_sync), opt_impl
+
+
+def check_init_checkpoint(init_from: str, model_cfg) -> Path:
+    """The checkpoint checkpoint.init_from names, after checking that its model has the current shapes
+    (CheckpointError listing the fields that differ); differences that keep the shapes (rope_theta, ...)
+    are logged."""
+    import dataclasses
+
+    from minimax_train.model.config import shape_mismatches
+    from minimax_train.train.checkpoint import CheckpointError, resolve_checkpoint, saved_model_config
+
+    path = resolve_checkpoint(init_from)
+    saved = saved_model_config(path)
+    bad = shape_mismatches(saved, model_cfg)
+    if bad:
+        raise CheckpointError(
+            f"checkpoint.init_from={init_from!r}: the model shapes differ from {path}'s ({'; '.join(bad)}); "
+            f"set these model.* fields as the checkpoint has them"
+        )
+    changed = [
+        f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(model_cfg, f.name)!r}"
+        for f in dataclasses.fields(model_cfg)
+        if getattr(saved, f.name) != getattr(model_cfg, f.name)
+    ]
+    if changed:
+        log.info("checkpoint.init_from: model settings changed from %s: %s", path.name, "; ".join(changed))
+    return path
+
+
+def load_init_checkpoint(path, what: str, model, optimizer, optim_cfg, mesh: ParallelMesh) -> None:
+    """Weights (what="model") or weights and AdamW state ("model+optim") of checkpoint `path` into this run's
+    layout (DCP reshards); the optimiser's hyperparameters stay this run's (optim.*)."""
+    from minimax_train.train.checkpoint import load_model_and_optim
+    from minimax_train.train.optim import apply_hyperparameters
+
+    with_optim = what == "model+optim"
+    load_model_and_optim(Path(path), model, optimizer, no_dist=mesh.world_size == 1, with_optim=with_optim)
+    if with_optim:
+        apply_hyperparameters(optimizer if optimizer is not None else model.client_optimizer, optim_cfg)
 
 
 def _local_eval(model, loader, iters: int, device, autocast, mesh: ParallelMesh) -> torch.Tensor:
@@ -301,9 +344,12 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         run_dir = Path(mesh.broadcast_object(str(Path(run_dir).absolute())))
         if not mesh.is_main:
             logging.getLogger("minimax_train").setLevel(logging.WARNING)
-        T, G = job.train.seq_len, job.train.global_batch_size
+        T = job.train.seq_len
         dp = mesh.layout.dp
-        accum = check_batch_layout(job.train, dp)
+        ramp = job.train.ramp()
+        check_batch_layout(job.train, dp)  # every ramp row splits over dp x micro_batch_size
+        G = ramp.rows_at(0)
+        accum = check_batch_layout(job.train, dp, G)
         device = mesh.device
         bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and device.type == "cuda")
 
@@ -323,6 +369,9 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         # ---- data (before the model: data errors surface before any heavy work) ------------------------------
         tokenizer = load_tokenizer(job.data)
         init_hf = job.checkpoint.init_from_hf if not resume_from else None
+        init_ckpt = None
+        if job.checkpoint.init_from and not resume_from:  # a restarted continuation resumes from its own
+            init_ckpt = mesh.broadcast_object(str(check_init_checkpoint(job.checkpoint.init_from, job.model)))
         if init_hf:
             from minimax_train.hf import read_hf_config
 
@@ -377,8 +426,17 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         peak = peak_tflops(device, job.logging.peak_tflops)
         n_params = count_params(job.model)
 
-        # ---- resume -----------------------------------------------------------------------------------------
+        # ---- resume, or a new run from another run's checkpoint -----------------------------------------------
         step, tokens, skipped, consecutive, wandb_id = 0, 0, 0, 0, None
+        if init_ckpt:
+            t0 = time.perf_counter()
+            load_init_checkpoint(init_ckpt, job.checkpoint.init_load, ckpt_model, ckpt_optim, job.optim, mesh)
+            log.info(
+                "initialised %s from %s (%.2fs); a new run from step 0",
+                job.checkpoint.init_load,
+                init_ckpt,
+                time.perf_counter() - t0,
+            )
         if resume_from:
             t0 = time.perf_counter()
             meta, mine, blob = manager.load(Path(resume_from), ckpt_model, ckpt_optim)
@@ -394,6 +452,10 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             log.info("resumed from %s (step %d, %.2fs)", resume_from, step, time.perf_counter() - t0)
         if step >= job.train.steps:
             log.info("checkpoint step %d >= train.steps=%d: nothing to do", step, job.train.steps)
+        schedule = LRSchedule(job.optim, job.train.steps, ramp)
+        G = ramp.rows_at(tokens)
+        accum = check_batch_layout(job.train, dp, G)
+        engine.set_batch(G, accum)
 
         # ---- outputs -----------------------------------------------------------------------------------------
         config_yaml = job_to_yaml(job)
@@ -405,17 +467,18 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             wandb_id = wandb_logger.run_id
         log.info("run dir %s | checkpoints %s | %s", run_dir, ckpt_root, mesh.describe())
         log.info(
-            "model %.2fM params (%.2fM active/token) | batch %d rows x %d tokens = %d tokens/step, micro %d, "
+            "model %.2fM params (%.2fM active/token) | batch %d rows x %d tokens = %d tokens/step%s, micro %d, "
             "accum %d, dp %d | %s | precision %s | optimizer %s",
             n_params.total / 1e6,
             n_params.active / 1e6,
             G,
             T,
             G * T,
+            f" (ramp {list(zip(ramp.thresholds, ramp.rows))})" if ramp.ramped else "",
             job.train.micro_batch_size,
             accum,
             dp,
-            job.optim.schedule,
+            schedule.describe(),
             "bf16" if bf16 else "fp32",
             opt_impl,
         )
@@ -440,7 +503,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         last_ckpt = resume_from
         last_loss = None
         step_times: list[float] = []
-        start_step = step
+        start_step, start_tokens = step, tokens
         it = iter(train_loader)
         engine.train()
         profiler = StepProfiler(
@@ -450,7 +513,12 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         while step < job.train.steps:
             profiler.before_step(step + 1)
             t_start = time.perf_counter()
-            lr = lr_at(step, job.optim, job.train.steps)
+            if ramp.rows_at(tokens) != G:  # a ramp threshold was reached: this step takes the new batch
+                G = ramp.rows_at(tokens)
+                accum = check_batch_layout(job.train, dp, G)
+                engine.set_batch(G, accum)
+                log.info("step %d: global batch %d rows (%d tokens) after %d tokens", step + 1, G, G * T, tokens)
+            lr = schedule.lr(step)
             set_lr(engine.lr_optimizer, lr)
             batches = [next(it) for _ in range(accum)]
             fb = forward_backward(
@@ -528,6 +596,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 "lr": lr,
                 "grad_norm": gn,
                 "tokens": tokens,
+                "global_batch_size": G,
                 "tokens_per_s": tps,
                 "tflops_per_device": tflops,
                 "mfu": (tflops / peak) if peak else None,
@@ -538,6 +607,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 "skipped": not finite,
                 "skipped_steps": skipped,
             }
+            rec.update(train_loader.step_metrics())
             if valid_loader is not None and (step % job.train.eval_interval == 0 or step == job.train.steps):
                 acc = _local_eval(model, valid_loader, job.train.eval_iters, device, autocast, mesh)
                 mesh.all_reduce(acc, group=grad_group)
@@ -586,7 +656,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 "done: %d steps in %s (%.1fk tokens/s), last loss %s, %d skipped",
                 step - start_step,
                 format_duration(total),
-                (step - start_step) * G * T / max(total, 1e-9) / 1e3,
+                (tokens - start_tokens) / max(total, 1e-9) / 1e3,
                 f"{last_loss:.4f}" if last_loss is not None else "n/a",
                 skipped,
             )

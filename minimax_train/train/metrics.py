@@ -121,6 +121,9 @@ class WandbLogger:
         if self.run is None:
             return
         data = {k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None and k != "step"}
+        for k, v in record.items():  # per-bucket counts and the like: one W&B series per entry
+            if isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+                data.update({f"{k}/{i}": x for i, x in enumerate(v)})
         self.run.log(data, step=int(record["step"]))
 
     def finish(self, exit_code: int = 0) -> None:

@@ -102,6 +102,15 @@ def build_optimizer(
     return torch.optim.AdamW(groups, foreach=True, **kw), "torch-foreach"
 
 
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """This run's betas, eps and weight decay on an optimiser whose state (and param groups) came from
+    another run's checkpoint; the decay group is the first (param_groups), the no-decay one keeps 0."""
+    for i, g in enumerate(optimizer.param_groups):
+        g["betas"] = (cfg.beta1, cfg.beta2)
+        g["eps"] = cfg.eps
+        g["weight_decay"] = cfg.weight_decay if i == 0 else 0.0
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         if isinstance(g["lr"], torch.Tensor):
