@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from minimax_train.data.config import DataConfig, SourceConfig, validate_data_config
+from minimax_train.errors import MinimaxError
 from minimax_train.model.config import ModelConfig
 from minimax_train.parallel.mesh import ParallelConfig
 
@@ -26,7 +27,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-class ConfigError(ValueError):
+class ConfigError(MinimaxError, ValueError):
     """A configuration value that cannot work; the message names the key and what is allowed."""
 
 

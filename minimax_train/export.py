@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from minimax_train.train.checkpoint import CheckpointError
+    from minimax_train.errors import run_cli
 
-    try:
+    def body():
         out = export(
             args.checkpoint,
             args.out,
@@ -86,11 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=not args.no_tokenizer,
             overwrite=args.overwrite,
         )
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"minimax_train.export: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+        print(out)
+
+    return run_cli("minimax_train.export", body)
 
 
 if __name__ == "__main__":

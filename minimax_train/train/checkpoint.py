@@ -30,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from minimax_train.errors import CheckpointError
 from minimax_train.parallel.expert_parallel import standard_gate_up
 from minimax_train.parallel.mesh import ParallelMesh
 
@@ -39,10 +40,6 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 META = "meta.pt"
 CONFIG = "config.yaml"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def step_dir_name(step: int) -> str:

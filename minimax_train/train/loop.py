@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
+from minimax_train.errors import MinimaxError
 from minimax_train.parallel.data_parallel import is_sharded, set_gradient_sync
 from minimax_train.parallel.mesh import ParallelMesh
 from minimax_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -45,8 +46,10 @@ log = logging.getLogger("minimax_train.train")
 RESOLVED_CONFIG = "config_resolved.yaml"
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(MinimaxError):
+    """The run stopped on consecutive non-finite steps (exit 3, so schedulers can tell it apart)."""
+
+    exit_code = 3
 
 
 @dataclass
