@@ -25,12 +25,11 @@ def strip_prefix(path: str) -> str:
 
 
 def _indexed_dataset_module():
-    try:
-        with warnings.catch_warnings():  # megatron.core's import warns about Apex/TE, irrelevant here
-            warnings.simplefilter("ignore")
-            from megatron.core.datasets import indexed_dataset
-    except ImportError as e:
-        raise DataError(f"kind='megatron' needs megatron-core (pip install 'minimax_train[megatron]'): {e}") from e
+    from minimax_train.errors import import_extra
+
+    with warnings.catch_warnings():  # megatron.core's import warns about Apex/TE, irrelevant here
+        warnings.simplefilter("ignore")
+        indexed_dataset = import_extra("megatron.core.datasets.indexed_dataset", "megatron", "data kind 'megatron'")
     return indexed_dataset
 
 

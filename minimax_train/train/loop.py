@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
-from minimax_train.errors import MinimaxError
+from minimax_train.errors import MinimaxError, import_extra
 from minimax_train.parallel.data_parallel import is_sharded, set_gradient_sync
 from minimax_train.parallel.mesh import ParallelMesh
 from minimax_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -174,6 +174,8 @@ def build_engine(
     job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool = False, init_from_hf: Optional[str] = None
 ):
     """(engine adapter, optimiser implementation name) for parallel.engine."""
+    if job.parallel.engine == "deepspeed":  # before the model is built
+        import_extra("deepspeed", "deepspeed", "parallel.engine=deepspeed")
     model = build_model(job, mesh, bf16=bf16, init_from_hf=init_from_hf)
     if job.parallel.engine == "deepspeed":
         from minimax_train.parallel.deepspeed_engine import DeepSpeedEngine

@@ -92,13 +92,9 @@ class WandbLogger:
         self.run_id = run_id
         if cfg.mode == "disabled":
             return
-        try:
-            import wandb
-        except ImportError as e:
-            raise RuntimeError(
-                f"logging.wandb.mode={cfg.mode} but wandb is not installed "
-                f"(pip install wandb, or logging.wandb.mode=disabled)"
-            ) from e
+        from minimax_train.errors import import_extra
+
+        wandb = import_extra("wandb", "wandb", f"logging.wandb.mode={cfg.mode} (or logging.wandb.mode=disabled)")
         wdir = Path(cfg.dir) if cfg.dir else Path(run_dir)
         wdir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
