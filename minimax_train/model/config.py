@@ -4,6 +4,7 @@ the translation to and from transformers' config.json."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -89,6 +90,19 @@ class ModelConfig:
         ):
             if int(getattr(self, key)) < 1:
                 bad(key, f"must be a positive integer, got {getattr(self, key)}")
+        for key, lo, lo_ok, hi in (
+            ("initializer_range", 0.0, False, None),
+            ("rms_norm_eps", 0.0, False, None),
+            ("rope_theta", 0.0, False, None),
+            ("router_aux_loss_coef", 0.0, True, None),
+            ("router_jitter_noise", 0.0, True, 1.0),
+            ("capacity_factor", 0.0, False, None),
+            ("attention_dropout", 0.0, True, 1.0),
+        ):
+            v = float(getattr(self, key))
+            if not math.isfinite(v) or v < lo or (v == lo and not lo_ok) or (hi is not None and v >= hi):
+                rng = f"{'>=' if lo_ok else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
+                bad(key, f"must be a finite number {rng}, got {v}")
         if self.num_attention_heads % self.num_key_value_heads:
             bad(
                 "num_key_value_heads",
@@ -180,6 +194,54 @@ class ModelConfig:
         if out.get("rotary_dim") == out.get("head_dim"):
             out["rotary_dim"] = None
         return cls(**out)
+
+
+# Fields that change the shape of a tensor or what the network computes: a checkpoint only resumes into
+# a model equal on all of them (layout, initialisation, dropout/jitter, position limit and token ids may
+# change). layer_types is compared resolved, so softmax_every=2 equals the explicit list it spells.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "sliding_window",
+    "num_experts_per_tok",
+    "num_local_experts",
+    "moe_routing",
+    "capacity_factor",
+    "rope_theta",
+    "rotary_dim",
+    "layer_types",
+    "legacy_slopes",
+    "full_attn_alpha_factor",
+    "full_attn_beta_factor",
+    "linear_attn_alpha_factor",
+    "linear_attn_beta_factor",
+    "mlp_alpha_factor",
+    "mlp_beta_factor",
+)
+
+
+def _shape_value(cfg: ModelConfig, name: str):
+    if name == "layer_types":  # one letter a layer: L lightning, F full softmax
+        return "".join("F" if t == FULL else "L" for t in cfg.resolved_layer_types())
+    return getattr(cfg, name)
+
+
+def shape_mismatches(saved: ModelConfig, current: ModelConfig) -> list[str]:
+    """'model.FIELD: saved -> current' for every SHAPE_FIELDS entry on which the two configs differ."""
+    out = []
+    for name in SHAPE_FIELDS:
+        a, b = _shape_value(saved, name), _shape_value(current, name)
+        if a != b:
+            out.append(f"model.{name}: {a!r} -> {b!r}")
+    return out
 
 
 _NOT_IN_HF = {"layer_types", "init", "softmax_every", "moe_routing", "capacity_factor", "legacy_slopes", "rope_theta"}

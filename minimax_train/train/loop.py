@@ -26,9 +26,10 @@ import torch.distributed as dist
 
 from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
 from minimax_train.errors import MinimaxError, import_extra
+from minimax_train.model.config import shape_mismatches
 from minimax_train.parallel.data_parallel import is_sharded, set_gradient_sync
 from minimax_train.parallel.mesh import ParallelMesh
-from minimax_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from minimax_train.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from minimax_train.train.faults import Faults
 from minimax_train.train.metrics import (
     MetricsWriter,
@@ -283,6 +284,16 @@ def forward_backward(
     return ForwardBackward(global_tokens, lm_sum, aux_sum, load)
 
 
+def _same_model(path: Path, saved: JobConfig, job: JobConfig) -> None:
+    """Resume only into the model the checkpoint was trained as (the layout may differ)."""
+    diff = shape_mismatches(saved.model, job.model)
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path} holds another model than this run's ({', '.join(diff)}, as checkpoint -> run): "
+            f"resume it with the checkpoint's model settings, or start a new run in another checkpoint.dir"
+        )
+
+
 def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
     """Run (or resume) the job. Collective: every rank of a torchrun job calls it. `run_dir` is rank 0's
     output directory (other ranks receive it)."""
@@ -320,6 +331,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         ckpt_root = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
         ckpt_root = Path(mesh.broadcast_object(str(ckpt_root.absolute())))
         manager = CheckpointManager(ckpt_root, mesh, keep_last=job.checkpoint.keep_last, faults=faults)
+        manager.guard_fresh_start(job.checkpoint.resume, job.checkpoint.overwrite)  # before anything is touched
         manager.prepare()
         resume_from = manager.latest() if job.checkpoint.resume else None
         resume_from = mesh.broadcast_object(str(resume_from) if resume_from else None)
@@ -385,7 +397,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         step, tokens, skipped, consecutive, wandb_id = 0, 0, 0, 0, None
         if resume_from:
             t0 = time.perf_counter()
-            meta, mine, blob = manager.load(Path(resume_from), ckpt_model, ckpt_optim)
+            loaded = manager.load_latest(ckpt_model, ckpt_optim, check_job=lambda p, saved: _same_model(p, saved, job))
+            resume_from, meta, mine, blob = str(loaded[0]), *loaded[1:]
             step, tokens = int(meta["step"]), int(meta["tokens"])
             skipped, consecutive = int(meta["skipped_steps"]), int(meta["consecutive_nonfinite"])
             wandb_id = meta.get("wandb_run_id")
@@ -487,6 +500,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             finite = math.isfinite(loss) and math.isfinite(gn)
             if finite:
                 engine.step()
+                faults.maybe_poison(step + 1, engine.module)
                 consecutive = 0
             else:
                 skipped += 1
