@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable
+from typing import Optional
 
 import numpy as np
 
@@ -84,6 +85,14 @@ def read_megatron_documents(path_prefix: str) -> list[np.ndarray]:
     return src.fetch(range(src.num_docs))
 
 
+def _max_token(bin_path: str, dtype, count: int, chunk: int = 1 << 24) -> Optional[int]:
+    """Largest id in the first `count` tokens of a .bin (one pass, 16M tokens at a time)."""
+    if count == 0:
+        return None
+    data = np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
+    return max(int(data[i : i + chunk].max()) for i in range(0, count, chunk))
+
+
 class MegatronSource(DocSource):
     pretokenized = True
 
@@ -97,7 +106,18 @@ class MegatronSource(DocSource):
                 f"{', '.join(map(repr, missing))} (path is the prefix without .bin/.idx)"
             )
         idx_mod = _indexed_dataset_module()
-        self.ds = idx_mod.IndexedDataset(prefix, mmap=True)
+        redo = "re-create it (tools/prepare_data.py --format megatron)"
+        try:
+            self.ds = idx_mod.IndexedDataset(prefix, mmap=True)
+        except Exception as e:  # megatron's reader asserts, struct and numpy errors on a short or foreign .idx
+            raise DataError(f"{label}: {prefix}.idx is truncated or not a Megatron index ({e}); {redo}") from None
+        index = self.ds.index
+        itemsize = np.dtype(index.dtype).itemsize
+        want = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize if len(index) else 0
+        have = os.path.getsize(prefix + ".bin")
+        if have < want:
+            raise DataError(f"{label}: {prefix}.bin is truncated ({have} bytes, its .idx needs {want}); {redo}")
+        self.max_token_id = _max_token(prefix + ".bin", index.dtype, want // itemsize)
         # A Megatron "document" may hold several sequences (sentences); we pack documents.
         self._doc_idx = np.asarray(self.ds.document_indices, dtype=np.int64)
         self._one_seq_per_doc = len(self._doc_idx) == len(self.ds) + 1

@@ -336,7 +336,7 @@ class CheckpointManager:
         state or None when the layout changed, the whole meta file). DamagedCheckpoint names the file
         that does not read back; every rank raises it when one does."""
         blob = self._agree(path, lambda: read_meta(path))
-        self._agree(path, lambda: _load_data(path, model, optimizer, self.mesh.world_size == 1))
+        self._agree(path, lambda: load_checked(path, model, optimizer, self.mesh.world_size == 1))
         ranks = blob["ranks"]
         mine = ranks[self.mesh.rank] if blob["world_size"] == self.mesh.world_size else None
         return blob["meta"], mine, blob
@@ -383,7 +383,8 @@ class CheckpointManager:
         return out
 
 
-def _load_data(path: Path, model, optimizer, no_dist: bool) -> None:
+def load_checked(path: Path, model, optimizer, no_dist: bool) -> None:
+    """load_model_and_optim; DamagedCheckpoint naming `path` when its data does not read back."""
     try:
         load_model_and_optim(path, model, optimizer, no_dist=no_dist)
     except Exception as e:

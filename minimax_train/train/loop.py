@@ -365,6 +365,11 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         )
         train_loader = build_loader(job.data, tokenizer, split="train", **loader_kw)
         for src in train_loader.stats["sources"]:
+            if src["max_token_id"] is not None and src["max_token_id"] >= job.model.vocab_size:
+                raise DataError(
+                    f"{src['label']}: holds token id {src['max_token_id']}, outside model.vocab_size="
+                    f"{job.model.vocab_size}: it was tokenised with another tokenizer, or raise model.vocab_size"
+                )
             log.info(
                 "data %s: %s documents, %d malformed records skipped",
                 src["label"],
