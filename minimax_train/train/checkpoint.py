@@ -38,7 +38,13 @@ import torch
 from minimax_train.errors import CheckpointError
 from minimax_train.parallel.expert_parallel import standard_gate_up
 from minimax_train.parallel.mesh import ParallelMesh
-from minimax_train.train.ckpt_safety import first_nonfinite, is_out_of_space, short_reason
+from minimax_train.train.ckpt_safety import (
+    FILE_ERRORS,
+    first_nonfinite,
+    is_out_of_space,
+    quiet_dcp_errors,
+    short_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +261,7 @@ class CheckpointManager:
         self.mesh.barrier()
         try:
             self._write(step, tmp, model_sd, optim_sd, meta, rank_state, config_yaml)
-        except Exception as e:
+        except FILE_ERRORS as e:
             if self.mesh.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             if is_out_of_space(e, self.root):
@@ -374,7 +380,7 @@ class CheckpointManager:
             out, reason = read(), None
         except DamagedCheckpoint as e:
             out, reason = None, str(e)
-        except Exception as e:  # torch.load / DCP / yaml raise many types for a file that is not what we wrote
+        except FILE_ERRORS as e:  # torch.load / DCP / yaml raise many types for a file that is not what we wrote
             out, reason = None, f"{path}: {short_reason(e)}"
         reasons = self.mesh.all_gather_object(reason) if self.mesh.world_size > 1 else [reason]
         first = next((r for r in reasons if r), None)
@@ -386,8 +392,9 @@ class CheckpointManager:
 def load_checked(path: Path, model, optimizer, no_dist: bool) -> None:
     """load_model_and_optim; DamagedCheckpoint naming `path` when its data does not read back."""
     try:
-        load_model_and_optim(path, model, optimizer, no_dist=no_dist)
-    except Exception as e:
+        with quiet_dcp_errors():
+            load_model_and_optim(path, model, optimizer, no_dist=no_dist)
+    except FILE_ERRORS as e:
         raise DamagedCheckpoint(
             f"{path}: its model/optimiser data (.metadata, *.distcp) cannot be read ({short_reason(e)})"
         ) from None

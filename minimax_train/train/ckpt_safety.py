@@ -3,12 +3,18 @@ messages that name a damaged checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
+
+# what reading or writing checkpoint files can raise (DCP's CheckpointException is a BaseException)
+FILE_ERRORS = (Exception, CheckpointException)
 
 # below this much free space a failed write is a full disk, whatever the writer's message says
 _FULL_BYTES = 1 << 20
@@ -79,3 +85,22 @@ def short_reason(e: BaseException) -> str:
     if "weights only load failed" in first.lower() or "weights_only" in first:
         first = "not a readable torch file"
     return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+
+
+class _DropDcpFallbackNoise(logging.Filter):
+    """DCP logs a traceback on the root logger for a .metadata it cannot read before raising; we report
+    the damaged checkpoint ourselves, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "distributed/checkpoint" not in record.pathname.replace("\\", "/")
+
+
+@contextlib.contextmanager
+def quiet_dcp_errors():
+    f = _DropDcpFallbackNoise()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
