@@ -51,9 +51,9 @@ def export_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run4(tmp_path_factory) -> Path:
-    """checkpoint.dir of a finished 4-step run (step_00000002, step_00000004). Tests that damage it copy it."""
+    """checkpoint.dir of a finished 4-step run, a checkpoint after every step. Tests that change it copy it."""
     root = tmp_path_factory.mktemp("run4")
-    run_train(root / "run", *SHORT, f"checkpoint.dir={root / 'ckpt'}")
+    run_train(root / "run", *SHORT, "checkpoint.interval=1", f"checkpoint.dir={root / 'ckpt'}")
     return root / "ckpt"
 
 
@@ -67,7 +67,7 @@ def copy_of(ckpt: Path, tmp_path: Path) -> Path:
 def test_fresh_run_refuses_a_dir_with_another_runs_checkpoints(run4, tmp_path):
     before = tree_hash(run4)
     p = run_train(tmp_path / "r", *SHORT, f"checkpoint.dir={run4}", "checkpoint.resume=false", check=False)
-    refused(p, str(run4), "checkpoint.overwrite=true", "another checkpoint.dir", "step_00000002 .. step_00000004")
+    refused(p, str(run4), "checkpoint.overwrite=true", "another checkpoint.dir", "step_00000001 .. step_00000004")
     assert tree_hash(run4) == before
 
 
@@ -92,17 +92,16 @@ def test_overwrite_removes_the_old_run_only_after_the_first_new_save(run4, tmp_p
     assert tree_hash(ckpt) == before
     p = run_train(tmp_path / "b", *fresh, "train.seed=7", "train.steps=2", "optim.warmup_steps=1")
     assert "will be removed after this run's first save" in p.stdout + p.stderr
-    assert steps_in(ckpt) == ["step_00000002"]
+    assert steps_in(ckpt) == ["step_00000002"]  # the old run's step_00000001..4 are gone
     assert "seed: 7" in (ckpt / "step_00000002" / "config.yaml").read_text()
 
 
 # ---- 2. export never writes into a checkpoint dir ---------------------------------------------------------
-@pytest.mark.parametrize("where", ["the checkpoint.dir", "a step dir", "inside a step dir", "around it"])
+@pytest.mark.parametrize("where", ["the checkpoint.dir", "inside a step dir", "around it"])
 def test_export_refuses_out_in_or_around_checkpoints(run4, tmp_path, where):
     ckpt = copy_of(run4, tmp_path)  # a parent of run4 would hold the other tests' files
     out = {
         "the checkpoint.dir": ckpt,
-        "a step dir": ckpt / "step_00000002",
         "inside a step dir": ckpt / "step_00000004" / "hf",
         "around it": tmp_path,
     }[where]
@@ -175,8 +174,9 @@ def test_save_refuses_non_finite_weights_and_names_the_last_good_checkpoint(tmp_
     refused(p, "refusing to save step 4", "NaN or inf", str(ckpt / "step_00000002"))
     assert steps_in(ckpt) == ["step_00000002"]
     # the final save refuses as well, and says that nothing good was saved
-    p = run_train(tmp_path / "s", *SHORT, "checkpoint.interval=0", faults="poison@1", check=False)
-    refused(p, "refusing to save step 4", "no checkpoint of this run")
+    short = ["checkpoint.interval=0", "train.steps=1", "optim.warmup_steps=1"]
+    p = run_train(tmp_path / "s", *SHORT, *short, faults="poison@1", check=False)
+    refused(p, "refusing to save step 1", "no checkpoint of this run")
     assert steps_in(tmp_path / "s" / "checkpoints") == []
 
 
@@ -219,29 +219,31 @@ def _damage(step: Path, what: str) -> str:
     return what
 
 
-@pytest.mark.parametrize("what", ["config.yaml", "meta.pt", ".metadata", ".distcp"])
-def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(run4, tmp_path, what):
+def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(run4, tmp_path):
     ckpt = copy_of(run4, tmp_path)
-    _damage(ckpt / "step_00000004", what)
+    _damage(ckpt / "step_00000004", "meta.pt")
+    _damage(ckpt / "step_00000003", ".metadata")
     # train.steps=2: the fallback checkpoint is already at the end, so the run only loads and stops
     p = run_train(tmp_path / "r", *SHORT, f"checkpoint.dir={ckpt}", "train.steps=2", "optim.warmup_steps=1")
     out = p.stdout + p.stderr
-    assert f"DAMAGED CHECKPOINT {ckpt / 'step_00000004'}" in out and what in out, out[-3000:]
+    assert f"DAMAGED CHECKPOINT {ckpt / 'step_00000004'}: meta.pt is truncated" in out, out[-3000:]
+    assert f"DAMAGED CHECKPOINT {ckpt / 'step_00000003'}: its model/optimiser data" in out
     assert f"resumed from {ckpt / 'step_00000002'}" in out
     assert "Traceback" not in out and "weights_only" not in out
 
 
 def test_no_readable_checkpoint_stops_with_the_list(run4, tmp_path):
     ckpt = copy_of(run4, tmp_path)
-    _damage(ckpt / "step_00000004", ".distcp")
-    _damage(ckpt / "step_00000002", "meta.pt")
+    for step, what in ((4, ".distcp"), (3, ".metadata"), (2, "meta.pt"), (1, "config.yaml")):
+        _damage(ckpt / f"step_{step:08d}", what)
     before = tree_hash(ckpt)
     p = run_train(tmp_path / "r", *SHORT, f"checkpoint.dir={ckpt}", check=False)
-    refused(p, "no checkpoint in", "step_00000004: its model/optimiser data", "step_00000002: meta.pt is truncated")
-    assert "move those dirs aside" in p.stderr
+    line = refused(p, "no checkpoint in", "step_00000004: its model/optimiser data", "step_00000002: meta.pt is trunc")
+    assert "step_00000003: its model/optimiser data" in line and "step_00000001: config.yaml cannot be read" in line
+    assert "move those dirs aside" in line and "weights_only" not in line
     assert tree_hash(ckpt) == before
     p = export_cli("--checkpoint", str(ckpt), "--out", str(tmp_path / "hf"))
-    refused(p, "step_00000004: its model/optimiser data", "earlier checkpoints", "step_00000002")
+    refused(p, "step_00000004: its model/optimiser data", "earlier checkpoints", "step_00000003")
     assert tree_hash(ckpt) == before and not (tmp_path / "hf").exists()
 
 
