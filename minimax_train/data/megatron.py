@@ -10,6 +10,7 @@ whole core), and only runs that read or write these files should pay for it."""
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Iterable
 from typing import Optional
@@ -85,6 +86,21 @@ def read_megatron_documents(path_prefix: str) -> list[np.ndarray]:
     return src.fetch(range(src.num_docs))
 
 
+_IDX_HEADER = b"MMIDIDX\x00\x00"  # then version u64, dtype code u8, sequence and document counts u64
+
+
+def _check_idx(idx_path: str, label: str, redo: str) -> None:
+    """A .idx cut short (or not one) fails here, before megatron's reader asserts on it."""
+    with open(idx_path, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or not head.startswith(_IDX_HEADER):
+        raise DataError(f"{label}: {idx_path} is truncated or not a Megatron index (bad header); {redo}")
+    seqs, docs = struct.unpack("<QQ", head[18:34])
+    want, have = 34 + seqs * (4 + 8) + docs * 8, os.path.getsize(idx_path)
+    if have < want:
+        raise DataError(f"{label}: {idx_path} is truncated ({have} bytes, its header needs {want}); {redo}")
+
+
 def _max_token(bin_path: str, dtype, count: int, chunk: int = 1 << 24) -> Optional[int]:
     """Largest id in the first `count` tokens of a .bin (one pass, 16M tokens at a time)."""
     if count == 0:
@@ -107,6 +123,7 @@ class MegatronSource(DocSource):
             )
         idx_mod = _indexed_dataset_module()
         redo = "re-create it (tools/prepare_data.py --format megatron)"
+        _check_idx(prefix + ".idx", label, redo)
         try:
             self.ds = idx_mod.IndexedDataset(prefix, mmap=True)
         except Exception as e:  # megatron's reader asserts, struct and numpy errors on a short or foreign .idx

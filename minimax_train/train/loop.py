@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ class StopFlag:
 
         if threading.current_thread() is not threading.main_thread():
             return
+        _term_with_parent()
         for s in self.SIGNALS:
             sig = getattr(signal, s, None)
             if sig is not None:
@@ -92,6 +94,20 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+
+
+def _term_with_parent() -> None:
+    """Under a bare torchrun, SIGUSR1 kills the agent (launch/torchrun.sh makes it immune) and would leave
+    its workers running orphaned: ask Linux for SIGTERM when our parent dies, so they save and exit."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the README says to use launch/torchrun.sh
+        pass
 
 
 def _seed_all(seed: int) -> None:
