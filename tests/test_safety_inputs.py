@@ -153,7 +153,7 @@ def test_wandb_online_without_a_key_falls_back_to_offline(tmp_path):
         tmp_path / "r", *QUICK, "logging.wandb.mode=online", env={"HOME": str(home), "NETRC": str(home / ".netrc")}
     )
     assert time.monotonic() - t0 < 60
-    assert "W&B online logging unavailable: no API key" in p.stdout + p.stderr
+    assert "W&B online logging unavailable: UsageError: No API key" in p.stdout + p.stderr
     assert list((tmp_path / "r" / "wandb").glob("offline-run-*"))
 
 

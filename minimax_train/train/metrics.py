@@ -87,28 +87,14 @@ def format_progress(rec: dict[str, Any], total_steps: int, eta_s: float) -> str:
 ONLINE_INIT_TIMEOUT_S = 15.0  # W&B's own default is 90 s
 
 
-def _has_api_key() -> bool:
-    """A W&B key in the environment or ~/.netrc (what wandb itself reads), without reading it out."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
 def _redact(text: str) -> str:
     key = os.environ.get("WANDB_API_KEY")
     return text.replace(key, "***") if key else text
 
 
 class WandbLogger:
-    """Thin wrapper; wandb is imported only when mode != disabled. The API key is never read or logged
-    here (wandb takes it from its own login / WANDB_API_KEY)."""
+    """Thin wrapper; wandb is imported only when mode != disabled. The API key is never logged (wandb takes
+    it from its own login / WANDB_API_KEY; a wandb error quoting it is redacted)."""
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, run_id: Optional[str]):
         self.run = None
@@ -134,16 +120,14 @@ class WandbLogger:
         )
         mode = cfg.mode
         if mode == "online":
-            # a training job must not die (or wait ~100 s) for its logger: without a key, or when the
-            # server does not answer within ONLINE_INIT_TIMEOUT_S, log offline (`wandb sync` uploads later)
-            problem = None if _has_api_key() else "no API key (set WANDB_API_KEY or run `wandb login`)"
-            if problem is None:
-                try:
-                    self.run = wandb.init(
-                        mode="online", settings=wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S), **kw
-                    )
-                except Exception as e:  # wandb raises several types for auth / network failures
-                    problem = _redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            # a training job must not die (or wait ~100 s) for its logger: without a key (wandb fails at
+            # once), or when no server answers within ONLINE_INIT_TIMEOUT_S, log offline (`wandb sync` later)
+            problem = None
+            try:
+                settings = wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S)
+                self.run = wandb.init(mode="online", settings=settings, **kw)
+            except Exception as e:  # wandb raises UsageError without a key, CommError when no server answers
+                problem = _redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             if problem is not None:
                 log.warning(
                     "W&B online logging unavailable: %s; logging offline to %s (upload later with wandb sync)",
@@ -154,7 +138,7 @@ class WandbLogger:
         if self.run is None:
             self.run = wandb.init(mode=mode, **kw)
         self.run_id = self.run.id
-        log.info("W&B run %s (mode %s, dir %s)", self.run_id, cfg.mode, wdir)
+        log.info("W&B run %s (mode %s, dir %s)", self.run_id, mode, wdir)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run is None:
