@@ -355,13 +355,14 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         # ---- data (before the model: data errors surface before any heavy work) ------------------------------
         tokenizer = load_tokenizer(job.data)
         init_hf = job.checkpoint.init_from_hf if not resume_from else None
-        if init_hf:
+        if job.checkpoint.init_from_hf:  # the model is the HF one, also when resuming (its weights: only when not)
             from minimax_train.hf import read_hf_config
 
-            hf_cfg = read_hf_config(init_hf)
+            hf_cfg = read_hf_config(job.checkpoint.init_from_hf)
             if hf_cfg != job.model:
                 log.warning(
-                    "checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)", init_hf
+                    "checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)",
+                    job.checkpoint.init_from_hf,
                 )
                 job.model = hf_cfg
                 from minimax_train.parallel.layout import resolve_layout
