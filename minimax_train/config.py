@@ -8,11 +8,14 @@ train.micro_batch_size in rows; gradient accumulation = global / (micro * dp).""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from minimax_train.data.config import DataConfig, SourceConfig, validate_data_config
+from minimax_train.errors import MinimaxError
 from minimax_train.model.config import ModelConfig
 from minimax_train.parallel.mesh import ParallelConfig
 
@@ -28,7 +31,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-class ConfigError(ValueError):
+class ConfigError(MinimaxError, ValueError):
     """A configuration value that cannot work; the message names the key and what is allowed."""
 
 
@@ -38,8 +41,24 @@ def _choice(key: str, value, allowed) -> None:
 
 
 def _positive(key: str, value, *, zero_ok: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}: must be a finite number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def check_finite(obj, prefix: str = "") -> None:
+    """Every float in a (nested) config dataclass is finite: a NaN or inf learning rate, coefficient or
+    weight passes every range comparison and only shows up as NaN weights much later."""
+    if dataclasses.is_dataclass(obj):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(obj)]
+    else:
+        return
+    for name, v in items:
+        key = f"{prefix}.{name}" if prefix else name
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key}: must be a finite number, got {v!r}")
+        check_finite(v, key)
 
 
 @dataclass
@@ -199,6 +218,9 @@ class CheckpointConfig:
     keep_last: int = 2  # complete checkpoints kept; 0 keeps all
     save_final: bool = True  # save after the last step
     resume: bool = True  # resume from the latest complete checkpoint in dir when there is one
+    # a fresh run into a dir holding another run's checkpoints: refused unless true (then they are
+    # removed after the new run's first save)
+    overwrite: bool = False
     init_from_hf: Optional[str] = None  # start a fresh run from these transformers weights
     # start a new run (its own step 0, data position and schedule) from this checkpoint (a step dir, or a
     # checkpoint.dir: its latest); model shapes must match, rope_theta / seq_len / data / schedule may change
@@ -307,6 +329,7 @@ def validate_job(job: JobConfig) -> None:
         validate_data_config(job.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    check_finite(job)
     t, o = job.train, job.optim
     if t.tokens is not None:
         t.steps = t.ramp().steps_for_tokens(t.tokens)  # train.steps follows train.tokens

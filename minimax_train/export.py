@@ -30,19 +30,51 @@ DTYPES = {
 
 
 def load_checkpoint_model(checkpoint: str | Path):
-    """(model in fp32 on CPU, JobConfig, resolved step dir) of a checkpoint or checkpoint.dir."""
-    from minimax_train.config import load_job_yaml
+    """(model in fp32 on CPU, JobConfig, resolved step dir) of a checkpoint or checkpoint.dir. A damaged
+    checkpoint or one holding NaN/inf weights is refused, naming the earlier ones."""
+    from minimax_train.errors import CheckpointError
     from minimax_train.model import MiniMaxForCausalLM
-    from minimax_train.train.checkpoint import CONFIG, load_model_and_optim, resolve_checkpoint
+    from minimax_train.train.checkpoint import list_checkpoints, load_checked, read_saved_job, resolve_checkpoint
+    from minimax_train.train.ckpt_safety import first_nonfinite
 
     path = resolve_checkpoint(checkpoint)
-    cfg_file = path / CONFIG
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: cannot rebuild the model of this checkpoint")
-    job = load_job_yaml(cfg_file)
-    model = MiniMaxForCausalLM(job.model)
-    load_model_and_optim(path, model, None, no_dist=True)
+    earlier = [p.name for p in list_checkpoints(path.parent) if p.name < path.name]
+    hint = f"earlier checkpoints in {path.parent}: {', '.join(earlier)}" if earlier else "no earlier checkpoint"
+    try:
+        job = read_saved_job(path)
+        model = MiniMaxForCausalLM(job.model)
+        load_checked(path, model, None, no_dist=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; export another checkpoint ({hint})") from None
+    bad = first_nonfinite(model.state_dict())
+    if bad:
+        raise CheckpointError(f"{path}: {bad} holds NaN or inf: refusing to export it ({hint})")
     return model.eval(), job, path
+
+
+def check_out_dir(out: Path, checkpoint: Path) -> None:
+    """--out must not be, contain or lie inside a checkpoint or checkpoint.dir: --overwrite empties --out
+    before writing, and nothing of a training run may go with it, whatever --overwrite says."""
+    from minimax_train.errors import CheckpointError
+    from minimax_train.train.checkpoint import STEP_RE, holds_checkpoints
+
+    out, ck = Path(out).absolute().resolve(), Path(checkpoint).absolute().resolve()
+    clash = None
+    for p in (out, *out.parents):
+        if p == ck or holds_checkpoints(p):
+            clash = "is" if p == out else f"is inside {p}, which is"
+            break
+    if clash is None and (ck.is_relative_to(out) or (out.is_dir() and _holds_step_dir(out, STEP_RE))):
+        clash = "contains"
+    if clash:
+        raise CheckpointError(
+            f"--out {out} {clash} a training checkpoint (or checkpoint.dir): export never writes there, with or "
+            f"without --overwrite; choose an --out outside the checkpoint dirs (nothing was changed)"
+        )
+
+
+def _holds_step_dir(root: Path, step_re) -> bool:
+    return any(d.is_dir() and step_re.match(d.name) for d in root.rglob("step_*"))
 
 
 def export(
@@ -55,6 +87,7 @@ def export(
 ) -> Path:
     from minimax_train.hf import save_hf
 
+    check_out_dir(Path(out), Path(checkpoint))  # before anything is read or written
     model, job, path = load_checkpoint_model(checkpoint)
     tok = None
     if tokenizer:
@@ -76,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    from minimax_train.train.checkpoint import CheckpointError
+    from minimax_train.errors import run_cli
 
-    try:
+    def body():
         out = export(
             args.checkpoint,
             args.out,
@@ -86,11 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=not args.no_tokenizer,
             overwrite=args.overwrite,
         )
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"minimax_train.export: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+        print(out)
+
+    return run_cli("minimax_train.export", body)
 
 
 if __name__ == "__main__":

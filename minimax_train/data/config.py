@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from minimax_train.errors import MinimaxError
+
 SOURCE_KINDS = ("embedded", "jsonl", "parquet", "text", "hf", "megatron")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
 SPLITS = ("train", "valid")
 SHUFFLE_MODES = ("samples", "documents", "none")
 
 
-class DataError(ValueError):
+class DataError(MinimaxError, ValueError):
     """Bad data or data configuration: the message names the source and what was expected."""
 
 

@@ -115,7 +115,13 @@ class PackedLoader:
     def stats(self) -> dict:
         return {
             "sources": [
-                {"label": s.label, "documents": s.num_docs, "bad_records": s.bad_records} for s in self.sources
+                {
+                    "label": s.label,
+                    "documents": s.num_docs,
+                    "bad_records": s.bad_records,
+                    "max_token_id": s.max_token_id,
+                }
+                for s in self.sources
             ],
             "rows_per_source": list(self._stream.blender.taken),
             "global_rows": self.rows,

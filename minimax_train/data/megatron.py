@@ -10,8 +10,10 @@ whole core), and only runs that read or write these files should pay for it."""
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from collections.abc import Iterable
+from typing import Optional
 
 import numpy as np
 
@@ -25,12 +27,11 @@ def strip_prefix(path: str) -> str:
 
 
 def _indexed_dataset_module():
-    try:
-        with warnings.catch_warnings():  # megatron.core's import warns about Apex/TE, irrelevant here
-            warnings.simplefilter("ignore")
-            from megatron.core.datasets import indexed_dataset
-    except ImportError as e:
-        raise DataError(f"kind='megatron' needs megatron-core (pip install 'minimax_train[megatron]'): {e}") from e
+    from minimax_train.errors import import_extra
+
+    with warnings.catch_warnings():  # megatron.core's import warns about Apex/TE, irrelevant here
+        warnings.simplefilter("ignore")
+        indexed_dataset = import_extra("megatron.core.datasets.indexed_dataset", "megatron", "data kind 'megatron'")
     return indexed_dataset
 
 
@@ -85,6 +86,29 @@ def read_megatron_documents(path_prefix: str) -> list[np.ndarray]:
     return src.fetch(range(src.num_docs))
 
 
+_IDX_HEADER = b"MMIDIDX\x00\x00"  # then version u64, dtype code u8, sequence and document counts u64
+
+
+def _check_idx(idx_path: str, label: str, redo: str) -> None:
+    """A .idx cut short (or not one) fails here, before megatron's reader asserts on it."""
+    with open(idx_path, "rb") as f:
+        head = f.read(34)
+    if len(head) < 34 or not head.startswith(_IDX_HEADER):
+        raise DataError(f"{label}: {idx_path} is truncated or not a Megatron index (bad header); {redo}")
+    seqs, docs = struct.unpack("<QQ", head[18:34])
+    want, have = 34 + seqs * (4 + 8) + docs * 8, os.path.getsize(idx_path)
+    if have < want:
+        raise DataError(f"{label}: {idx_path} is truncated ({have} bytes, its header needs {want}); {redo}")
+
+
+def _max_token(bin_path: str, dtype, count: int, chunk: int = 1 << 24) -> Optional[int]:
+    """Largest id in the first `count` tokens of a .bin (one pass, 16M tokens at a time)."""
+    if count == 0:
+        return None
+    data = np.memmap(bin_path, dtype=dtype, mode="r", shape=(count,))
+    return max(int(data[i : i + chunk].max()) for i in range(0, count, chunk))
+
+
 class MegatronSource(DocSource):
     pretokenized = True
 
@@ -98,7 +122,19 @@ class MegatronSource(DocSource):
                 f"{', '.join(map(repr, missing))} (path is the prefix without .bin/.idx)"
             )
         idx_mod = _indexed_dataset_module()
-        self.ds = idx_mod.IndexedDataset(prefix, mmap=True)
+        redo = "re-create it (tools/prepare_data.py --format megatron)"
+        _check_idx(prefix + ".idx", label, redo)
+        try:
+            self.ds = idx_mod.IndexedDataset(prefix, mmap=True)
+        except Exception as e:  # megatron's reader asserts, struct and numpy errors on a short or foreign .idx
+            raise DataError(f"{label}: {prefix}.idx is truncated or not a Megatron index ({e}); {redo}") from None
+        index = self.ds.index
+        itemsize = np.dtype(index.dtype).itemsize
+        want = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * itemsize if len(index) else 0
+        have = os.path.getsize(prefix + ".bin")
+        if have < want:
+            raise DataError(f"{label}: {prefix}.bin is truncated ({have} bytes, its .idx needs {want}); {redo}")
+        self.max_token_id = _max_token(prefix + ".bin", index.dtype, want // itemsize)
         # A Megatron "document" may hold several sequences (sentences); we pack documents.
         self._doc_idx = np.asarray(self.ds.document_indices, dtype=np.int64)
         self._one_seq_per_doc = len(self._doc_idx) == len(self.ds) + 1

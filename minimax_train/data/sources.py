@@ -11,6 +11,7 @@ import json
 import logging
 import mmap
 import os
+import re
 from array import array
 from collections.abc import Iterator
 from typing import Optional
@@ -35,6 +36,7 @@ class DocSource:
     num_docs: Optional[int] = None
     bad_records: int = 0  # malformed records found (and skipped) so far
     pretokenized: bool = False
+    max_token_id: Optional[int] = None  # pretokenized sources: the largest id stored (checked against the vocab)
 
     def fetch(self, indices: list[int]) -> list:
         raise NotImplementedError
@@ -69,6 +71,9 @@ def resolve_files(path: str, kind: str, label: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     raise FileNotFoundError(f"{label}: path {path!r} does not exist")
+
+
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class JsonlSource(DocSource):
@@ -133,6 +138,11 @@ class JsonlSource(DocSource):
             return f"no {self.text_key!r} field"
         if not isinstance(rec[self.text_key], str):
             return f"{self.text_key!r} is {type(rec[self.text_key]).__name__}, not a string"
+        if _SURROGATE.search(line):  # only a \uD800-\uDFFF escape can give a str that is not Unicode text
+            try:
+                rec[self.text_key].encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{self.text_key!r} holds a lone surrogate (character {e.start}), not valid Unicode text"
         return None
 
     def fetch(self, indices: list[int]) -> list:

@@ -9,16 +9,13 @@ import re
 
 import torch
 
+from ..errors import CheckpointError
 from ..model.config import LINEAR, ModelConfig
 from ..ops.lightning import lightning_slopes
 
 # transformers' persistent lightning buffers: recomputed on load, never stored by our export.
 LIGHTNING_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: the message names the tensor or key."""
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -4,6 +4,7 @@ the translation to and from transformers' config.json."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -89,6 +90,19 @@ class ModelConfig:
         ):
             if int(getattr(self, key)) < 1:
                 bad(key, f"must be a positive integer, got {getattr(self, key)}")
+        for key, lo, lo_ok, hi in (
+            ("initializer_range", 0.0, False, None),
+            ("rms_norm_eps", 0.0, False, None),
+            ("rope_theta", 0.0, False, None),
+            ("router_aux_loss_coef", 0.0, True, None),
+            ("router_jitter_noise", 0.0, True, 1.0),
+            ("capacity_factor", 0.0, False, None),
+            ("attention_dropout", 0.0, True, 1.0),
+        ):
+            v = float(getattr(self, key))
+            if not math.isfinite(v) or v < lo or (v == lo and not lo_ok) or (hi is not None and v >= hi):
+                rng = f"{'>=' if lo_ok else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
+                bad(key, f"must be a finite number {rng}, got {v}")
         if self.num_attention_heads % self.num_key_value_heads:
             bad(
                 "num_key_value_heads",
@@ -182,8 +196,9 @@ class ModelConfig:
         return cls(**out)
 
 
-# The fields that decide the parameters' shapes (and which exist): a checkpoint loads into a model only
-# when these agree. rope_theta, max_position_embeddings, router settings and the like do not count.
+# The fields that decide the parameters' shapes (and which exist): a checkpoint's weights load into a
+# model only when these agree (checkpoint.init_from). layer_types is compared resolved, so softmax_every=2
+# equals the explicit list it spells.
 SHAPE_FIELDS = (
     "vocab_size",
     "hidden_size",
@@ -196,18 +211,42 @@ SHAPE_FIELDS = (
     "tie_word_embeddings",
     "layer_types",
 )
+# ... and those that change what the network computes with the same tensors: a resume must also agree on
+# these (a new run from a checkpoint, e.g. a long-context stage with another rope_theta, may change them).
+# Layout, initialisation, dropout/jitter, position limit and token ids may change on resume.
+COMPUTE_FIELDS = (
+    "hidden_act",
+    "rms_norm_eps",
+    "sliding_window",
+    "num_experts_per_tok",
+    "moe_routing",
+    "capacity_factor",
+    "rope_theta",
+    "rotary_dim",
+    "legacy_slopes",
+    "full_attn_alpha_factor",
+    "full_attn_beta_factor",
+    "linear_attn_alpha_factor",
+    "linear_attn_beta_factor",
+    "mlp_alpha_factor",
+    "mlp_beta_factor",
+)
+RESUME_FIELDS = SHAPE_FIELDS + COMPUTE_FIELDS
 
 
-def shape_mismatches(saved: ModelConfig, current: ModelConfig) -> list[str]:
-    """'field: old -> new' for every SHAPE_FIELDS entry that differs (layer_types as resolved)."""
+def _field_value(cfg: ModelConfig, name: str):
+    if name == "layer_types":  # one letter a layer: L lightning, F full softmax
+        return "".join("F" if t == FULL else "L" for t in cfg.resolved_layer_types())
+    return getattr(cfg, name)
+
+
+def shape_mismatches(saved: ModelConfig, current: ModelConfig, fields: tuple[str, ...] = SHAPE_FIELDS) -> list[str]:
+    """'model.FIELD: saved -> current' for every entry of `fields` on which the two configs differ."""
     out = []
-    for name in SHAPE_FIELDS:
-        if name == "layer_types":
-            old, new = saved.resolved_layer_types(), current.resolved_layer_types()
-        else:
-            old, new = getattr(saved, name), getattr(current, name)
-        if old != new:
-            out.append(f"{name}: {old!r} -> {new!r}")
+    for name in fields:
+        a, b = _field_value(saved, name), _field_value(current, name)
+        if a != b:
+            out.append(f"model.{name}: {a!r} -> {b!r}")
     return out
 
 

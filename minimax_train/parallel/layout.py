@@ -13,11 +13,13 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from minimax_train.errors import MinimaxError
+
 ENGINES = ("fsdp2", "deepspeed")
 BACKENDS = ("auto", "nccl", "gloo")
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(MinimaxError, ValueError):
     """A parallel layout that cannot work; the message names the key and values that would."""
 
 

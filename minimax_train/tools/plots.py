@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from minimax_train.errors import MinimaxError
 
 CHARTS = (
     # file, title, y label, metric keys (first = main series), log y
@@ -33,7 +34,7 @@ CHARTS = (
 )
 
 
-class PlotError(ValueError):
+class PlotError(MinimaxError, ValueError):
     pass
 
 
@@ -226,6 +227,8 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    from minimax_train.errors import USER_ERRORS, report
+
     args = build_parser().parse_args(argv)
     try:
         labels = [s.strip() for s in args.labels.split(",")] if args.labels else [None] * len(args.runs)
@@ -235,9 +238,8 @@ def main(argv=None) -> int:
             raise PlotError("--smooth must be >= 1 and --dpi >= 10")
         runs = [load_run(p, lab) for p, lab in zip(args.runs, labels)]
         written = plot_runs(runs, args.out, x=args.x, window=args.smooth, dpi=args.dpi)
-    except PlotError as e:
-        print(f"plot_metrics: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report("plot_metrics", e)
     print(summarize(runs))
     print(f"wrote {len(written)} charts to {args.out}: {', '.join(p.name for p in written)}")
     return 0

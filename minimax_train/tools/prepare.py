@@ -38,11 +38,13 @@ from typing import Optional
 
 import numpy as np
 
+from minimax_train.errors import MinimaxError
+
 FORMATS = ("megatron", "arrow")
 KINDS = ("jsonl", "parquet", "text", "hf")
 
 
-class PrepareError(ValueError):
+class PrepareError(MinimaxError, ValueError):
     pass
 
 
@@ -483,12 +485,10 @@ def main(argv=None) -> int:
         progress=not args.quiet,
         cache_dir=args.cache_dir,
     )
-    from minimax_train.data.config import DataError
+    from minimax_train.errors import run_cli
 
-    try:
+    def body():
         info = prepare(cfg)
-    except (PrepareError, DataError, FileNotFoundError, FileExistsError) as e:
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=2) if args.json else format_summary(info))
-    return 0
+        print(json.dumps(info, indent=2) if args.json else format_summary(info))
+
+    return run_cli("prepare_data", body)

@@ -11,6 +11,11 @@ Layout of checkpoint.dir:
         COMPLETE              written last, before the rename
     step_00000200.tmp/        a save in progress (or one that crashed): ignored, removed at the next start
 
+Safety: a fresh run refuses a dir holding another run's step dirs (unless checkpoint.overwrite, which
+removes them after its own first save); a save refuses non-finite weights or optimiser state and turns a
+full disk into "no space left on <dir>" (the .tmp removed, older checkpoints kept); resume skips a damaged
+checkpoint (unreadable config.yaml, meta.pt or DCP data) for the previous complete one, loudly.
+
 A save writes everything into step_X.tmp, fsyncs, writes COMPLETE and renames the directory: a crash at
 any point leaves either the previous complete checkpoints or the new one, never a half one that looks
 complete. keep_last prunes older complete checkpoints after each successful save."""
@@ -30,8 +35,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from minimax_train.errors import CheckpointError
 from minimax_train.parallel.expert_parallel import standard_gate_up
 from minimax_train.parallel.mesh import ParallelMesh
+from minimax_train.train.ckpt_safety import (
+    FILE_ERRORS,
+    first_nonfinite,
+    is_out_of_space,
+    quiet_dcp_errors,
+    short_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +52,6 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 COMPLETE = "COMPLETE"
 META = "meta.pt"
 CONFIG = "config.yaml"
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def step_dir_name(step: int) -> str:
@@ -60,6 +69,37 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
     return sorted(found, key=lambda p: int(STEP_RE.match(p.name).group(1)))
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Every step_XXXXXXXX dir in `root`, complete or not: the checkpoints of some run."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and STEP_RE.match(p.name)), key=lambda p: p.name)
+
+
+def holds_checkpoints(path: Path) -> bool:
+    """`path` is a checkpoint (step dir) or a checkpoint.dir (holds step dirs)."""
+    path = Path(path)
+    return path.is_dir() and (STEP_RE.match(path.name) is not None or bool(step_dirs(path)))
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A complete-looking checkpoint whose files cannot be read back."""
+
+
+def read_saved_job(path: Path):
+    """The JobConfig saved with checkpoint `path` (its config.yaml); DamagedCheckpoint if it is unreadable."""
+    from minimax_train.config import load_job_yaml
+
+    cfg = Path(path) / CONFIG
+    if not cfg.is_file():
+        raise DamagedCheckpoint(f"{path}: {CONFIG} is missing")
+    try:
+        return load_job_yaml(cfg)
+    except Exception as e:  # yaml, OmegaConf and schema errors alike: the file is not what we wrote
+        raise DamagedCheckpoint(f"{path}: {CONFIG} cannot be read ({short_reason(e)})") from None
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
@@ -160,6 +200,30 @@ class CheckpointManager:
         self.mesh = mesh
         self.keep_last = keep_last
         self.faults = faults
+        self.retired: list[Path] = []  # another run's step dirs, removed after this run's first save
+
+    def guard_fresh_start(self, resume: bool, overwrite: bool) -> None:
+        """Refuse to start writing into a dir that holds another run's checkpoints, before anything in it
+        is touched; with `overwrite` they are removed once this run's first save is complete."""
+        found = self.mesh.broadcast_object([str(p) for p in step_dirs(self.root)] if self.mesh.is_main else None)
+        if not found or (resume and list_checkpoints(self.root)):
+            return
+        names = Path(found[0]).name + (f" .. {Path(found[-1]).name}" if len(found) > 1 else "")
+        if overwrite:
+            log.warning(
+                "checkpoint.overwrite=true: the %d checkpoints in %s (%s) will be removed after this run's first save",
+                len(found),
+                self.root,
+                names,
+            )
+            self.retired = [Path(p) for p in found]
+            return
+        why = "checkpoint.resume=false" if not resume else f"none of them is complete (no {COMPLETE} marker)"
+        raise CheckpointError(
+            f"checkpoint.dir {self.root} holds {len(found)} checkpoints of another run ({names}) and this run "
+            f"starts fresh ({why}): use another checkpoint.dir, resume them (checkpoint.resume=true), or "
+            f"replace them with checkpoint.overwrite=true (they are removed after the new run's first save)"
+        )
 
     def prepare(self) -> None:
         """Create the dir and remove leftovers of crashed saves/prunes (rank 0), then sync."""
@@ -178,22 +242,49 @@ class CheckpointManager:
     def save(self, step: int, model, optimizer, meta: dict, rank_state: dict, config_yaml: str) -> Path:
         """Collective: every rank calls it. `meta` is rank 0's global state, `rank_state` this rank's
         (RNG, data position)."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         final = self.root / step_dir_name(step)
         tmp = self.root / (final.name + ".tmp")
+        # an engine adapter (DeepSpeed) gives full-tensor state dicts in the same layout itself
+        model_sd, optim_sd = model.get_state_dict() if optimizer is None else get_state_dict(model, optimizer)
+        bad = self.mesh.all_gather_object(first_nonfinite({"model": model_sd, "optim": optim_sd}))
+        if any(bad):
+            raise CheckpointError(
+                f"refusing to save step {step}: {next(b for b in bad if b)} holds NaN or inf (the run diverged); "
+                f"{self._last_good_advice()}"
+            )
         if self.mesh.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         self.mesh.barrier()
-        # an engine adapter (DeepSpeed) gives full-tensor state dicts in the same layout itself
-        model_sd, optim_sd = model.get_state_dict() if optimizer is None else get_state_dict(model, optimizer)
+        try:
+            self._write(step, tmp, model_sd, optim_sd, meta, rank_state, config_yaml)
+        except FILE_ERRORS as e:
+            if self.mesh.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if is_out_of_space(e, self.root):
+                raise CheckpointError(
+                    f"no space left on {self.root} while saving step {step} ({short_reason(e)}); the partial "
+                    f"{tmp.name} was removed and {self._last_good_advice()} Free space (or lower "
+                    f"checkpoint.keep_last) and start the same command again"
+                ) from None
+            raise
+        if self.mesh.is_main:
+            self._publish(step, tmp, final)
+        self.mesh.barrier()
+        return final
+
+    def _write(self, step, tmp: Path, model_sd, optim_sd, meta, rank_state, config_yaml) -> None:
+        import torch.distributed.checkpoint as dcp
+
         with quiet_single_process(), standard_gate_up({"model": model_sd, "optim": optim_sd}) as state:
             dcp.save(state, checkpoint_id=str(tmp), no_dist=self.mesh.world_size == 1)
         ranks = self.mesh.all_gather_object(plain(rank_state))
         if self.mesh.is_main:
+            if self.faults is not None:
+                self.faults.maybe_fill_disk(step, tmp / META)
             torch.save(
                 {
                     "meta": plain(meta),
@@ -205,44 +296,116 @@ class CheckpointManager:
             )
             (tmp / CONFIG).write_text(config_yaml)
             fsync_tree(tmp)
-            if self.faults is not None:
-                self.faults.maybe_kill("save_crash", step)
-            with open(tmp / COMPLETE, "w") as f:
-                f.write(f"{step}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():  # re-saving a step (e.g. a resumed run ending where it resumed)
-                old = self.root / (final.name + ".deleting")
-                os.rename(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, final)
-            _fsync_dir(self.root)
-            self._prune()
-        self.mesh.barrier()
-        return final
+
+    def _publish(self, step: int, tmp: Path, final: Path) -> None:
+        """Mark `tmp` complete and give it its name (rank 0); then retire another run's and prune."""
+        if self.faults is not None:
+            self.faults.maybe_kill("save_crash", step)
+        with open(tmp / COMPLETE, "w") as f:
+            f.write(f"{step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving a step (e.g. a resumed run ending where it resumed)
+            self._remove(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        for old in self.retired:  # checkpoint.overwrite: the old run goes once this one has a checkpoint
+            if old != final and old.exists():
+                self._remove(old)
+        self.retired = []
+        self._prune()
+
+    def _last_good_advice(self) -> str:
+        good = [p for p in list_checkpoints(self.root) if p not in self.retired]
+        if not good:
+            return "no checkpoint of this run was saved before (lower optim.lr or check the data, then rerun)."
+        return (
+            f"the last good checkpoint, {good[-1]}, is kept (starting the same command again resumes from it; "
+            f"lower optim.lr or check the data first if the run diverged)."
+        )
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        gone = path.with_name(path.name + ".deleting")
+        os.rename(path, gone)  # no longer looks complete before its files go
+        shutil.rmtree(gone, ignore_errors=True)
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
             return
-        found = list_checkpoints(self.root)
-        for old in found[: -self.keep_last]:
-            gone = old.with_name(old.name + ".deleting")
-            os.rename(old, gone)  # no longer looks complete before its files go
-            shutil.rmtree(gone, ignore_errors=True)
+        for old in list_checkpoints(self.root)[: -self.keep_last]:
+            self._remove(old)
 
     # ---- load -------------------------------------------------------------------------------------
     def load(self, path: Path, model, optimizer) -> tuple[dict, Optional[dict], dict]:
         """Load model and optimiser (resharding to the current layout) and return (meta, this rank's
-        state or None when the layout changed, the whole meta file)."""
-        load_model_and_optim(path, model, optimizer, no_dist=self.mesh.world_size == 1)
-        blob = read_meta(path)
+        state or None when the layout changed, the whole meta file). DamagedCheckpoint names the file
+        that does not read back; every rank raises it when one does."""
+        blob = self._agree(path, lambda: read_meta(path))
+        self._agree(path, lambda: load_checked(path, model, optimizer, self.mesh.world_size == 1))
         ranks = blob["ranks"]
         mine = ranks[self.mesh.rank] if blob["world_size"] == self.mesh.world_size else None
         return blob["meta"], mine, blob
 
+    def load_latest(self, model, optimizer, check_job=None):
+        """(path, meta, this rank's state, meta file) of the newest checkpoint that reads back, or None when
+        there is none. A damaged one is named and skipped for the previous one (logged as an error);
+        CheckpointError when none reads. check_job(path, saved JobConfig) may refuse a checkpoint."""
+        damaged = []
+        for path in reversed(list_checkpoints(self.root)):
+            try:
+                saved = self._agree(path, lambda: read_saved_job(path))
+                if check_job is not None:
+                    check_job(path, saved)
+                meta, mine, blob = self.load(path, model, optimizer)
+            except DamagedCheckpoint as e:
+                damaged.append(str(e))
+                log.error("DAMAGED CHECKPOINT %s; trying the previous complete checkpoint", e)
+                continue
+            if damaged:
+                log.error("resuming from %s, older than the damaged checkpoint(s) above", path)
+            return path, meta, mine, blob
+        if damaged:
+            raise CheckpointError(
+                f"no checkpoint in {self.root} reads back: {'; '.join(damaged)}. Resume takes the newest complete "
+                f"step_XXXXXXXX: restore the damaged files, or move those dirs aside (resume then takes an "
+                f"older one), or start over with another checkpoint.dir or checkpoint.resume=false "
+                f"checkpoint.overwrite=true"
+            )
+        return None
+
+    def _agree(self, path: Path, read):
+        """read() on every rank; a failure on any rank is a DamagedCheckpoint on all of them."""
+        try:
+            out, reason = read(), None
+        except DamagedCheckpoint as e:
+            out, reason = None, str(e)
+        except FILE_ERRORS as e:  # torch.load / DCP / yaml raise many types for a file that is not what we wrote
+            out, reason = None, f"{path}: {short_reason(e)}"
+        reasons = self.mesh.all_gather_object(reason) if self.mesh.world_size > 1 else [reason]
+        first = next((r for r in reasons if r), None)
+        if first:
+            raise DamagedCheckpoint(first)
+        return out
+
+
+def load_checked(path: Path, model, optimizer, no_dist: bool) -> None:
+    """load_model_and_optim; DamagedCheckpoint naming `path` when its data does not read back."""
+    try:
+        with quiet_dcp_errors():
+            load_model_and_optim(path, model, optimizer, no_dist=no_dist)
+    except FILE_ERRORS as e:
+        raise DamagedCheckpoint(
+            f"{path}: its model/optimiser data (.metadata, *.distcp) cannot be read ({short_reason(e)})"
+        ) from None
+
 
 def read_meta(path: Path) -> dict:
-    return torch.load(Path(path) / META, map_location="cpu", weights_only=True)
+    """meta.pt of checkpoint `path` (plain types and tensors only, so never unpickles code)."""
+    try:
+        return torch.load(Path(path) / META, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DamagedCheckpoint(f"{path}: {META} is truncated or corrupt ({short_reason(e)})") from None
 
 
 def saved_model_config(path: Path):

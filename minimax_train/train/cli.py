@@ -26,27 +26,18 @@ def _non_main_rank_overrides(argv: list[str]) -> list[str]:
 def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from minimax_train.config import ConfigError, to_job_config
-    from minimax_train.data import DataError
-    from minimax_train.parallel.mesh import ParallelConfigError
-    from minimax_train.train.checkpoint import CheckpointError
-    from minimax_train.train.loop import NonFiniteError, train
+    from minimax_train.config import to_job_config
+    from minimax_train.errors import USER_ERRORS, report
+    from minimax_train.train.loop import train
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         job = to_job_config(cfg)
         logging.getLogger("minimax_train").setLevel(job.logging.level)
         result = train(job, run_dir)
-    except (ConfigError, DataError, ParallelConfigError) as e:
-        print(f"minimax_train: configuration error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except (FileNotFoundError, CheckpointError) as e:
-        print(f"minimax_train: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    except NonFiniteError as e:
-        log.error("%s", e)
-        print(f"minimax_train: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(3) from None
+    except USER_ERRORS as e:
+        log.error("%s", e)  # into train.log as well
+        raise SystemExit(report("minimax_train", e)) from None
     if result.preempted:
         log.warning("preempted at step %d; resume by starting the same command again", result.step)
 
@@ -61,6 +52,8 @@ def main() -> None:
     try:
         config_path = conf_dir()
     except ConfTreeNotFound as e:
-        raise SystemExit(f"minimax_train: {e}") from None
+        from minimax_train.errors import report
+
+        raise SystemExit(report("minimax_train", e)) from None
     entry = hydra.main(config_path=config_path, config_name="config", version_base=None)(_task)
     entry()

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,11 @@ import torch
 import torch.distributed as dist
 
 from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
+from minimax_train.errors import MinimaxError, import_extra
+from minimax_train.model.config import RESUME_FIELDS, shape_mismatches
 from minimax_train.parallel.data_parallel import is_sharded, set_gradient_sync
 from minimax_train.parallel.mesh import ParallelMesh
-from minimax_train.train.checkpoint import CheckpointManager, rng_state, set_rng_state
+from minimax_train.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
 from minimax_train.train.faults import Faults
 from minimax_train.train.metrics import (
     MetricsWriter,
@@ -46,8 +49,10 @@ log = logging.getLogger("minimax_train.train")
 RESOLVED_CONFIG = "config_resolved.yaml"
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(MinimaxError):
+    """The run stopped on consecutive non-finite steps (exit 3, so schedulers can tell it apart)."""
+
+    exit_code = 3
 
 
 @dataclass
@@ -80,6 +85,7 @@ class StopFlag:
 
         if threading.current_thread() is not threading.main_thread():
             return
+        _term_with_parent()
         for s in self.SIGNALS:
             sig = getattr(signal, s, None)
             if sig is not None:
@@ -89,6 +95,20 @@ class StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
+
+
+def _term_with_parent() -> None:
+    """Under a bare torchrun, SIGUSR1 kills the agent (launch/torchrun.sh makes it immune) and would leave
+    its workers running orphaned: ask Linux for SIGTERM when our parent dies, so they save and exit."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the README says to use launch/torchrun.sh
+        pass
 
 
 def _seed_all(seed: int) -> None:
@@ -176,6 +196,8 @@ def build_engine(
     job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool = False, init_from_hf: Optional[str] = None
 ):
     """(engine adapter, optimiser implementation name) for parallel.engine."""
+    if job.parallel.engine == "deepspeed":  # before the model is built
+        import_extra("deepspeed", "deepspeed", "parallel.engine=deepspeed")
     model = build_model(job, mesh, bf16=bf16, init_from_hf=init_from_hf)
     if job.parallel.engine == "deepspeed":
         from minimax_train.parallel.deepspeed_engine import DeepSpeedEngine
@@ -322,6 +344,16 @@ def forward_backward(
     return ForwardBackward(global_tokens, lm_sum, aux_sum, load)
 
 
+def _same_model(path: Path, saved: JobConfig, job: JobConfig) -> None:
+    """Resume only into the model the checkpoint was trained as (the layout may differ)."""
+    diff = shape_mismatches(saved.model, job.model, RESUME_FIELDS)
+    if diff:
+        raise CheckpointError(
+            f"checkpoint {path} holds another model than this run's ({', '.join(diff)}, as checkpoint -> run): "
+            f"resume it with the checkpoint's model settings, or start a new run in another checkpoint.dir"
+        )
+
+
 def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
     """Run (or resume) the job. Collective: every rank of a torchrun job calls it. `run_dir` is rank 0's
     output directory (other ranks receive it)."""
@@ -362,6 +394,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         ckpt_root = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
         ckpt_root = Path(mesh.broadcast_object(str(ckpt_root.absolute())))
         manager = CheckpointManager(ckpt_root, mesh, keep_last=job.checkpoint.keep_last, faults=faults)
+        manager.guard_fresh_start(job.checkpoint.resume, job.checkpoint.overwrite)  # before anything is touched
         manager.prepare()
         resume_from = manager.latest() if job.checkpoint.resume else None
         resume_from = mesh.broadcast_object(str(resume_from) if resume_from else None)
@@ -372,13 +405,14 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         init_ckpt = None
         if job.checkpoint.init_from and not resume_from:  # a restarted continuation resumes from its own
             init_ckpt = mesh.broadcast_object(str(check_init_checkpoint(job.checkpoint.init_from, job.model)))
-        if init_hf:
+        if job.checkpoint.init_from_hf:  # the model is the HF one, also when resuming (its weights: only when not)
             from minimax_train.hf import read_hf_config
 
-            hf_cfg = read_hf_config(init_hf)
+            hf_cfg = read_hf_config(job.checkpoint.init_from_hf)
             if hf_cfg != job.model:
                 log.warning(
-                    "checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)", init_hf
+                    "checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)",
+                    job.checkpoint.init_from_hf,
                 )
                 job.model = hf_cfg
                 from minimax_train.parallel.layout import resolve_layout
@@ -398,6 +432,11 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         )
         train_loader = build_loader(job.data, tokenizer, split="train", **loader_kw)
         for src in train_loader.stats["sources"]:
+            if src["max_token_id"] is not None and src["max_token_id"] >= job.model.vocab_size:
+                raise DataError(
+                    f"{src['label']}: holds token id {src['max_token_id']}, outside model.vocab_size="
+                    f"{job.model.vocab_size}: it was tokenised with another tokenizer, or raise model.vocab_size"
+                )
             log.info(
                 "data %s: %s documents, %d malformed records skipped",
                 src["label"],
@@ -439,7 +478,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             )
         if resume_from:
             t0 = time.perf_counter()
-            meta, mine, blob = manager.load(Path(resume_from), ckpt_model, ckpt_optim)
+            loaded = manager.load_latest(ckpt_model, ckpt_optim, check_job=lambda p, saved: _same_model(p, saved, job))
+            resume_from, meta, mine, blob = str(loaded[0]), *loaded[1:]
             step, tokens = int(meta["step"]), int(meta["tokens"])
             skipped, consecutive = int(meta["skipped_steps"]), int(meta["consecutive_nonfinite"])
             wandb_id = meta.get("wandb_run_id")
@@ -551,6 +591,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             finite = math.isfinite(loss) and math.isfinite(gn)
             if finite:
                 engine.step()
+                faults.maybe_poison(step + 1, engine.module)
                 consecutive = 0
             else:
                 skipped += 1

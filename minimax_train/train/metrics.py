@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -83,26 +84,29 @@ def format_progress(rec: dict[str, Any], total_steps: int, eta_s: float) -> str:
     return " | ".join(parts)
 
 
+ONLINE_INIT_TIMEOUT_S = 15.0  # W&B's own default is 90 s
+
+
+def _redact(text: str) -> str:
+    key = os.environ.get("WANDB_API_KEY")
+    return text.replace(key, "***") if key else text
+
+
 class WandbLogger:
-    """Thin wrapper; wandb is imported only when mode != disabled. The API key is never read or logged
-    here (wandb takes it from its own login / WANDB_API_KEY)."""
+    """Thin wrapper; wandb is imported only when mode != disabled. The API key is never logged (wandb takes
+    it from its own login / WANDB_API_KEY; a wandb error quoting it is redacted)."""
 
     def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, run_id: Optional[str]):
         self.run = None
         self.run_id = run_id
         if cfg.mode == "disabled":
             return
-        try:
-            import wandb
-        except ImportError as e:
-            raise RuntimeError(
-                f"logging.wandb.mode={cfg.mode} but wandb is not installed "
-                f"(pip install wandb, or logging.wandb.mode=disabled)"
-            ) from e
+        from minimax_train.errors import import_extra
+
+        wandb = import_extra("wandb", "wandb", f"logging.wandb.mode={cfg.mode} (or logging.wandb.mode=disabled)")
         wdir = Path(cfg.dir) if cfg.dir else Path(run_dir)
         wdir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            mode=cfg.mode,
+        kw = dict(
             project=cfg.project,
             entity=cfg.entity,
             name=cfg.name,
@@ -114,8 +118,27 @@ class WandbLogger:
             id=run_id,
             resume="allow" if run_id else None,
         )
+        mode = cfg.mode
+        if mode == "online":
+            # a training job must not die (or wait ~100 s) for its logger: without a key (wandb fails at
+            # once), or when no server answers within ONLINE_INIT_TIMEOUT_S, log offline (`wandb sync` later)
+            problem = None
+            try:
+                settings = wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S)
+                self.run = wandb.init(mode="online", settings=settings, **kw)
+            except Exception as e:  # wandb raises UsageError without a key, CommError when no server answers
+                problem = _redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if problem is not None:
+                log.warning(
+                    "W&B online logging unavailable: %s; logging offline to %s (upload later with wandb sync)",
+                    problem,
+                    wdir,
+                )
+                mode = "offline"
+        if self.run is None:
+            self.run = wandb.init(mode=mode, **kw)
         self.run_id = self.run.id
-        log.info("W&B run %s (mode %s, dir %s)", self.run_id, cfg.mode, wdir)
+        log.info("W&B run %s (mode %s, dir %s)", self.run_id, mode, wdir)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run is None:

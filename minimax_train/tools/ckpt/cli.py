@@ -96,10 +96,7 @@ def build_parser():
 def main(argv=None) -> int:
     import torch
 
-    from minimax_train.config import ConfigError
-    from minimax_train.data import DataError
-    from minimax_train.hf.convert import CheckpointError as HFError
-    from minimax_train.train.checkpoint import CheckpointError
+    from minimax_train.errors import USER_ERRORS, report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides: list[str] = []
@@ -160,7 +157,6 @@ def main(argv=None) -> int:
                 f"wrote {out}; train from it with: python -m minimax_train.train checkpoint.dir={Path(args.out)} "
                 + " ".join(args.overrides)
             )
-    except (CkptToolError, CheckpointError, HFError, ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
-        print(f"ckpt: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report("ckpt", e)
     return 0

@@ -1,5 +1,7 @@
 """The one error the checkpoint tools raise for bad input (the CLI prints it as one line)."""
 
+from minimax_train.errors import MinimaxError
 
-class CkptToolError(ValueError):
+
+class CkptToolError(MinimaxError, ValueError):
     pass

@@ -149,6 +149,8 @@ def _workload_from_args(args) -> Workload:
 def main(argv=None) -> int:
     import sys
 
+    from minimax_train.errors import USER_ERRORS, report
+
     args = build_parser().parse_args(argv)
     try:
         if args.validate_cpu:
@@ -197,9 +199,8 @@ def main(argv=None) -> int:
             offload=(False,) if args.no_offload else (False, True),
         )
         r = plan(w, a, c, top=args.top)
-    except PlanError as e:
-        print(f"plan_layout: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        return report("plan_layout", e)
     if args.json:
         print(json.dumps(result_to_dict(r), indent=1))
     else:

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from minimax_train.errors import MinimaxError
 from minimax_train.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from minimax_train.tools.planner.hardware import GPUSpec
 
 
-class PlanError(ValueError):
+class PlanError(MinimaxError, ValueError):
     """Bad planner input (unknown preset, impossible fixed layout, bad numbers): a one-line message."""
 
 
