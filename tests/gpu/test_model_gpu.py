@@ -89,7 +89,7 @@ def test_grouped_mm_is_used_under_autocast(monkeypatch):
 
 def test_fused_elementwise_matches_eager(monkeypatch):
     """The compiled elementwise kernels (ops/fused.py) give the eager formulas' loss and gradients under the
-    trainer's bf16 autocast (MINIMAX_FUSED=0 is the eager path)."""
+    trainer's bf16 autocast (MINIMAX_FUSED=1 compiles them; 0 is the eager path)."""
     pytest.importorskip("fla")
     ids = torch.randint(0, 512, (1, 2048), device="cuda")
     cu = torch.tensor([0, 1000, 2048], dtype=torch.int32, device="cuda")
