@@ -3,9 +3,10 @@
     python -m minimax_train.export --checkpoint CKPT --out HF_DIR [--dtype bf16] [--no-tokenizer]
 
 CKPT is one checkpoint (checkpoint.dir/step_XXXXXXXX) or a checkpoint.dir, meaning its latest complete
-checkpoint. The model is rebuilt from the config.yaml saved with the checkpoint, its weights are loaded
-from the distributed checkpoint (any training layout) in this single process, and written with
-minimax_train.hf.save_hf together with the tokenizer of the run's data config."""
+checkpoint. The model config is the config.yaml saved with the checkpoint; the weights are read from the
+distributed checkpoint (any training layout) one tensor at a time and streamed into the sharded
+safetensors files (minimax_train.hf.stream_export: the same files as minimax_train.hf.save_hf, with peak
+memory about the largest tensor, not the model), together with the tokenizer of the run's data config."""
 
 from __future__ import annotations
 
@@ -29,17 +30,24 @@ DTYPES = {
 }
 
 
-def load_checkpoint_model(checkpoint: str | Path):
-    """(model in fp32 on CPU, JobConfig, resolved step dir) of a checkpoint or checkpoint.dir."""
+def saved_job(checkpoint: str | Path):
+    """(resolved step dir, the JobConfig saved with it) of a checkpoint or checkpoint.dir."""
     from minimax_train.config import load_job_yaml
-    from minimax_train.model import MiniMaxForCausalLM
-    from minimax_train.train.checkpoint import CONFIG, load_model_and_optim, resolve_checkpoint
+    from minimax_train.train.checkpoint import CONFIG, resolve_checkpoint
 
     path = resolve_checkpoint(checkpoint)
-    cfg_file = path / CONFIG
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} is missing: cannot rebuild the model of this checkpoint")
-    job = load_job_yaml(cfg_file)
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path / CONFIG} is missing: cannot rebuild the model of this checkpoint")
+    return path, load_job_yaml(path / CONFIG)
+
+
+def load_checkpoint_model(checkpoint: str | Path):
+    """(model in fp32 on CPU, JobConfig, resolved step dir) of a checkpoint or checkpoint.dir (the whole
+    model in memory: tests and tools; export streams)."""
+    from minimax_train.model import MiniMaxForCausalLM
+    from minimax_train.train.checkpoint import load_model_and_optim
+
+    path, job = saved_job(checkpoint)
     model = MiniMaxForCausalLM(job.model)
     load_model_and_optim(path, model, None, no_dist=True)
     return model.eval(), job, path
@@ -53,16 +61,16 @@ def export(
     tokenizer: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    from minimax_train.hf import save_hf
+    from minimax_train.hf.stream_export import export_checkpoint
 
-    model, job, path = load_checkpoint_model(checkpoint)
+    path, job = saved_job(checkpoint)
     tok = None
     if tokenizer:
         from minimax_train.data import load_tokenizer
 
         tok = load_tokenizer(job.data)
     out = Path(out)
-    save_hf(model, out, tok, dtype=dtype, overwrite=overwrite)
+    export_checkpoint(path, out, job.model, dtype=dtype, tokenizer=tok, overwrite=overwrite)
     log.info("exported %s -> %s", path, out)
     return out
 
@@ -76,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    from minimax_train.hf.convert import CheckpointError as HFError
     from minimax_train.train.checkpoint import CheckpointError
 
     try:
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=not args.no_tokenizer,
             overwrite=args.overwrite,
         )
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (CheckpointError, HFError, FileNotFoundError, FileExistsError) as e:
         print(f"minimax_train.export: {e}", file=sys.stderr)
         return 2
     print(out)

@@ -16,6 +16,8 @@ LAYOUTS = {
     "ep2_etp2": (4, dict(tp=2, ep=2, etp=2)),
     "dp2_fsdp2": (2, dict()),
     "dp2_ep2": (2, dict(ep=2)),
+    # 2 experts over ep=2: one local expert over edp=2, so FSDP2 shards it along dim 1 (expert_shard_dim)
+    "dp4_ep2_one_local_expert": (4, dict(ep=2), dict(num_local_experts=2)),
 }
 CFG = dict(init="deepnorm", vocab_size=2048)  # per-row stds (qkv); embeddings span 2 RNG blocks
 
@@ -24,12 +26,12 @@ def _full(p):
     return (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
 
 
-def _gathered_layout(parallel: dict) -> dict:
+def _gathered_layout(parallel: dict, extra: dict) -> dict:
     """Every parameter of this layout's model (init of SEED), gathered, in the one-process shapes."""
     import torch.distributed as dist
     from util_models import build_parallel
 
-    cfg = make_config(**CFG)
+    cfg = make_config(**CFG, **extra)
     model, _ = build_parallel(cfg, seed=SEED, **parallel)
     ref_shapes = {n: p.shape for n, p in make_model(cfg).named_parameters()} if dist.get_rank() == 0 else None
     out = {n: _full(p) for n, p in model.named_parameters()}  # collective: every rank gathers
@@ -64,8 +66,8 @@ def _gathered_zero3() -> dict:
     return out if dist.get_rank() == 0 else {}
 
 
-def _assert_identical(got: dict, layout: str) -> None:
-    ref = dict(make_model(make_config(**CFG)).named_parameters())
+def _assert_identical(got: dict, layout: str, extra: dict | None = None) -> None:
+    ref = dict(make_model(make_config(**CFG, **(extra or {}))).named_parameters())
     assert set(got) == set(ref), layout
     for n, p in ref.items():
         assert got[n].dtype == p.dtype and torch.equal(got[n], p.detach()), f"{layout}: {n} differs"
@@ -73,9 +75,10 @@ def _assert_identical(got: dict, layout: str) -> None:
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_init_bit_identical_across_layouts(layout):
-    world, parallel = LAYOUTS[layout]
-    got = run_distributed(_gathered_layout, world, parallel, timeout=300)[0]
-    _assert_identical(got, layout)
+    world, parallel, *extra = LAYOUTS[layout]
+    extra = extra[0] if extra else {}
+    got = run_distributed(_gathered_layout, world, parallel, extra, timeout=300)[0]
+    _assert_identical(got, layout, extra)
 
 
 def test_init_bit_identical_under_deepspeed_zero3():

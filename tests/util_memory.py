@@ -57,3 +57,14 @@ def saved_tensor_bytes(model, batch) -> int:
         params.add(p.untyped_storage().data_ptr())
     del out
     return sum(n for k, n in seen.items() if k not in params)
+
+
+def rss_growth(fn) -> tuple[object, int]:
+    """(fn(), the growth of this process's peak resident set while fn runs over the RSS just before): run in
+    a fresh process started with memcheck.MALLOC_ENV, so freed tensors go back to the OS."""
+    from minimax_train.tools.memcheck import _max_rss_bytes, _reset_peak_rss, _rss_bytes
+
+    _reset_peak_rss()
+    rss0 = _rss_bytes()
+    out = fn()
+    return out, max(0, _max_rss_bytes() - rss0)

@@ -76,6 +76,23 @@ def token_replicas_over_edp(mesh: ParallelMesh, sequence_parallel: bool) -> int:
     return sum(1 for r in group if r // mesh.layout.tp == mesh.rank // mesh.layout.tp)
 
 
+def expert_shard_dim(p, edp: int):
+    """FSDP2's placement of an expert parameter over edp: its expert dim when this rank's experts divide
+    evenly over edp; else (fewer local experts than edp ranks, e.g. 8 local experts over edp 64) the first
+    dim that ep/etp leave whole and that has at least edp entries, so that every edp rank holds 1/edp of it
+    rather than a few ranks holding whole experts and the rest nothing (TorchTitan shards dim 1 there too)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = p.to_local() if isinstance(p, DTensor) else p
+    if local.shape[0] % edp == 0:
+        return Shard(0)
+    taken = {pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)}
+    for d in range(1, p.ndim):
+        if d not in taken and p.shape[d] >= edp:
+            return Shard(d)
+    return Shard(0)
+
+
 def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, param_dtype, reduce_dtype):
     """Expert gradients (each already the sum over its EP group's tokens, with the trainer's dp*cp loss
     scale) must be summed over the edp ranks holding distinct tokens and divided by dp*cp. With edp > 1,
@@ -97,8 +114,11 @@ def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, par
 
         return params, (install if divide != 1.0 else None)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    edp = mesh.layout.edp
     for e in experts:
-        fully_shard(e, mesh=mesh.expert_mesh["edp"], mp_policy=mp)
+        fully_shard(
+            e, mesh=mesh.expert_mesh["edp"], mp_policy=mp, shard_placement_fn=lambda p: expert_shard_dim(p, edp)
+        )
         if divide != mesh.layout.edp:  # FSDP's default is the mean over edp
             e.set_gradient_divide_factor(divide)
             # a factor other than the group size becomes NCCL's PREMUL_SUM, which gloo lacks: sum, then scale
@@ -106,4 +126,4 @@ def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, par
     return None, None
 
 
-__all__ = ["build_model", "shard_data_parallel", "token_replicas_over_edp"]
+__all__ = ["build_model", "expert_shard_dim", "shard_data_parallel", "token_replicas_over_edp"]
