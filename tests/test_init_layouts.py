@@ -98,3 +98,32 @@ def test_init_differs_with_the_seed():
     c = make_model(cfg).state_dict()
     w = "model.layers.0.self_attn.qkv_proj.weight"
     assert not torch.equal(a[w], b[w]) and torch.equal(a[w], c[w])
+
+
+def _train_one_local_expert() -> list[float]:
+    from test_tensor_parallel import micro_batches, train
+    from torch.distributed.tensor import Shard
+    from util_models import build_parallel
+
+    from minimax_train.train.optim import clip_grad_norm
+
+    model, pm = build_parallel(make_config(num_local_experts=2), ep=2)
+    gate_up = model.model.layers[0].mlp.experts.gate_up_proj
+    assert Shard(1) in gate_up.placements, gate_up.placements  # the path under test
+    mbs = [micro_batches(1)[pm.dp_rank % 2]]
+    res, _ = train(model, mbs, 3, dp=pm.dp_size, dp_group=pm.dp_group, n_mb_total=pm.dp_size, clip=clip_grad_norm)
+    return res["loss"]
+
+
+def test_experts_sharded_along_a_feature_dim_train_like_one_process():
+    """One local expert over edp=2 (FSDP2 shards it along dim 1, expert_shard_dim): 3 AdamW steps give the
+    one-process losses (1e-5 relative)."""
+    from test_tensor_parallel import micro_batches, train
+
+    from minimax_train.train.optim import clip_grad_norm
+
+    ref, _ = train(make_model(make_config(num_local_experts=2)), [micro_batches(1)[i % 2] for i in range(4)], 3,
+                   clip=clip_grad_norm)  # fmt: skip
+    for losses in run_distributed(_train_one_local_expert, 4, timeout=300):
+        for a, b in zip(losses, ref["loss"]):
+            assert abs(a - b) <= 1e-5 * abs(b), (losses, ref["loss"])
