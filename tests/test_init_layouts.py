@@ -41,15 +41,22 @@ def _gathered_layout(parallel: dict, extra: dict) -> dict:
 
 
 def _gathered_zero3() -> dict:
-    """DeepSpeed ZeRO-3 over 2 ranks: the model as the trainer builds it for engine=deepspeed, partitioned
-    by deepspeed.initialize, each parameter gathered from the partitions (safe_get_full_fp32_param)."""
+    """DeepSpeed ZeRO-3 over 2 ranks, built by partitioned construction (parallelize.build_model with
+    deepspeed_engine.zero3_partitioner: each module partitioned by zero.Init as soon as it is filled), then
+    deepspeed.initialize; every parameter gathered from the partitions (safe_get_full_fp32_param)."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
-    from util_models import build_parallel
 
-    cfg = make_config(**CFG)
-    model, _ = build_parallel(cfg, seed=SEED, fsdp=False)
+    from minimax_train.model.init import InitSource
+    from minimax_train.parallel.deepspeed_engine import zero3_partitioner
+    from minimax_train.parallel.parallelize import build_model
+
+    job = _zero3_job()
+    source = InitSource(job.model, job.train.seed)
+    model = build_model(job.model, _mesh(job), source, fsdp=False, partition=zero3_partitioner(job, bf16=False))
+    # partitioned before DeepSpeed's engine exists: no parameter is whole on this rank
+    assert all(p.numel() == 0 and 0 < p.ds_tensor.numel() < p.ds_numel for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -58,12 +65,29 @@ def _gathered_zero3() -> dict:
         "zero_force_ds_cpu_optimizer": False,
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
-    local = sum(p.ds_tensor.numel() for p in engine.module.parameters())
-    full = sum(p.ds_numel for p in engine.module.parameters())
-    assert local < full, "ZeRO-3 did not partition the parameters"
     out = {n: safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in engine.module.named_parameters()}
     engine.destroy()
     return out if dist.get_rank() == 0 else {}
+
+
+def _zero3_job():
+    from util_train import TINY
+
+    from minimax_train.conf_tree import compose_job
+
+    job = compose_job(*TINY, "parallel=deepspeed", "parallel.zero_stage=3")
+    job.model = make_config(**CFG)
+    return job
+
+
+def _mesh(job):
+    import torch.distributed as dist
+
+    from minimax_train.parallel.mesh import ParallelMesh
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return ParallelMesh(job.parallel, world_size=world, rank=rank, local_rank=rank, device=torch.device("cpu"),
+                        model_cfg=job.model)  # fmt: skip
 
 
 def _assert_identical(got: dict, layout: str, extra: dict | None = None) -> None:
@@ -85,8 +109,14 @@ def test_init_bit_identical_under_deepspeed_zero3():
     pytest.importorskip("deepspeed")
     from test_train_deepspeed import ENV
 
+    from minimax_train.model.transformer import MiniMaxForCausalLM
+
+    job = _zero3_job()
     got = run_distributed(_gathered_zero3, 2, timeout=300, env=ENV)[0]
-    _assert_identical(got, "zero3")
+    ref = dict(MiniMaxForCausalLM(job.model, seed=job.train.seed).named_parameters())
+    assert set(got) == set(ref)
+    for n, p in ref.items():
+        assert torch.equal(got[n], p.detach()), f"zero3: {n} differs"
 
 
 def test_init_differs_with_the_seed():

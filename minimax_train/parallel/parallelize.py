@@ -37,22 +37,39 @@ def build_model(
     fsdp: bool = True,
     memory: Optional[dict] = None,
     parts: Optional[ModelParts] = None,
+    partition=None,
 ) -> MiniMaxForCausalLM:
     """The model of `cfg` for this rank of `mesh`, with its local shards on mesh.device filled from
     `source`. fsdp=False leaves data parallelism to another engine (DeepSpeed). memory: keyword arguments
     of MiniMaxForCausalLM.set_memory_options (activation checkpointing, MoE and loss chunks). parts: the
-    layout's parts (default model_parts(mesh, cfg)), e.g. a subclass that changes one slot."""
+    layout's parts (default model_parts(mesh, cfg)), e.g. a subclass that changes one slot. partition: with
+    fsdp=False, a function called on each module right after its own parameters are materialised and
+    filled, which shards them (DeepSpeed ZeRO-3's zero.Init): the whole model then never exists on a rank."""
     with torch.device("meta"):
         model = MiniMaxForCausalLM(cfg, parts if parts is not None else model_parts(mesh, cfg), seed=None)
     model.set_memory_options(**(memory or {}))
     divide_hooks = None
     if fsdp:
         divide_hooks = shard_data_parallel(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    model.to_empty(device=mesh.device)
-    fill_parameters(model, source)
+    if partition is not None and not fsdp:
+        _materialise_by_module(model, mesh.device, source, partition)
+    else:
+        model.to_empty(device=mesh.device)
+        fill_parameters(model, source)
     if divide_hooks is not None:  # on the materialised parameters
         divide_hooks()
     return model
+
+
+def _materialise_by_module(model: nn.Module, device, source: WeightSource, partition) -> None:
+    """Materialise, fill and partition one module's own parameters at a time (peak: the largest module)."""
+    for prefix, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        module.to_empty(device=device, recurse=False)
+        head = f"{prefix}." if prefix else ""
+        fill_parameters(model, source, names=lambda n: n.startswith(head) and "." not in n[len(head) :])
+        partition(module)
 
 
 def shard_data_parallel(model: nn.Module, mesh: ParallelMesh, *, param_dtype=None, reduce_dtype=torch.float32):
