@@ -126,3 +126,17 @@ def test_stream_export_peak_memory_is_a_fraction_of_the_model(ckpt, tmp_path):
     # about one tensor (DCP reads a chunk, then copies it into the tensor), not the model, though one
     # 1 GiB output shard holds it all
     assert grew < 3 * largest + (32 << 20)
+
+
+def test_stream_export_of_tied_embeddings_is_save_hfs(tmp_path):
+    from minimax_train.hf import save_hf
+    from minimax_train.hf.stream_export import export_checkpoint
+
+    model = make_model(make_config(tie_word_embeddings=True, num_key_value_heads=1))
+    step = save_checkpoint(model, tmp_path / "ckpt")
+    ref, got = (
+        read_dir(save_hf(model, tmp_path / "ref")),
+        read_dir(export_checkpoint(step, tmp_path / "got", model.config)),
+    )
+    assert got.keys() == ref.keys() and "lm_head.weight" not in got
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
