@@ -70,6 +70,7 @@ def _reference(dp: int) -> list[float]:
     return res["loss"]
 
 
+@pytest.mark.slow  # ~75 s per layout at 512 MiB on 2 busy cores
 @pytest.mark.parametrize("name,parallel,dp", [("tp2_dp2", dict(tp=2, etp=2), 2), ("ep2_dp4", dict(ep=2), 4)])
 def test_build_memory_is_a_shard_and_losses_match_one_process(name, parallel, dp):
     cfg = big_config()
