@@ -3,9 +3,10 @@
     python -m minimax_train.export --checkpoint CKPT --out HF_DIR [--dtype bf16] [--no-tokenizer]
 
 CKPT is one checkpoint (checkpoint.dir/step_XXXXXXXX) or a checkpoint.dir, meaning its latest complete
-checkpoint. The model is rebuilt from the config.yaml saved with the checkpoint, its weights are loaded
-from the distributed checkpoint (any training layout) in this single process, and written with
-minimax_train.hf.save_hf together with the tokenizer of the run's data config."""
+checkpoint. The model config is the config.yaml saved with the checkpoint; the weights are read from the
+distributed checkpoint (any training layout) one tensor at a time and streamed into the sharded
+safetensors files (minimax_train.hf.stream_export: the same files as minimax_train.hf.save_hf, with peak
+memory about the largest tensor, not the model), together with the tokenizer of the run's data config."""
 
 from __future__ import annotations
 
@@ -29,17 +30,24 @@ DTYPES = {
 }
 
 
+def _earlier_hint(path: Path) -> str:
+    from minimax_train.train.checkpoint import list_checkpoints
+
+    earlier = [p.name for p in list_checkpoints(path.parent) if p.name < path.name]
+    return f"earlier checkpoints in {path.parent}: {', '.join(earlier)}" if earlier else "no earlier checkpoint"
+
+
 def load_checkpoint_model(checkpoint: str | Path):
-    """(model in fp32 on CPU, JobConfig, resolved step dir) of a checkpoint or checkpoint.dir. A damaged
-    checkpoint or one holding NaN/inf weights is refused, naming the earlier ones."""
+    """(model in fp32 on CPU, JobConfig, resolved step dir) of a checkpoint or checkpoint.dir: the whole
+    model in memory (tests and tools; the export streams). A damaged checkpoint or one holding NaN/inf
+    weights is refused, naming the earlier ones."""
     from minimax_train.errors import CheckpointError
     from minimax_train.model import MiniMaxForCausalLM
-    from minimax_train.train.checkpoint import list_checkpoints, load_checked, read_saved_job, resolve_checkpoint
+    from minimax_train.train.checkpoint import load_checked, read_saved_job, resolve_checkpoint
     from minimax_train.train.ckpt_safety import first_nonfinite
 
     path = resolve_checkpoint(checkpoint)
-    earlier = [p.name for p in list_checkpoints(path.parent) if p.name < path.name]
-    hint = f"earlier checkpoints in {path.parent}: {', '.join(earlier)}" if earlier else "no earlier checkpoint"
+    hint = _earlier_hint(path)
     try:
         job = read_saved_job(path)
         model = MiniMaxForCausalLM(job.model)
@@ -85,17 +93,36 @@ def export(
     tokenizer: bool = True,
     overwrite: bool = False,
 ) -> Path:
-    from minimax_train.hf import save_hf
+    from minimax_train.errors import CheckpointError
+    from minimax_train.hf.stream_export import export_checkpoint
+    from minimax_train.train.checkpoint import read_saved_job, resolve_checkpoint
+    from minimax_train.train.ckpt_safety import FILE_ERRORS, quiet_dcp_errors, short_reason
 
     check_out_dir(Path(out), Path(checkpoint))  # before anything is read or written
-    model, job, path = load_checkpoint_model(checkpoint)
+    path = resolve_checkpoint(checkpoint)
+    hint = _earlier_hint(path)
+    try:
+        job = read_saved_job(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; export another checkpoint ({hint})") from None
     tok = None
     if tokenizer:
         from minimax_train.data import load_tokenizer
 
         tok = load_tokenizer(job.data)
     out = Path(out)
-    save_hf(model, out, tok, dtype=dtype, overwrite=overwrite)
+    try:
+        with quiet_dcp_errors():
+            export_checkpoint(path, out, job.model, dtype=dtype, tokenizer=tok, overwrite=overwrite)
+    except (FileExistsError, ValueError):  # the output dir or the dtype: the user's choice, said as it is
+        raise
+    except CheckpointError as e:  # e.g. NaN/inf weights
+        raise CheckpointError(f"{e} ({hint})") from None
+    except FILE_ERRORS as e:  # DCP's errors of a damaged checkpoint
+        raise CheckpointError(
+            f"{path}: its model/optimiser data (.metadata, *.distcp) cannot be read ({short_reason(e)}); "
+            f"export another checkpoint ({hint})"
+        ) from None
     log.info("exported %s -> %s", path, out)
     return out
 

@@ -37,11 +37,12 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def train(model, mbs, steps, *, dp: int = 1, dp_group=None, n_mb_total: int | None = None):
+def train(model, mbs, steps, *, dp: int = 1, dp_group=None, n_mb_total: int | None = None, clip=None):
     """AdamW steps on the objective sum_mb lm_loss_sum / global_tokens + coef * mean_mb aux (the trainer's),
     mbs being this rank's micro-batches. With dp > 1 (FSDP averages gradients) the local loss is scaled by dp.
     Returns per-step objective values (summed over dp), aux losses, expert loads, first-step gradients,
-    final parameters (full tensors), and each step's (lm_loss_sum, num_loss_tokens) of the first micro-batch."""
+    final parameters (full tensors), and each step's (lm_loss_sum, num_loss_tokens) of the first micro-batch.
+    clip: the norm-clipping function (default torch's; the trainer's for gradients on several meshes)."""
     import torch.distributed as dist
 
     coef = model.config.router_aux_loss_coef
@@ -70,7 +71,8 @@ def train(model, mbs, steps, *, dp: int = 1, dp_group=None, n_mb_total: int | No
         if step == 0:
             res["grads"] = {n: full(p.grad).clone() for n, p in model.named_parameters()}
         # as the trainer: clip the global norm (DTensor gradients: the norm is reduced over the mesh)
-        res.setdefault("grad_norm", []).append(full(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)).item())
+        clip_fn = clip or torch.nn.utils.clip_grad_norm_
+        res.setdefault("grad_norm", []).append(full(clip_fn(list(model.parameters()), 1.0)).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
     res["params"] = {n: full(p.detach()).clone() for n, p in model.named_parameters()}

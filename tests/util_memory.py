@@ -57,3 +57,48 @@ def saved_tensor_bytes(model, batch) -> int:
         params.add(p.untyped_storage().data_ptr())
     del out
     return sum(n for k, n in seen.items() if k not in params)
+
+
+def rss_growth(fn) -> tuple[object, int]:
+    """(fn(), the growth of this process's peak resident set while fn runs over the RSS just before): run in
+    a fresh process started with memcheck.MALLOC_ENV, so freed tensors go back to the OS."""
+    from minimax_train.tools.memcheck import _max_rss_bytes, _reset_peak_rss, _rss_bytes
+
+    _reset_peak_rss()
+    rss0 = _rss_bytes()
+    out = fn()
+    return out, max(0, _max_rss_bytes() - rss0)
+
+
+def _rss_anon_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def anon_rss_growth(fn, interval_s: float = 0.002) -> tuple[object, int]:
+    """(fn(), the peak growth of this process's anonymous resident memory while fn runs), sampled by a
+    thread every interval_s. Unlike rss_growth it leaves out file-backed pages: the safetensors files a
+    reader maps are page cache, shared by every rank and reclaimable, not memory the process allocated."""
+    import threading
+
+    base = _rss_anon_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_anon_bytes())
+            done.wait(interval_s)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], _rss_anon_bytes())
+    return out, peak[0] - base

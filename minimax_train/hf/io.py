@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -245,17 +246,60 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _shards(sd: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():
-        n = v.numel() * v.element_size()
+def shard_groups(sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Names in order, cut into consecutive groups of at most max_bytes (a larger tensor is a group alone)."""
+    groups, cur, size = [], [], 0
+    for k, n in sizes:
         if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v, size + n
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += n
     if cur:
-        shards.append(cur)
-    return shards
+        groups.append(cur)
+    return groups
+
+
+def shard_file_name(i: int, count: int) -> str:
+    return "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+
+
+@contextlib.contextmanager
+def hf_output_dir(path: Path, overwrite: bool):
+    """A temp dir beside `path` to write an export into, renamed to `path` when the body succeeds, removed
+    when it fails: a crash never leaves a half-written export under `path`."""
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; choose another --out or pass overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_hf_files(tmp: Path, cfg: ModelConfig, dtype: torch.dtype, tokenizer, weight_map: dict, total: int) -> None:
+    """Everything of a transformers directory but the weights: the index (when sharded), config.json,
+    generation_config.json and the tokenizer files."""
+    if len(set(weight_map.values())) > 1:
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["dtype"] = str(dtype).removeprefix("torch.")
+    if tokenizer is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if hf_cfg.get(key) is None and getattr(tokenizer, key, None) is not None:
+                hf_cfg[key] = getattr(tokenizer, key)
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def save_hf(
@@ -269,45 +313,20 @@ def save_hf(
     state_dict: dict | None = None,
 ) -> Path:
     """Write a consolidated transformers directory: config.json, generation_config.json, sharded
-    safetensors + index, tokenizer files. Written to a temp dir and renamed, so a crash never leaves a
-    half-written export under `path`."""
+    safetensors + index, tokenizer files (atomically: hf_output_dir). The whole state dict is in memory;
+    hf/stream_export.py writes the same files from a checkpoint tensor by tensor."""
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; choose another --out or pass overwrite")
     cfg: ModelConfig = model.config
-    sd = state_dict if state_dict is not None else full_state_dict(model)
-    sd = {k: v.to(dtype) if dtype is not None else v for k, v in sd.items()}
-    disk = ours_to_hf_disk(sd, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        shards = _shards(disk, max_shard_bytes)
+    with hf_output_dir(path, overwrite) as tmp:
+        sd = state_dict if state_dict is not None else full_state_dict(model)
+        sd = {k: v.to(dtype) if dtype is not None else v for k, v in sd.items()}
+        disk = ours_to_hf_disk(sd, cfg)
+        groups = shard_groups([(k, v.numel() * v.element_size()) for k, v in disk.items()], max_shard_bytes)
         weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            for k, v in shard.items():
-                weight_map[k], total = fname, total + v.numel() * v.element_size()
-        if len(shards) > 1:
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-            )
-        hf_cfg = cfg.to_hf_dict()
-        some = next(iter(sd.values()))
-        hf_cfg["dtype"] = str(some.dtype).removeprefix("torch.")
-        if tokenizer is not None:
-            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                if hf_cfg.get(key) is None and getattr(tokenizer, key, None) is not None:
-                    hf_cfg[key] = getattr(tokenizer, key)
-        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_cfg.get(k) is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for i, names in enumerate(groups):
+            fname = shard_file_name(i, len(groups))
+            save_file({k: disk[k] for k in names}, str(tmp / fname), metadata={"format": "pt"})
+            for k in names:
+                weight_map[k], total = fname, total + disk[k].numel() * disk[k].element_size()
+        write_hf_files(tmp, cfg, next(iter(sd.values())).dtype, tokenizer, weight_map, total)
     return path

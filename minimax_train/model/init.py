@@ -28,7 +28,7 @@ from torch import nn
 from .config import ModelConfig
 
 BLOCK = 1 << 16  # elements per generator; part of the definition of the init (changing it changes values)
-_MAX_SPAN = 1 << 24  # logical elements generated at a time when filling a box
+_MAX_SPAN = 1 << 22  # logical elements generated at a time when filling a box (bounds its buffers: ~50 MB)
 
 
 class WeightSource(Protocol):

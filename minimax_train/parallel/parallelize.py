@@ -37,22 +37,39 @@ def build_model(
     fsdp: bool = True,
     memory: Optional[dict] = None,
     parts: Optional[ModelParts] = None,
+    partition=None,
 ) -> MiniMaxForCausalLM:
     """The model of `cfg` for this rank of `mesh`, with its local shards on mesh.device filled from
     `source`. fsdp=False leaves data parallelism to another engine (DeepSpeed). memory: keyword arguments
     of MiniMaxForCausalLM.set_memory_options (activation checkpointing, MoE and loss chunks). parts: the
-    layout's parts (default model_parts(mesh, cfg)), e.g. a subclass that changes one slot."""
+    layout's parts (default model_parts(mesh, cfg)), e.g. a subclass that changes one slot. partition: with
+    fsdp=False, a function called on each module right after its own parameters are materialised and
+    filled, which shards them (DeepSpeed ZeRO-3's zero.Init): the whole model then never exists on a rank."""
     with torch.device("meta"):
         model = MiniMaxForCausalLM(cfg, parts if parts is not None else model_parts(mesh, cfg), seed=None)
     model.set_memory_options(**(memory or {}))
     divide_hooks = None
     if fsdp:
         divide_hooks = shard_data_parallel(model, mesh, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    model.to_empty(device=mesh.device)
-    fill_parameters(model, source)
+    if partition is not None and not fsdp:
+        _materialise_by_module(model, mesh.device, source, partition)
+    else:
+        model.to_empty(device=mesh.device)
+        fill_parameters(model, source)
     if divide_hooks is not None:  # on the materialised parameters
         divide_hooks()
     return model
+
+
+def _materialise_by_module(model: nn.Module, device, source: WeightSource, partition) -> None:
+    """Materialise, fill and partition one module's own parameters at a time (peak: the largest module)."""
+    for prefix, module in model.named_modules():
+        if next(module.parameters(recurse=False), None) is None:
+            continue
+        module.to_empty(device=device, recurse=False)
+        head = f"{prefix}." if prefix else ""
+        fill_parameters(model, source, names=lambda n: n.startswith(head) and "." not in n[len(head) :])
+        partition(module)
 
 
 def shard_data_parallel(model: nn.Module, mesh: ParallelMesh, *, param_dtype=None, reduce_dtype=torch.float32):
@@ -76,6 +93,23 @@ def token_replicas_over_edp(mesh: ParallelMesh, sequence_parallel: bool) -> int:
     return sum(1 for r in group if r // mesh.layout.tp == mesh.rank // mesh.layout.tp)
 
 
+def expert_shard_dim(p, edp: int):
+    """FSDP2's placement of an expert parameter over edp: its expert dim when this rank's experts divide
+    evenly over edp; else (fewer local experts than edp ranks, e.g. 8 local experts over edp 64) the first
+    dim that ep/etp leave whole and that has at least edp entries, so that every edp rank holds 1/edp of it
+    rather than a few ranks holding whole experts and the rest nothing (TorchTitan shards dim 1 there too)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = p.to_local() if isinstance(p, DTensor) else p
+    if local.shape[0] % edp == 0:
+        return Shard(0)
+    taken = {pl.dim for pl in getattr(p, "placements", ()) if isinstance(pl, Shard)}
+    for d in range(1, p.ndim):
+        if d not in taken and p.shape[d] >= edp:
+            return Shard(d)
+    return Shard(0)
+
+
 def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, param_dtype, reduce_dtype):
     """Expert gradients (each already the sum over its EP group's tokens, with the trainer's dp*cp loss
     scale) must be summed over the edp ranks holding distinct tokens and divided by dp*cp. With edp > 1,
@@ -97,8 +131,11 @@ def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, par
 
         return params, (install if divide != 1.0 else None)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    edp = mesh.layout.edp
     for e in experts:
-        fully_shard(e, mesh=mesh.expert_mesh["edp"], mp_policy=mp)
+        fully_shard(
+            e, mesh=mesh.expert_mesh["edp"], mp_policy=mp, shard_placement_fn=lambda p: expert_shard_dim(p, edp)
+        )
         if divide != mesh.layout.edp:  # FSDP's default is the mean over edp
             e.set_gradient_divide_factor(divide)
             # a factor other than the group size becomes NCCL's PREMUL_SUM, which gloo lacks: sum, then scale
@@ -106,4 +143,4 @@ def _reduce_expert_grads(model, mesh: ParallelMesh, sequence_parallel: bool, par
     return None, None
 
 
-__all__ = ["build_model", "shard_data_parallel", "token_replicas_over_edp"]
+__all__ = ["build_model", "expert_shard_dim", "shard_data_parallel", "token_replicas_over_edp"]
