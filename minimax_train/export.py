@@ -114,10 +114,12 @@ def export(
     try:
         with quiet_dcp_errors():
             export_checkpoint(path, out, job.model, dtype=dtype, tokenizer=tok, overwrite=overwrite)
+    except CheckpointError as e:  # e.g. NaN/inf weights (first: it is also a ValueError)
+        raise CheckpointError(f"{e} ({hint})") from None
     except (FileExistsError, ValueError):  # the output dir or the dtype: the user's choice, said as it is
         raise
-    except CheckpointError as e:  # e.g. NaN/inf weights
-        raise CheckpointError(f"{e} ({hint})") from None
+    except (ImportError, NameError, AttributeError, TypeError):  # a defect of ours, not a damaged checkpoint
+        raise
     except FILE_ERRORS as e:  # DCP's errors of a damaged checkpoint
         raise CheckpointError(
             f"{path}: its model/optimiser data (.metadata, *.distcp) cannot be read ({short_reason(e)}); "

@@ -86,10 +86,19 @@ def test_stream_export_refuses_nan_and_a_foreign_config(ckpt, tmp_path):
     model, _ = ckpt
     with pytest.raises(CheckpointError, match="expects"):
         export_checkpoint(ckpt[1], tmp_path / "a", make_config(hidden_size=32))
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from minimax_train.parallel.expert_parallel import standard_gate_up
+
     bad = make_model(make_config())
+    step = save_checkpoint(bad, tmp_path / "nan")  # the trainer refuses to save NaN: write it over by hand
     with torch.no_grad():
         bad.model.layers[1].self_attn.o_proj.weight[3, 4] = float("nan")
-    step = save_checkpoint(bad, tmp_path / "nan")
+    for f in [*step.glob("*.distcp"), step / ".metadata"]:
+        f.unlink()
+    with standard_gate_up({"model": get_model_state_dict(bad)}) as state:
+        dcp.save(state, checkpoint_id=str(step), no_dist=True)
     with pytest.raises(CheckpointError, match=r"layers\.1\.self_attn\.o_proj.weight holds NaN"):
         export_checkpoint(step, tmp_path / "b", bad.config)
     assert not (tmp_path / "b").exists()  # nothing half-written

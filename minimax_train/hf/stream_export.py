@@ -100,12 +100,12 @@ class CheckpointTensors:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint import FileSystemReader
 
-            from ..train.checkpoint import _quiet_single_process
+            from ..train.checkpoint import quiet_single_process
 
             self._name, self._tensor = None, None  # free the previous tensor before reading the next
             md = self.meta[_MODEL + name]
             sd = {_MODEL + name: torch.empty(tuple(md.size), dtype=md.properties.dtype)}
-            with _quiet_single_process():
+            with quiet_single_process():
                 dcp.load(sd, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
             t = sd[_MODEL + name]
             if not torch.isfinite(t).all():
