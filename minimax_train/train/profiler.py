@@ -2,7 +2,8 @@
 
 Each rank writes <run dir>/profile/rank{r}_trace.json.gz (open in Perfetto or chrome://tracing) and
 rank{r}_ops.txt: the ops of the window sorted by device time (CPU time on CPU), the first place to
-look when a step is slower than its FLOPs say."""
+look when a step is slower than its FLOPs say; on CUDA also rank{r}_cpu_ops.txt, sorted by host time
+(`tools/trace_gaps.py` on the trace says how much of the step the GPU sat idle, and why)."""
 
 from __future__ import annotations
 
@@ -54,4 +55,7 @@ class StepProfiler:
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=70)
         (self.out_dir / f"rank{self.rank}_ops.txt").write_text(table + "\n")
+        if self.device.type == "cuda":  # host time per op: where a launch-bound step spends it
+            cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70)
+            (self.out_dir / f"rank{self.rank}_cpu_ops.txt").write_text(cpu + "\n")
         log.info("profile written to %s (trace, op table)", self.out_dir)
