@@ -106,7 +106,9 @@ def main(argv=None) -> int:
         f"idle in gaps >= {a.min_gap_us:g} us: {total_idle / 1e3:.1f} ms"
     )
     sync_total = sum(v for k, v in idle.items() if k.startswith("sync"))
-    print(f"  of which synchronising calls: {sync_total / 1e3:.1f} ms, launch-bound: {(total_idle - sync_total) / 1e3:.1f} ms")
+    print(
+        f"  of which synchronising calls: {sync_total / 1e3:.1f} ms, launch-bound: {(total_idle - sync_total) / 1e3:.1f} ms"
+    )
     print(f"{'idle ms':>9} {'gaps':>6}  cause")
     for cause, us in sorted(idle.items(), key=lambda kv: -kv[1])[: a.top]:
         print(f"{us / 1e3:9.2f} {counts[cause]:6d}  {cause}")
