@@ -13,9 +13,9 @@ the model."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
@@ -130,9 +130,8 @@ def import_checkpoint(
     directory `hf_dir` (config `cfg`) in the model's dtype (fp32) and the fresh state of
     make_optimizer(model), as the trainer's CheckpointManager saves them for that model in one process."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from ..train.checkpoint import quiet_single_process
     from ..train.ckpt_safety import quiet_dcp_errors, wrapped_error
