@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_stream_export import BIG
+from test_tools_ckpt import _assert_same_state
 from util_models import make_config, make_model
 
 from minimax_train.tools import ckpt as C
@@ -47,27 +48,10 @@ def whole_model_import(hf_dir: Path, out: Path, overrides: list[str]) -> Path:
     return manager.save(0, model, optimizer, meta, {"rng": rng_state()}, job_to_yaml(job))
 
 
-def _flat(d, prefix=""):
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield from _flat(v, f"{prefix}{k}.")
-    elif isinstance(d, list):
-        for i, v in enumerate(d):
-            yield from _flat(v, f"{prefix}{i}.")
-    else:
-        yield prefix, d
-
-
 def assert_same_checkpoint(a: Path, b: Path) -> None:
     from minimax_train.train.checkpoint import read_meta
 
-    fa, fb = dict(_flat(C.load_full_state(a))), dict(_flat(C.load_full_state(b)))
-    assert fa.keys() == fb.keys()
-    for k, v in fa.items():
-        if isinstance(v, torch.Tensor):
-            assert v.dtype == fb[k].dtype and v.shape == fb[k].shape and torch.equal(v, fb[k]), k
-        else:
-            assert v == fb[k], k
+    _assert_same_state(a, b)
     ma, mb = read_meta(a), read_meta(b)
     assert ma["meta"] == mb["meta"] and ma["world_size"] == mb["world_size"] and ma["dp_size"] == mb["dp_size"]
     assert ma["ranks"][0].keys() == mb["ranks"][0].keys()
