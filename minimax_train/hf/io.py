@@ -195,30 +195,39 @@ class SafetensorsSource:
         return self._slice(name, tuple(slice(o, o + n) for o, n in zip(offsets, sizes)))
 
     def _experts(self, layer: str, gate_up: bool, shape, offsets, sizes) -> torch.Tensor:
-        """A box of gate_up [E, 2I, H] (or its [E, 2, I, H] view) or down [E, H, I] from per-expert w1/w3/w2."""
+        """A box of gate_up [E, 2I, H] (or its [E, 2, I, H] view) or down [E, H, I] from per-expert w1/w3/w2,
+        copied expert by expert into the box (no second copy of the whole box)."""
         inter = self.cfg.intermediate_size
         base = f"{layer}.block_sparse_moe.experts"
-        out = []
-        for e in range(offsets[0], offsets[0] + sizes[0]):
+        out = None
+        for j, e in enumerate(range(offsets[0], offsets[0] + sizes[0])):
             if not gate_up:
-                out.append(self._slice(f"{base}.{e}.w2.weight", (slice(offsets[1], offsets[1] + sizes[1]),
-                                                                   slice(offsets[2], offsets[2] + sizes[2]))))  # fmt: skip
-                continue
-            if len(shape) == 4:
+                piece = self._slice(f"{base}.{e}.w2.weight", (slice(offsets[1], offsets[1] + sizes[1]),
+                                                                slice(offsets[2], offsets[2] + sizes[2])))  # fmt: skip
+            elif len(shape) == 4:
                 halves = range(offsets[1], offsets[1] + sizes[1])
                 rows, cols = slice(offsets[2], offsets[2] + sizes[2]), slice(offsets[3], offsets[3] + sizes[3])
-                out.append(torch.stack([self._slice(f"{base}.{e}.{('w1', 'w3')[k]}.weight", (rows, cols))
-                                        for k in halves]))  # fmt: skip
-                continue
-            r0, r1 = offsets[1], offsets[1] + sizes[1]
-            cols = slice(offsets[2], offsets[2] + sizes[2])
-            pieces = []
-            if r0 < inter:
-                pieces.append(self._slice(f"{base}.{e}.w1.weight", (slice(r0, min(r1, inter)), cols)))
-            if r1 > inter:
-                pieces.append(self._slice(f"{base}.{e}.w3.weight", (slice(max(r0, inter) - inter, r1 - inter), cols)))
-            out.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
-        return torch.stack(out)
+                piece = torch.stack([self._slice(f"{base}.{e}.{('w1', 'w3')[k]}.weight", (rows, cols))
+                                     for k in halves])  # fmt: skip
+            else:
+                r0, r1 = offsets[1], offsets[1] + sizes[1]
+                cols = slice(offsets[2], offsets[2] + sizes[2])
+                pieces = []
+                if r0 < inter:
+                    pieces.append(self._slice(f"{base}.{e}.w1.weight", (slice(r0, min(r1, inter)), cols)))
+                if r1 > inter:
+                    pieces.append(
+                        self._slice(f"{base}.{e}.w3.weight", (slice(max(r0, inter) - inter, r1 - inter), cols))
+                    )
+                piece = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            if out is None:
+                out = torch.empty(tuple(sizes), dtype=piece.dtype)
+            out[j] = piece
+        return out
+
+    def close(self) -> None:
+        """Drop the open files (their mapped pages with them); a later read opens them again."""
+        self._handles.clear()
 
 
 def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"

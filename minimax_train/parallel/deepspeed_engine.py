@@ -65,10 +65,13 @@ def zero3_partitioner(job, *, bf16: bool):
     """parallelize.build_model's `partition` for ZeRO-3: deepspeed.zero.Init on each module as soon as its
     parameters are filled, so each rank keeps 1/dp of every parameter (what zero.Init does when a model is
     constructed inside it; here the values come from the layout-independent init or an HF source first).
-    deepspeed.initialize then takes the partitioned parameters as they are. Not yet the trainer's default
-    (train/loop.py still builds whole and lets deepspeed.initialize partition): the initial values are
-    bit-identical (tests/test_init_layouts.py), but a 2-rank run's gradient norm drifted 1.5e-5 relative from
-    the one-process run by step 3, which is unexplained."""
+    deepspeed.initialize then takes the partitioned parameters as they are. The trainer builds ZeRO-3 models
+    this way (train/loop.py build_model): the initial values are bit-identical to one process
+    (tests/test_init_layouts.py) and a 2-rank run's losses and gradient norms equal those of a model built
+    whole and partitioned by deepspeed.initialize, bit for bit. A partitioned parameter is an empty 1-D
+    tensor until gathered (its shape is ds_shape): anything that looks at parameter shapes before the
+    first forward must read ds_shape (train/optim.py param_groups does; before it did, every matrix fell
+    into the no-decay group, which showed as a 1.5e-5 relative grad-norm drift at step 3)."""
     import deepspeed
 
     config = {

@@ -65,6 +65,11 @@ def _chain(e: BaseException):
             todo += [f[0] for f in failures.values() if isinstance(f, tuple) and f and isinstance(f[0], BaseException)]
 
 
+def wrapped_error(e: BaseException, cls: type) -> BaseException | None:
+    """The first exception of type `cls` in e's chain (DCP's per-rank failures included), or None."""
+    return next((x for x in _chain(e) if isinstance(x, cls)), None)
+
+
 def is_out_of_space(e: BaseException, path: Path) -> bool:
     """Did this write fail because the file system of `path` is full?"""
     for x in _chain(e):

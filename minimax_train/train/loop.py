@@ -120,7 +120,8 @@ def _seed_all(seed: int) -> None:
 def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_from_hf: Optional[str] = None):
     """This rank's shards of the model, built on the meta device for the layout and filled from the
     layout-independent init of train.seed (or, with init_from_hf, from the transformers checkpoint read by
-    slices); FSDP2 over dp unless DeepSpeed owns data parallelism."""
+    slices); FSDP2 over dp unless DeepSpeed owns data parallelism (ZeRO-3: each module partitioned as soon as
+    it is filled)."""
     from minimax_train.model.init import InitSource
     from minimax_train.parallel.parallelize import build_model as build_for_layout
 
@@ -132,6 +133,11 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
         log.info("initialising from transformers weights in %s (each rank reads its own slices)", init_from_hf)
     else:
         source = InitSource(job.model, job.train.seed)
+    partition = None
+    if job.parallel.engine == "deepspeed" and job.parallel.zero_stage == 3:  # never whole on a rank
+        from minimax_train.parallel.deepspeed_engine import zero3_partitioner
+
+        partition = zero3_partitioner(job, bf16=bf16 and mesh.device.type == "cuda")
     memory = dict(
         activation_checkpointing=job.train.activation_checkpointing,
         moe_chunk_tokens=job.train.moe_chunk_tokens,
@@ -145,6 +151,7 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
         reduce_dtype=torch.float32,
         fsdp=job.parallel.engine != "deepspeed",  # DeepSpeed wraps it with its optimiser (build_engine)
         memory=memory,
+        partition=partition,
     )
 
 

@@ -49,13 +49,15 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (and expert tensors); none on 1-D parameters (norms, biases)."""
+    """Weight decay on matrices (and expert tensors); none on 1-D parameters (norms, biases). The rank of a
+    parameter is its logical one: a DeepSpeed ZeRO-3 parameter partitioned before the optimiser is built
+    (partitioned construction) is an empty 1-D tensor whose shape is in ds_shape."""
     decay, no_decay, seen = [], [], set()
     for _, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

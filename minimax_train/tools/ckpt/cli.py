@@ -23,9 +23,10 @@ rows consumed must divide by the new dp), then writes a consolidated copy:
 - hf: the transformers export (same code as `export-hf` / python -m minimax_train.export).
 All three hold the whole checkpoint in this process's memory.
 
-export-hf is minimax_train.export.export. import-hf loads a transformers MiniMax directory with
-minimax_train.hf.load_hf and saves it with the trainer's CheckpointManager as step 0 of a checkpoint.dir,
-with fresh AdamW state and the data loader's initial position for the job config given by the overrides
+export-hf is minimax_train.export.export. import-hf writes a transformers MiniMax directory as step 0 of
+a checkpoint.dir, exactly as the trainer's CheckpointManager saves the loaded model in one process, but
+tensor by tensor (minimax_train.hf.stream_import: host memory about one tensor, not the model), with fresh
+AdamW state and the data loader's initial position for the job config given by the overrides
 (the trainer's Hydra config, e.g. `-- data=jsonl train.seq_len=4096`): starting the trainer with
 checkpoint.dir=CKPT_DIR and the same overrides resumes from those weights."""
 

@@ -102,11 +102,25 @@ def convert(
 def _save_dcp_step(sd: dict, blob: dict, cfg: dict, out_root: Path, step_name: str, *, overwrite: bool) -> Path:
     """A complete checkpoint dir `out_root/step_name` (the files the trainer writes), one writer. config.yaml is
     the source's (the trainer resumes with its own command line; export rebuilds the model from it)."""
-    import torch
     import torch.distributed.checkpoint as dcp
     from omegaconf import OmegaConf
 
-    from minimax_train.train.checkpoint import COMPLETE, CONFIG, META, fsync_tree, quiet_single_process
+    from minimax_train.train.checkpoint import quiet_single_process
+
+    def write(tmp: Path) -> None:
+        with quiet_single_process():
+            dcp.save({"model": sd["model"], "optim": sd["optim"]}, checkpoint_id=str(tmp), no_dist=True)
+
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(cfg))
+    return write_step_dir(out_root, step_name, write, blob, config_yaml, overwrite=overwrite)
+
+
+def write_step_dir(out_root: Path, step_name: str, write, blob: dict, config_yaml: str, *, overwrite: bool) -> Path:
+    """`out_root/step_name` made complete atomically, as the trainer's CheckpointManager makes it: write(tmp)
+    writes the DCP data into the .tmp dir, then meta.pt (`blob`), config.yaml, fsync, COMPLETE, rename."""
+    import torch
+
+    from minimax_train.train.checkpoint import COMPLETE, CONFIG, META, fsync_tree
 
     out_root.mkdir(parents=True, exist_ok=True)
     final = out_root / step_name
@@ -117,11 +131,14 @@ def _save_dcp_step(sd: dict, blob: dict, cfg: dict, out_root: Path, step_name: s
             raise CkptToolError(f"{final} exists; pass --overwrite")
         shutil.rmtree(final)
     tmp.mkdir(parents=True)
-    with quiet_single_process():
-        dcp.save({"model": sd["model"], "optim": sd["optim"]}, checkpoint_id=str(tmp), no_dist=True)
-    torch.save(blob, tmp / META)
-    (tmp / CONFIG).write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
-    fsync_tree(tmp)
-    (tmp / COMPLETE).write_text(f"{int(step_name.split('_')[-1])}\n")
+    try:
+        write(tmp)
+        torch.save(blob, tmp / META)
+        (tmp / CONFIG).write_text(config_yaml)
+        fsync_tree(tmp)
+        (tmp / COMPLETE).write_text(f"{int(step_name.split('_')[-1])}\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     os.replace(tmp, final)
     return final

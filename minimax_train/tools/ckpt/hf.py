@@ -20,18 +20,26 @@ def export_hf(path, out, *, dtype=None, tokenizer: bool = True, overwrite: bool 
 
 
 def import_hf(
-    hf_dir: str | os.PathLike, out: str | os.PathLike, overrides: Optional[list[str]] = None, *, overwrite: bool = False
+    hf_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    overrides: Optional[list[str]] = None,
+    *,
+    overwrite: bool = False,
+    max_file_bytes: int = 1 << 30,
 ) -> Path:
     """A transformers MiniMax directory -> step_00000000 of checkpoint.dir `out` (model, fresh AdamW state, the
-    data loader's initial position for the job), saved by the trainer's CheckpointManager in one process."""
+    data loader's initial position for the job): what the trainer's CheckpointManager saves for the loaded
+    model in one process, written tensor by tensor (hf/stream_import.py), so the host memory is about one
+    tensor, not the model. The DCP data goes into files of about max_file_bytes."""
     import torch
 
     from minimax_train.conf_tree import compose_job
     from minimax_train.config import job_to_yaml
     from minimax_train.data import build_loader, load_tokenizer
-    from minimax_train.hf import load_hf, read_hf_config
-    from minimax_train.parallel.mesh import ParallelConfig, ParallelMesh
-    from minimax_train.train.checkpoint import CheckpointManager, latest_checkpoint, rng_state
+    from minimax_train.hf import read_hf_config
+    from minimax_train.hf.stream_import import import_checkpoint
+    from minimax_train.tools.ckpt.convert import write_step_dir
+    from minimax_train.train.checkpoint import latest_checkpoint, plain, rng_state, step_dir_name
     from minimax_train.train.optim import build_optimizer
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -57,15 +65,10 @@ def import_hf(
         seed=job.train.seed,
         split="train",
     )
-    model = load_hf(hf_dir, dtype=torch.float32)
-    optimizer, _ = build_optimizer(model, job.optim, device=torch.device("cpu"), sharded=False)
-    mesh = ParallelMesh(ParallelConfig(), world_size=1, rank=0, local_rank=0, device=torch.device("cpu"))
-    if overwrite and out.exists():
+    if out.exists():  # leftovers of a crashed save; with overwrite, the checkpoints already there
         for p in out.iterdir():
-            if p.is_dir() and p.name.startswith("step_"):
+            if p.is_dir() and (p.name.endswith(".tmp") or (overwrite and p.name.startswith("step_"))):
                 shutil.rmtree(p)
-    manager = CheckpointManager(out, mesh, keep_last=0)
-    manager.prepare()
     meta = {
         "step": 0,
         "tokens": 0,
@@ -76,4 +79,10 @@ def import_hf(
         "dp_size": 1,
         "imported_from": str(hf_dir.absolute()),
     }
-    return manager.save(0, model, optimizer, meta, {"rng": rng_state()}, job_to_yaml(job))
+    blob = {"meta": plain(meta), "ranks": [plain({"rng": rng_state()})], "world_size": 1, "dp_size": 1}
+
+    def write(tmp: Path) -> None:
+        make_optimizer = lambda m: build_optimizer(m, job.optim, device=torch.device("cpu"), sharded=False)[0]  # noqa: E731
+        import_checkpoint(hf_dir, tmp, model_cfg, make_optimizer, max_file_bytes=max_file_bytes)
+
+    return write_step_dir(out, step_dir_name(0), write, blob, job_to_yaml(job), overwrite=overwrite)
