@@ -145,15 +145,16 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
     from minimax_train.model.init import InitSource
     from minimax_train.parallel.data_parallel import is_sharded
     from minimax_train.parallel.parallelize import build_model
-    from minimax_train.train.loop import TorchEngine, forward_backward
+    from minimax_train.train.engine import TorchEngine
     from minimax_train.train.optim import build_optimizer, clip_grad_norm
+    from minimax_train.train.step import forward_backward
 
     def marker():
         if mark:
             _mark()
 
     torch.manual_seed(spec.seed)
-    memory = dict(activation_checkpointing=spec.activation_checkpointing)  # as train.loop.build_model
+    memory = dict(activation_checkpointing=spec.activation_checkpointing)  # as train.engine.build_model
     model = build_model(cfg, mesh, InitSource(cfg, spec.seed), reduce_dtype=torch.float32, memory=memory)
     optimizer, _ = build_optimizer(model, OptimConfig(), device=mesh.device, sharded=is_sharded(model))
     params = [p for p in model.parameters() if p.requires_grad]
