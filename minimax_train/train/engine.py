@@ -28,7 +28,8 @@ def seed_all(seed: int) -> None:
 def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_from_hf: Optional[str] = None):
     """This rank's shards of the model, built on the meta device for the layout and filled from the
     layout-independent init of train.seed (or, with init_from_hf, from the transformers checkpoint read by
-    slices); FSDP2 over dp unless DeepSpeed owns data parallelism."""
+    slices); FSDP2 over dp unless DeepSpeed owns data parallelism. With parallel.pp > 1: this rank's
+    pipeline stages (a parallel.pipeline.PipelineModel)."""
     from minimax_train.model.init import InitSource
     from minimax_train.parallel.parallelize import build_model as build_for_layout
 
@@ -45,11 +46,25 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
         moe_chunk_tokens=job.train.moe_chunk_tokens,
         loss_chunk_tokens=job.train.loss_chunk_tokens,
     )
+    param_dtype = torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None
+    if mesh.layout.pp > 1:
+        from minimax_train.parallel.pipeline import build_pipeline
+
+        return build_pipeline(
+            job.model,
+            mesh,
+            source,
+            micro_batch_size=job.train.micro_batch_size,
+            seq_len=job.train.seq_len,
+            param_dtype=param_dtype,
+            memory=memory,
+            boundary_dtype=torch.bfloat16 if param_dtype is not None else torch.float32,
+        )
     return build_for_layout(
         job.model,
         mesh,
         source,
-        param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None,
+        param_dtype=param_dtype,
         reduce_dtype=torch.float32,
         fsdp=job.parallel.engine != "deepspeed",  # DeepSpeed wraps it with its optimiser (build_engine)
         memory=memory,
@@ -100,6 +115,22 @@ class TorchEngine:
         pass
 
 
+class PipelineEngine(TorchEngine):
+    """TorchEngine over a pipelined model (parallel.pp > 1): the torch schedule runs forward and backward of
+    all micro-batches (train/step.py) and reduces FSDP gradients after the last one; the optimiser and the
+    clip see this rank's parameters, the clip's norm summed over the pp group."""
+
+    def __init__(self, pipeline, optimizer, mesh: ParallelMesh):
+        super().__init__(pipeline.owner, optimizer)
+        self.pipeline, self.mesh = pipeline, mesh
+
+    def micro_batch(self, index: int, last: bool) -> None:
+        pass  # the schedule turns FSDP's gradient sync off and reduces once, after the last backward
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self._params, max_norm, group=self.mesh.pp_group)
+
+
 def build_engine(
     job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool = False, init_from_hf: Optional[str] = None
 ):
@@ -115,8 +146,11 @@ def build_engine(
         optimizer, opt_impl = build_optimizer(model, job.optim, device=opt_device, sharded=True)
         engine = DeepSpeedEngine(model, optimizer, job, mesh, accum=accum, bf16=bf16)
         return engine, f"{opt_impl} in DeepSpeed ZeRO-{job.parallel.zero_stage}"
+    if mesh.layout.pp > 1:
+        optimizer, opt_impl = build_optimizer(model.owner, job.optim, device=mesh.device, sharded=mesh.dp_size > 1)
+        return PipelineEngine(model, optimizer, mesh), opt_impl
     optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=is_sharded(model))
     return TorchEngine(model, optimizer, job.parallel.grad_sync), opt_impl
 
 
-__all__ = ["TorchEngine", "build_engine", "build_model", "seed_all"]
+__all__ = ["PipelineEngine", "TorchEngine", "build_engine", "build_model", "seed_all"]

@@ -247,6 +247,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             flags = torch.tensor([0.0 if stop.name is None else 1.0], dtype=torch.float64, device=device)
             if mesh.layout.tp > 1:
                 mesh.all_reduce(flags, group=mesh.tp_group, op=dist.ReduceOp.MAX)
+            if mesh.layout.pp > 1:  # the pipeline stages' statistics are already summed (train/step.py)
+                mesh.all_reduce(flags, group=mesh.pp_group, op=dist.ReduceOp.MAX)
             stats = torch.cat([lm_sum.view(1), aux_sum.view(1), flags, load.flatten()])
             mesh.all_reduce(stats, group=grad_group)
             gn = float(grad_norm.item())
@@ -315,7 +317,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             }
             rec.update(train_loader.step_metrics())
             if valid_loader is not None and (step % job.train.eval_interval == 0 or step == job.train.steps):
-                acc = local_eval(model, valid_loader, job.train.eval_iters, device, autocast, mesh)
+                pipeline = getattr(engine, "pipeline", None)
+                acc = local_eval(model, valid_loader, job.train.eval_iters, device, autocast, mesh, pipeline)
                 mesh.all_reduce(acc, group=grad_group)
                 rec["val_loss"] = float(acc[0] / acc[1].clamp(min=1)) if acc[1] > 0 else None
                 rec["val_tokens"] = int(acc[1])  # loss tokens behind val_loss, over all ranks

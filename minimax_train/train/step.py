@@ -13,8 +13,11 @@ from minimax_train.parallel.mesh import ParallelMesh
 from minimax_train.train.engine import TorchEngine
 
 
-def local_eval(model, loader, iters: int, device, autocast, mesh: ParallelMesh) -> torch.Tensor:
-    """[lm_loss_sum, loss tokens] over up to `iters` held-out micro-batches of this rank."""
+def local_eval(model, loader, iters: int, device, autocast, mesh: ParallelMesh, pipeline=None) -> torch.Tensor:
+    """[lm_loss_sum, loss tokens] over up to `iters` held-out micro-batches of this rank (of its dp x cp
+    share; with a pipeline, the same on every pp rank)."""
+    if pipeline is not None:
+        return _pipeline_eval(pipeline, loader, iters, device, autocast, mesh)
     acc = torch.zeros(2, dtype=torch.float64, device=device)
     it = iter(loader)
     model.eval()
@@ -86,6 +89,9 @@ def forward_backward(
     mesh.all_reduce(ntok, group=mesh.dp_cp_group)
     global_tokens = max(float(ntok.item()), 1.0)
     scale = float(mesh.grad_reduce_size)  # FSDP / DeepSpeed average gradients over this many ranks
+    if getattr(engine, "pipeline", None) is not None:
+        return _pipeline_forward_backward(engine.pipeline, batches, mesh, autocast, scale / global_tokens,
+                                          coef / accum, inject_nan, global_tokens)  # fmt: skip
     lm_sum = torch.zeros((), dtype=torch.float64, device=device)
     aux_sum = torch.zeros((), dtype=torch.float64, device=device)
     load = None
@@ -105,6 +111,60 @@ def forward_backward(
     if inject_nan:
         lm_sum += float("nan")
     return ForwardBackward(global_tokens, lm_sum, aux_sum, load)
+
+
+def _pipeline_results(pipeline, step, mesh: ParallelMesh) -> torch.Tensor:
+    """[lm_sum, aux_sum, loss tokens, expert loads...] of the step, summed over the pp group: the last stage
+    holds the losses, every stage its layers' loads; afterwards every pp rank holds all of them."""
+    cfg = pipeline.owner.config
+    load = pipeline.expert_load(cfg.num_hidden_layers, cfg.num_local_experts, step)
+    head = torch.tensor([float(step.lm_sum), float(step.aux_sum), float(step.loss_tokens)], dtype=torch.float64)
+    out = torch.cat([head.to(load.device), load.flatten()])
+    mesh.all_reduce(out, group=mesh.pp_group)
+    return out
+
+
+def _pipeline_forward_backward(pipeline, batches, mesh, autocast, loss_scale, aux_scale, inject_nan, global_tokens):
+    """forward_backward through the pipeline schedule: all micro-batches in one run, the last stage
+    back-propagating lm_loss_sum * loss_scale + aux_scale * aux_loss of each (the same loss as above)."""
+    from minimax_train.parallel.pipeline import PipelineStep
+
+    inputs = [model_inputs(b.to(mesh.device, non_blocking=True), mesh) for b in batches]
+    step = PipelineStep(inputs, loss_scale=loss_scale, aux_scale=aux_scale, inject_nan=inject_nan, autocast=autocast)
+    out = _pipeline_results(pipeline, pipeline.run(step), mesh)
+    lm_sum = out[0] + (float("nan") if inject_nan else 0.0)
+    cfg = pipeline.owner.config
+    return ForwardBackward(global_tokens, lm_sum, out[1], out[3:].view(cfg.num_hidden_layers, -1))
+
+
+def _pipeline_eval(pipeline, loader, iters: int, device, autocast, mesh: ParallelMesh) -> torch.Tensor:
+    """local_eval through the schedule (forward only), in runs of the schedule's micro-batch count; the last
+    run is padded with its last micro-batch, whose results are not counted."""
+    batches, it = [], iter(loader)
+    for _ in range(iters):
+        try:
+            batches.append(next(it).to(device, non_blocking=True))
+        except StopIteration:
+            break
+    acc = torch.zeros(2, dtype=torch.float64, device=device)
+    if not batches:
+        return acc
+    from minimax_train.parallel.pipeline import PipelineStep
+    from minimax_train.parallel.pipeline_layout import min_microbatches
+
+    m = max(min_microbatches(mesh.cfg), 1)
+    pipeline.owner.eval()
+    with torch.no_grad():
+        for start in range(0, len(batches), m):
+            chunk = [model_inputs(b, mesh) for b in batches[start : start + m]]
+            real = len(chunk)
+            chunk += [chunk[-1]] * (m - real)
+            step = PipelineStep(chunk, autocast=autocast, keep=set(range(real)))
+            out = _pipeline_results(pipeline, pipeline.run(step, train=False), mesh)
+            acc[0] += out[0]
+            acc[1] += out[2]
+    pipeline.owner.train()
+    return acc
 
 
 __all__ = ["ForwardBackward", "forward_backward", "local_eval", "local_loss_tokens", "model_inputs"]
