@@ -138,3 +138,15 @@ def test_too_few_micro_batches_is_refused_before_the_process_group(tmp_path):
     assert p.returncode == 2, p.stderr
     line = [x for x in p.stderr.splitlines() if x.startswith("minimax_train: error:")]
     assert len(line) == 1 and "needs at least 4 micro-batches per step, train.global_batch_size gives 2" in line[0]
+
+
+def test_pipeline_evaluation_matches_single_process(tmp_path):
+    """Held-out loss through the schedule (forward only, 3 micro-batches in runs of 2: the last run padded)."""
+    keep = [x for x in TINY if not x.startswith(("train.eval_interval", "train.steps", "checkpoint.interval"))]
+    job = keep + ["train.eval_interval=4", "train.eval_iters=3", "train.steps=4", "checkpoint.interval=0"]
+    run_train(tmp_path / "ref", *job)
+    pp = job + ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]
+    run_distributed(train_rank, 2, pp, str(tmp_path / "pp"), timeout=600)
+    ref, got = read_metrics(tmp_path / "ref")[-1], read_metrics(tmp_path / "pp")[-1]
+    assert got["val_tokens"] == ref["val_tokens"] > 0
+    assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)

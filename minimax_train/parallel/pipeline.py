@@ -189,7 +189,7 @@ class PipelineModel:
             if train:
                 sched.step(idx, target=idx, mb=idx, return_outputs=False)
             else:
-                sched.eval(idx, target=idx, mb=idx)
+                sched.eval(idx, target=idx, mb=idx, return_outputs=False)
         finally:
             for mod in self.modules:
                 mod.step = None
