@@ -161,11 +161,11 @@ def test_grad_sync_micro_is_an_fsdp2_setting():
 
 @pytest.mark.parametrize("mode,expected", [("step", [False, False, True]), ("micro", [True, True, True])])
 def test_grad_sync_mode_decides_when_fsdp_reduces(monkeypatch, mode, expected):
-    import minimax_train.train.loop as loop
+    import minimax_train.train.engine as engine_mod
 
     calls = []
-    monkeypatch.setattr(loop, "set_gradient_sync", lambda model, enabled: calls.append(enabled))
-    engine = loop.TorchEngine(torch.nn.Linear(2, 2), None, grad_sync=mode)
+    monkeypatch.setattr(engine_mod, "set_gradient_sync", lambda model, enabled: calls.append(enabled))
+    engine = engine_mod.TorchEngine(torch.nn.Linear(2, 2), None, grad_sync=mode)
     for i in range(3):
         engine.micro_batch(i, last=i == 2)
     assert calls == expected

@@ -253,3 +253,40 @@ def test_script_help_and_error_exit_codes():
         [sys.executable, "tools/plan_layout.py", "--model", "nope"], cwd=REPO, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "unknown model preset" in bad.stderr
+
+
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (8, 8), (4, 1)])
+def test_pipeline_bubble_of_1f1b(pp, m):
+    from minimax_train.tools.planner.pipeline import bubble_fraction
+
+    assert bubble_fraction("1f1b", pp, m) == pytest.approx((pp - 1) / (m + pp - 1))
+    assert bubble_fraction("interleaved_1f1b", pp, m, 2) < bubble_fraction("1f1b", pp, m)
+    assert bubble_fraction("zbv", pp, m, 2) < bubble_fraction("interleaved_1f1b", pp, m, 2)
+
+
+def test_pipeline_layouts_in_the_plan():
+    """pp enters the search only when asked; a 456B plan with pp names the trainer's pp overrides, holds 1/pp of
+    the layers per rank and prices the bubble."""
+    w = P.Workload(
+        P.load_model_config("minimax_text_01"), seq_len=8192, global_batch_tokens=16 << 20, num_gpus=1024,
+        gpu=P.gpu_spec("h100"),
+    )  # fmt: skip
+    c = P.Constraints(pp=8, pp_schedules=("1f1b", "zbv"), tp=2, ep=8, etp=1, ac=("full",))
+    r = P.plan(w, c=c, top=3)
+    assert r.plans and all(p.layout.pp == 8 for p in r.plans)
+    best = r.plans[0]
+    assert "parallel.pp=8" in best.layout.overrides() and best.time.bubble > 0
+    flat = P.plan(w, c=P.Constraints(tp=2, ep=8, etp=1, ac=("full",)), top=1).plans[0]
+    per_rank = best.memory.detail["params_local_unsharded"]  # before dp sharding: about 1/8 of the layers
+    assert per_rank < flat.memory.detail["params_local_unsharded"] / 6
+
+
+def test_pipeline_stage_memory_within_15_percent_of_measured_cpu_peak():
+    """pp=2 (1F1B, 4 micro-batches: 2 in flight on the first stage) on CPU: the busiest stage's peak RSS growth
+    against the planner's largest stage."""
+    from minimax_train.tools.memcheck import MeasureSpec, format_validation, validate_cpu
+
+    rows = validate_cpu((MeasureSpec("pp=2 1F1B", world=2, pp=2, seq_len=256, accum=4),))
+    print(format_validation(rows))
+    assert abs(rows[0]["error"]) <= 0.15, rows[0]
+    assert rows[0]["measured_bytes"] > 30e6

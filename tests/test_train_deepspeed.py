@@ -71,7 +71,7 @@ def _zero3_build_rank(overrides):
     """The trainer's ZeRO-3 model right after build_model (before deepspeed.initialize): how much of each
     parameter this rank holds, and the names in each of the optimiser's param groups."""
     from minimax_train.parallel.mesh import ParallelMesh
-    from minimax_train.train.loop import build_model
+    from minimax_train.train.engine import build_model
     from minimax_train.train.optim import build_optimizer
 
     job = compose_job(*overrides)

@@ -66,7 +66,7 @@ def test_shape_mismatches_lists_shape_fields_only():
 
 
 def _engine(job, mesh):
-    from minimax_train.train.loop import build_engine
+    from minimax_train.train.engine import build_engine
 
     engine, _ = build_engine(job, mesh, accum=job.train.global_batch_size // job.train.micro_batch_size)
     return engine
@@ -77,7 +77,8 @@ def test_init_load_model_and_optim_restores_adamw_state_exactly(tmp_path):
     from minimax_train.data import build_loader, load_tokenizer
     from minimax_train.parallel.mesh import ParallelMesh
     from minimax_train.train.checkpoint import CheckpointManager
-    from minimax_train.train.loop import check_init_checkpoint, forward_backward, load_init_checkpoint
+    from minimax_train.train.resume import check_init_checkpoint, load_init_checkpoint
+    from minimax_train.train.step import forward_backward
 
     job = compose_job(*TINY)
     mesh = ParallelMesh.from_env(job.parallel, device="cpu", model_cfg=job.model)

@@ -99,7 +99,8 @@ def grads_rank(overrides):
     from minimax_train.data import build_loader, load_tokenizer
     from minimax_train.parallel.data_parallel import is_sharded
     from minimax_train.parallel.mesh import ParallelMesh
-    from minimax_train.train.loop import build_engine, forward_backward
+    from minimax_train.train.engine import build_engine
+    from minimax_train.train.step import forward_backward
 
     job = compose_job(*overrides)
     mesh = ParallelMesh.from_env(job.parallel, device="cpu", model_cfg=job.model)

@@ -22,11 +22,14 @@ The slots:
     lightning_core(cfg, layer)      the decayed linear recurrence of one lightning layer (owns its decays)
     router(cfg), experts(cfg), dispatcher(cfg)   the MoE block's pieces
     aux_stats()                     reduces the load-balancing statistics over ranks sharing a row
+    share(cfg)                      ModelShare: which pieces of the network this rank builds (pipeline
+                                    parallelism builds only its stages' layers; default: all of it)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -198,6 +201,20 @@ class LocalLightningCore:
         return f"LocalLightningCore({self.decays})"
 
 
+@dataclass(frozen=True)
+class ModelShare:
+    """The pieces of the network a rank builds: decoder layers (None: all), the embedding, and the final
+    norm + lm_head. Parameter names are the whole model's whatever the share (model.layers.<i>.*)."""
+
+    layers: tuple[int, ...] | None = None
+    embedding: bool = True
+    head: bool = True
+
+    def is_whole(self, num_layers: int) -> bool:
+        full = self.layers is None or tuple(self.layers) == tuple(range(num_layers))
+        return full and self.embedding and self.head
+
+
 def _identity_stats(counts, prob_sum, rows):
     return counts, prob_sum, rows
 
@@ -250,6 +267,9 @@ class ModelParts:
     def aux_stats(self) -> Callable:
         return _identity_stats
 
+    def share(self, cfg: ModelConfig) -> ModelShare:
+        return ModelShare()
+
 
 __all__ = [
     "LINEAR_ROLES",
@@ -264,4 +284,5 @@ __all__ = [
     "DecayRates",
     "LocalLightningCore",
     "ModelParts",
+    "ModelShare",
 ]

@@ -19,7 +19,7 @@ from .config import FULL, ModelConfig
 from .init import InitSource, fill_parameters
 from .layers import PackedSequence
 from .moe import MoE, RouterOutput, load_balancing_loss, load_balancing_stats
-from .parts import ModelParts
+from .parts import ModelParts, ModelShare
 
 AC_MODES = ("none", "selective", "full")
 
@@ -90,23 +90,36 @@ class CausalLMOutput:
 
 
 class MiniMaxModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, parts: ModelParts):
+    """share (default: all of it) says which pieces this rank builds: a pipeline stage's rank holds only its
+    layers, in a ModuleDict keyed by the layer index, so parameter names stay model.layers.<i>.*."""
+
+    def __init__(self, cfg: ModelConfig, parts: ModelParts, share: ModelShare | None = None):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = parts.embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, parts) for i in range(cfg.num_hidden_layers))
-        self.norm = parts.residual_norm(cfg.hidden_size, cfg.rms_norm_eps)
+        share = share if share is not None else ModelShare()
+        n = cfg.num_hidden_layers
+        self.embed_tokens = parts.embedding(cfg.vocab_size, cfg.hidden_size) if share.embedding else None
+        if share.is_whole(n) or share.layers is None:
+            self.layers = nn.ModuleList(DecoderLayer(cfg, i, parts) for i in range(n))
+        else:
+            self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i, parts) for i in share.layers})
+        self.norm = parts.residual_norm(cfg.hidden_size, cfg.rms_norm_eps) if share.head else None
         # sums the load-balancing statistics over the ranks that split one micro-batch's tokens (context
         # parallelism), differentiably, so the aux loss equals the unsplit one
         self.aux_stats = parts.aux_stats()
 
-    def forward(self, input_ids: torch.Tensor, seq: PackedSequence):
-        x = self.embed_tokens(input_ids.reshape(-1))
+    def decoder_layers(self) -> dict[int, DecoderLayer]:
+        """The decoder layers this rank holds, by layer index."""
+        if isinstance(self.layers, nn.ModuleDict):
+            return {int(k): m for k, m in self.layers.items()}
+        return dict(enumerate(self.layers))
+
+    def run_layers(self, x, seq: PackedSequence, layers, counts, prob_sum, rows):
+        """x through `layers` in order, adding each layer's load-balancing statistics to (counts, prob_sum,
+        rows). Returns (x, counts, prob_sum, rows, [per-layer expert loads], dropped)."""
         e = self.config.num_local_experts
-        counts = x.new_zeros(e, dtype=torch.float32)
-        prob_sum = x.new_zeros(e, dtype=torch.float32)
-        rows, loads, dropped = 0, [], 0
-        for layer in self.layers:
+        loads, dropped = [], 0
+        for layer in layers:
             if layer.checkpoint_mode == "full" and torch.is_grad_enabled():
                 x, route, stats = checkpoint(layer, x, seq, use_reentrant=False)
             else:
@@ -115,9 +128,33 @@ class MiniMaxModel(nn.Module):
             counts, prob_sum, rows = counts + c, prob_sum + p, rows + r
             loads.append(stats["tokens_per_expert"])
             dropped = dropped + stats["dropped"]
+        return x, counts, prob_sum, rows, loads, dropped
+
+    def forward(self, input_ids: torch.Tensor, seq: PackedSequence):
+        x = self.embed_tokens(input_ids.reshape(-1))
+        e = self.config.num_local_experts
+        counts = x.new_zeros(e, dtype=torch.float32)
+        prob_sum = x.new_zeros(e, dtype=torch.float32)
+        x, counts, prob_sum, rows, loads, dropped = self.run_layers(x, seq, self.layers, counts, prob_sum, 0)
         counts, prob_sum, rows = self.aux_stats(counts, prob_sum, rows)
         aux = load_balancing_loss(counts, prob_sum, rows, e)
         return self.norm(x), aux, torch.stack(loads).detach(), dropped
+
+
+@dataclass
+class StageOutput:
+    """What one pipeline stage computed for one micro-batch. Not the last stage: the residual stream and the
+    running load-balancing statistics [counts (E), summed probs (E), rows (1)] for the next stage. The last
+    stage: this rank's summed token cross-entropy, loss tokens and the aux loss. Both: the expert loads of
+    its layers ([layers, E], detached, or None without layers) and the dropped assignments."""
+
+    hidden: torch.Tensor | None = None
+    stats: torch.Tensor | None = None
+    lm_loss_sum: torch.Tensor | None = None
+    num_loss_tokens: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
+    dropped_tokens: torch.Tensor | int = 0
 
 
 class MiniMaxForCausalLM(nn.Module):
@@ -127,9 +164,10 @@ class MiniMaxForCausalLM(nn.Module):
         super().__init__()
         parts = parts if parts is not None else ModelParts()
         self.config = cfg
-        self.model = MiniMaxModel(cfg, parts)
-        self.lm_head = parts.lm_head(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
+        self.share = parts.share(cfg)
+        self.model = MiniMaxModel(cfg, parts, self.share)
+        self.lm_head = parts.lm_head(cfg.hidden_size, cfg.vocab_size) if self.share.head else None
+        if cfg.tie_word_embeddings and self.share.embedding and self.share.head:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.loss_chunk_tokens = 0  # see set_memory_options
         if seed is not None:
@@ -156,12 +194,41 @@ class MiniMaxForCausalLM(nn.Module):
                 "moe_chunk_tokens needs moe_routing=dropless: capacity routing ranks every token of "
                 "the micro-batch together"
             )
-        for layer in self.model.layers:
+        for layer in self.model.decoder_layers().values():
             layer.checkpoint_mode = activation_checkpointing
             layer.moe_chunk_tokens = moe_chunk_tokens
         self.loss_chunk_tokens = loss_chunk_tokens
 
     # ---- forward ---------------------------------------------------------------------------------
+    def forward_stage(self, layer_ids, inputs, seq: PackedSequence, *, first: bool, last: bool, labels=None):
+        """One pipeline stage over one micro-batch: `inputs` is the input_ids [B, T] (first stage) or the
+        previous stage's (hidden, stats); then layers `layer_ids` (held by this rank) in order; the last stage
+        ends with the load-balancing loss, the final norm and the summed token cross-entropy of `labels`.
+        Chained over all stages it computes exactly what forward computes (same operations, same order)."""
+        inner = self.model
+        e = self.config.num_local_experts
+        if first:
+            x = inner.embed_tokens(inputs.reshape(-1))
+            counts = x.new_zeros(e, dtype=torch.float32)
+            prob_sum = x.new_zeros(e, dtype=torch.float32)
+            rows = x.new_zeros((), dtype=torch.float32)
+        else:
+            x, stats = inputs
+            counts, prob_sum, rows = stats[:e], stats[e : 2 * e], stats[2 * e]
+        held = inner.decoder_layers()
+        layers = [held[i] for i in layer_ids]
+        x, counts, prob_sum, rows, loads, dropped = inner.run_layers(x, seq, layers, counts, prob_sum, rows)
+        out = StageOutput(expert_load=torch.stack(loads).detach() if loads else None, dropped_tokens=dropped)
+        if not last:
+            out.hidden, out.stats = x, torch.cat([counts, prob_sum, rows.reshape(1)])
+            return out
+        counts, prob_sum, rows = inner.aux_stats(counts, prob_sum, rows)
+        out.aux_loss = load_balancing_loss(counts, prob_sum, rows, e)
+        flat = labels.reshape(-1)
+        out.lm_loss_sum = self.lm_head.loss_sum(inner.norm(x), flat, self.loss_chunk_tokens)
+        out.num_loss_tokens = (flat != -100).sum()
+        return out
+
     def forward(
         self,
         input_ids: torch.Tensor,

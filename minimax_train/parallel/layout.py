@@ -3,15 +3,18 @@ batch, before any process group exists. The config validation, the mesh, the par
 engine, the checkpoint tools and the planner all call `resolve_layout`, so a layout fails with the same
 message everywhere; every error names the key and lists the values that would work.
 
-Attention / dense layout (rank = (dp_i * cp + cp_i) * tp + tp_i, tp fastest):  world = dp x cp x tp
-Expert layout over the same ranks (rank = (edp_i * ep + ep_i) * etp + etp_i):   world = edp x ep x etp
+Pipeline stages are outermost: rank = pp_i * (world / pp) + (rank within the stage), and inside one stage
+Attention / dense layout (rank = (dp_i * cp + cp_i) * tp + tp_i, tp fastest):  world/pp = dp x cp x tp
+Expert layout over the same ranks (rank = (edp_i * ep + ep_i) * etp + etp_i):   world/pp = edp x ep x etp
 etp divides tp, so an expert-tensor-parallel group lies inside one tensor-parallel group; expert-parallel
-groups fold over cp first, then dp; edp replicates the experts."""
+groups fold over cp first, then dp; edp replicates the experts. Pipeline rules (schedules, the split of the
+layers into stages) live in pipeline_layout.py and are checked from here."""
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from minimax_train.errors import MinimaxError
 
@@ -38,12 +41,16 @@ class ParallelConfig:
     grad_sync: str = "step"  # fsdp2 with accumulation: reduce-scatter once per step | every micro-batch ("micro")
     backend: str = "auto"  # torch.distributed backend: auto = nccl on GPU, gloo on CPU
     timeout_min: int = 30  # collective timeout
+    pp: int = 1  # pipeline-parallel stages (ranks), outermost dimension
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b | interleaved_zb | zbv | dualpipev
+    pp_virtual_stages: int = 0  # model chunks per pp rank; 0 = the schedule's own (1, or 2 for multi-stage ones)
+    pp_split: Optional[list[int]] = field(default=None)  # first layer of stages 1..S-1 (None: balanced split)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        for key in ("tp", "cp", "ep", "etp", "moe_overlap_chunks", "timeout_min"):
+        for key in ("tp", "cp", "ep", "etp", "pp", "moe_overlap_chunks", "timeout_min"):
             v = getattr(self, key)
             if not isinstance(v, int) or v < 1:
                 raise ParallelConfigError(f"parallel.{key}: must be a positive integer, got {v!r}")
@@ -71,6 +78,9 @@ class ParallelConfig:
             raise ParallelConfigError(
                 f"parallel.etp={self.etp} must divide parallel.tp={self.tp}; valid: {_fmt(_divisors(self.tp))}"
             )
+        from .pipeline_layout import check_pipeline_config
+
+        check_pipeline_config(self)
 
 
 def _divisors(n: int) -> list[int]:
@@ -92,6 +102,12 @@ class Layout:
     ep: int
     etp: int
     edp: int
+    pp: int = 1
+
+    @property
+    def stage_world(self) -> int:
+        """Ranks of one pipeline stage (dp x cp x tp)."""
+        return self.world // self.pp
 
 
 def resolve_layout(cfg: ParallelConfig, world_size: int | None, model_cfg=None, train_cfg=None) -> Layout | None:
@@ -106,6 +122,10 @@ def resolve_layout(cfg: ParallelConfig, world_size: int | None, model_cfg=None, 
         check_model_split(cfg, model_cfg, world_size)
     if train_cfg is not None:
         check_batch_split(cfg, train_cfg)
+    if cfg.pp > 1:
+        from .pipeline_layout import check_pipeline_layout
+
+        check_pipeline_layout(cfg, model_cfg, train_cfg, None if layout is None else layout.dp)
     if layout is not None and model_cfg is not None and model_cfg.moe_routing == "capacity":
         if ep_token_replicas(layout, cfg) > 1:
             raise ParallelConfigError(
@@ -116,11 +136,17 @@ def resolve_layout(cfg: ParallelConfig, world_size: int | None, model_cfg=None, 
     return layout
 
 
-def _world_layout(cfg: ParallelConfig, w: int) -> Layout:
-    """dp and edp of `cfg` on w ranks, or ParallelConfigError when the world does not split that way."""
+def _world_layout(cfg: ParallelConfig, world: int) -> Layout:
+    """dp and edp of `cfg` on `world` ranks, or ParallelConfigError when the world does not split that way."""
+    if world % cfg.pp:
+        raise ParallelConfigError(
+            f"parallel.pp={cfg.pp} does not divide the world size {world}; valid: {_fmt(_divisors(world))}"
+        )
+    w = world // cfg.pp  # the ranks of one stage
+    where = f" (world {world} / pp {cfg.pp})" if cfg.pp > 1 else ""
     if w % cfg.tp:
         raise ParallelConfigError(
-            f"parallel.tp={cfg.tp} does not divide the world size {w}; valid: {_fmt(_divisors(w))}"
+            f"parallel.tp={cfg.tp} does not divide the world size {w}{where}; valid: {_fmt(_divisors(w))}"
         )
     if (w // cfg.tp) % cfg.cp:
         raise ParallelConfigError(
@@ -134,7 +160,8 @@ def _world_layout(cfg: ParallelConfig, w: int) -> Layout:
             f"parallel.ep={cfg.ep} does not divide dp*cp*(tp/etp)={ep_room} (dp {dp}, cp {cfg.cp}, tp {cfg.tp}, "
             f"etp {cfg.etp}); valid: {_fmt(_divisors(ep_room))}"
         )
-    return Layout(world=w, dp=dp, cp=cfg.cp, tp=cfg.tp, ep=cfg.ep, etp=cfg.etp, edp=w // (cfg.ep * cfg.etp))
+    edp = w // (cfg.ep * cfg.etp)
+    return Layout(world=world, dp=dp, cp=cfg.cp, tp=cfg.tp, ep=cfg.ep, etp=cfg.etp, edp=edp, pp=cfg.pp)
 
 
 def rank_groups(layout: Layout) -> dict[str, list[list[int]]]:
@@ -150,15 +177,16 @@ def rank_groups(layout: Layout) -> dict[str, list[list[int]]]:
             out.setdefault(key, []).append(r)
         return [sorted(v) for _, v in sorted(out.items())]
 
-    a = (layout.dp, layout.cp, layout.tp)
-    e = (layout.edp, layout.ep, layout.etp)
+    a = (layout.pp, layout.dp, layout.cp, layout.tp)
+    e = (layout.pp, layout.edp, layout.ep, layout.etp)
     return {
-        "dp": groups(a, 0),
-        "cp": groups(a, 1),
-        "tp": groups(a, 2),
-        "edp": groups(e, 0),
-        "ep": groups(e, 1),
-        "etp": groups(e, 2),
+        "pp": groups(a, 0),
+        "dp": groups(a, 1),
+        "cp": groups(a, 2),
+        "tp": groups(a, 3),
+        "edp": groups(e, 1),
+        "ep": groups(e, 2),
+        "etp": groups(e, 3),
     }
 
 
@@ -217,10 +245,10 @@ def check_batch_split(cfg: ParallelConfig, train_cfg) -> None:
 
 def check_deepspeed_layout(cfg: ParallelConfig) -> None:
     """The DeepSpeed engine does data parallelism only."""
-    bad = [f"{k}={getattr(cfg, k)}" for k in ("tp", "cp", "ep", "etp") if getattr(cfg, k) != 1]
+    bad = [f"{k}={getattr(cfg, k)}" for k in ("tp", "cp", "ep", "etp", "pp") if getattr(cfg, k) != 1]
     if bad:
         raise ParallelConfigError(
-            f"parallel.engine=deepspeed supports data parallelism only (tp=cp=ep=etp=1), got "
+            f"parallel.engine=deepspeed supports data parallelism only (tp=cp=ep=etp=pp=1), got "
             f"{', '.join(bad)}; use parallel.engine=fsdp2 for tensor/context/expert parallelism"
         )
     if cfg.zero_stage == 0:

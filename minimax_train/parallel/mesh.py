@@ -1,9 +1,10 @@
 """The process mesh: one object that knows every parallel dimension and owns the process groups.
 
+Pipeline stages outermost (rank = pp_i * world/pp + rank within the stage), then inside a stage
 Attention / dense layout (one DeviceMesh, rank = (dp_i * cp + cp_i) * tp + tp_i, tp fastest):
-    world = dp x cp x tp
+    world = pp x dp x cp x tp
 Expert layout (a second DeviceMesh over the same ranks, rank = (edp_i * ep + ep_i) * etp + etp_i):
-    world = edp x ep x etp
+    world = pp x edp x ep x etp
 etp must divide tp, so an expert-tensor-parallel group lies inside one attention tensor-parallel group;
 with etp == tp the expert-parallel groups fold over cp first, then dp; the remaining factor, edp,
 replicates experts and is the data-parallel dimension of the expert parameters. The rules live in
@@ -59,9 +60,10 @@ def process_group_teardown(device: torch.device | None = None):
 class ParallelMesh:
     """Coordinates of this rank in every dimension, the DeviceMeshes and the process groups.
 
-    Attributes: world_size, rank, local_rank, device, layout, {dp,cp,tp,ep,etp,edp}_size,
-    {dp,cp,tp,ep,etp,edp}_rank, {dp,cp,tp,ep,etp,edp}_group, dp_cp_group (the group dense gradients
-    are reduced over), device_mesh (dims dp, cp, tp), expert_mesh (dims edp, ep, etp).
+    Attributes: world_size, rank, local_rank, device, layout, {pp,dp,cp,tp,ep,etp,edp}_size,
+    {pp,dp,cp,tp,ep,etp,edp}_rank, {pp,dp,cp,tp,ep,etp,edp}_group, dp_cp_group (the group dense gradients
+    are reduced over), device_mesh (dims dp, cp, tp; pp, dp, cp, tp with pipeline parallelism), expert_mesh
+    (dims edp, ep, etp; pp first likewise).
     Groups and meshes are None in a single process."""
 
     def __init__(
@@ -79,24 +81,33 @@ class ParallelMesh:
         self.world_size, self.rank, self.local_rank, self.device = world_size, rank, local_rank, device
         self.layout = resolve_layout(cfg, world_size, model_cfg, train_cfg)
         L = self.layout
-        for name in ("dp", "cp", "tp", "ep", "etp", "edp"):
+        for name in ("pp", "dp", "cp", "tp", "ep", "etp", "edp"):
             setattr(self, f"{name}_size", getattr(L, name))
         # coordinates (row-major, last dim fastest)
+        self.pp_rank = rank // L.stage_world
         self.tp_rank = rank % L.tp
         self.cp_rank = (rank // L.tp) % L.cp
-        self.dp_rank = rank // (L.tp * L.cp)
+        self.dp_rank = (rank // (L.tp * L.cp)) % L.dp
         self.etp_rank = rank % L.etp
         self.ep_rank = (rank // L.etp) % L.ep
-        self.edp_rank = rank // (L.etp * L.ep)
+        self.edp_rank = (rank // (L.etp * L.ep)) % L.edp
         self.device_mesh = self.expert_mesh = self.dp_cp_mesh = None
-        self.dp_group = self.cp_group = self.tp_group = None
+        self.dp_group = self.cp_group = self.tp_group = self.pp_group = None
         self.ep_group = self.etp_group = self.edp_group = self.dp_cp_group = None
         if world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
             dtype = device.type
-            self.device_mesh = init_device_mesh(dtype, (L.dp, L.cp, L.tp), mesh_dim_names=("dp", "cp", "tp"))
-            self.expert_mesh = init_device_mesh(dtype, (L.edp, L.ep, L.etp), mesh_dim_names=("edp", "ep", "etp"))
+            pp = (L.pp,) if L.pp > 1 else ()  # no pp dimension without pipeline parallelism
+            pp_name = ("pp",) if L.pp > 1 else ()
+            self.device_mesh = init_device_mesh(
+                dtype, (*pp, L.dp, L.cp, L.tp), mesh_dim_names=(*pp_name, "dp", "cp", "tp")
+            )
+            self.expert_mesh = init_device_mesh(
+                dtype, (*pp, L.edp, L.ep, L.etp), mesh_dim_names=(*pp_name, "edp", "ep", "etp")
+            )
+            if L.pp > 1:
+                self.pp_group = self.device_mesh.get_group("pp")
             self.dp_group = self.device_mesh.get_group("dp")
             self.cp_group = self.device_mesh.get_group("cp")
             self.tp_group = self.device_mesh.get_group("tp")
@@ -186,9 +197,10 @@ class ParallelMesh:
 
     def describe(self) -> str:
         L = self.layout
+        pp = f"pp {L.pp} ({self.cfg.pp_schedule}) x " if L.pp > 1 else ""
         return (
-            f"world {L.world} = dp {L.dp} x cp {L.cp} x tp {L.tp}; experts: edp {L.edp} x ep {L.ep} x etp {L.etp}; "
-            f"device {self.device}"
+            f"world {L.world} = {pp}dp {L.dp} x cp {L.cp} x tp {L.tp}; experts: edp {L.edp} x ep {L.ep} x "
+            f"etp {L.etp}; device {self.device}"
         )
 
 

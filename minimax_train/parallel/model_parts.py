@@ -10,7 +10,7 @@ from torch.distributed.tensor import Shard
 
 from ..model.config import ModelConfig
 from ..model.moe import LocalDispatcher, Router
-from ..model.parts import DecayRates, Linear, LocalLightningCore, LocalSoftmaxCore, ModelParts, RMSNorm
+from ..model.parts import DecayRates, Linear, LocalLightningCore, LocalSoftmaxCore, ModelParts, ModelShare, RMSNorm
 from .context_parallel import CPStatsReducer
 from .lasp import LaspCore
 from .layout import experts_follow_tp, uses_expert_parallel
@@ -90,6 +90,16 @@ class ParallelParts(ModelParts):
 
     def aux_stats(self):
         return CPStatsReducer(self.cp_group) if self.cp_group else super().aux_stats()
+
+    # ---- pipeline parallelism: the layers of this rank's stages ----------------------------------------------
+    def share(self, cfg):
+        if self.mesh.layout.pp == 1:
+            return super().share(cfg)
+        from .pipeline_layout import pipeline_stages
+
+        mine = [s for s in pipeline_stages(self.pcfg, cfg.num_hidden_layers) if s.rank == self.mesh.pp_rank]
+        layers = tuple(sorted(i for s in mine for i in s.layers))
+        return ModelShare(layers, embedding=any(s.is_first for s in mine), head=any(s.is_last for s in mine))
 
     # ---- experts --------------------------------------------------------------------------------------------
     def router(self, cfg):

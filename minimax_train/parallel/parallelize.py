@@ -45,6 +45,8 @@ def build_model(
     layout's parts (default model_parts(mesh, cfg)), e.g. a subclass that changes one slot. partition: with
     fsdp=False, a function called on each module right after its own parameters are materialised and
     filled, which shards them (DeepSpeed ZeRO-3's zero.Init): the whole model then never exists on a rank."""
+    if mesh.layout.pp > 1:
+        raise ValueError("parallel.pp > 1 builds pipeline stages: use minimax_train.parallel.pipeline.build_pipeline")
     with torch.device("meta"):
         model = MiniMaxForCausalLM(cfg, parts if parts is not None else model_parts(mesh, cfg), seed=None)
     model.set_memory_options(**(memory or {}))

@@ -45,10 +45,12 @@ class MeasureSpec:
     docs_per_row: int = 2
     seed: int = 1234
     profile: bool = False  # also count tensor bytes with the profiler (exact in one process only)
+    pp: int = 1  # pipeline stages (parallel.pp), with parallel.pp_schedule
+    pp_schedule: str = "1f1b"
 
     @property
     def dp(self) -> int:
-        return self.world // self.tp
+        return self.world // (self.tp * self.pp)
 
 
 def _rss_bytes() -> int:
@@ -145,17 +147,29 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
     from minimax_train.model.init import InitSource
     from minimax_train.parallel.data_parallel import is_sharded
     from minimax_train.parallel.parallelize import build_model
-    from minimax_train.train.loop import TorchEngine, forward_backward
+    from minimax_train.train.engine import TorchEngine
     from minimax_train.train.optim import build_optimizer, clip_grad_norm
+    from minimax_train.train.step import forward_backward
 
     def marker():
         if mark:
             _mark()
 
     torch.manual_seed(spec.seed)
-    memory = dict(activation_checkpointing=spec.activation_checkpointing)  # as train.loop.build_model
-    model = build_model(cfg, mesh, InitSource(cfg, spec.seed), reduce_dtype=torch.float32, memory=memory)
-    optimizer, _ = build_optimizer(model, OptimConfig(), device=mesh.device, sharded=is_sharded(model))
+    memory = dict(activation_checkpointing=spec.activation_checkpointing)  # as train.engine.build_model
+    if mesh.layout.pp > 1:
+        from minimax_train.parallel.pipeline import build_pipeline
+        from minimax_train.train.engine import PipelineEngine
+
+        pipe = build_pipeline(cfg, mesh, InitSource(cfg, spec.seed), micro_batch_size=spec.micro_batch_size,
+                              seq_len=spec.seq_len, memory=memory)  # fmt: skip
+        model = pipe.owner
+        optimizer, _ = build_optimizer(model, OptimConfig(), device=mesh.device, sharded=mesh.dp_size > 1)
+        engine = PipelineEngine(pipe, optimizer, mesh)
+    else:
+        model = build_model(cfg, mesh, InitSource(cfg, spec.seed), reduce_dtype=torch.float32, memory=memory)
+        optimizer, _ = build_optimizer(model, OptimConfig(), device=mesh.device, sharded=is_sharded(model))
+        engine = TorchEngine(model, optimizer, spec.grad_sync)
     params = [p for p in model.parameters() if p.requires_grad]
     marker()
     losses = []
@@ -167,10 +181,10 @@ def _train_steps(cfg, spec: MeasureSpec, mesh, steps: int, mark: bool = False) -
             batches,
             mesh=mesh,
             coef=float(cfg.router_aux_loss_coef),
-            engine=TorchEngine(model, optimizer, spec.grad_sync),
+            engine=engine,
         )
         marker()
-        clip_grad_norm(params, 1.0)
+        clip_grad_norm(params, 1.0, group=mesh.pp_group)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         marker()
@@ -212,7 +226,9 @@ def measure_rank(model_cfg: dict, spec: MeasureSpec) -> dict[str, Any]:
     cfg = ModelConfig(**model_cfg)
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
-    pc = ParallelConfig(tp=spec.tp, sequence_parallel=spec.tp > 1, etp=spec.tp)
+    pc = ParallelConfig(
+        tp=spec.tp, sequence_parallel=spec.tp > 1, etp=spec.tp, pp=spec.pp, pp_schedule=spec.pp_schedule
+    )
     mesh = ParallelMesh(pc, world_size=world, rank=rank, local_rank=rank, device=torch.device("cpu"), model_cfg=cfg)
     _warm_up(cfg, spec, mesh)
     _reset_peak_rss()
@@ -307,6 +323,8 @@ def planner_estimate(model_cfg, spec: MeasureSpec):
     """The planner's Memory for a measured spec (CPU: fp32, reference kernels, foreach AdamW, FSDP2 over dp,
     experts with etp = tp, gradient sync once per step as the trainer)."""
     from minimax_train.model.config import ModelConfig
+    from minimax_train.parallel.layout import ParallelConfig
+    from minimax_train.parallel.pipeline_layout import virtual_stages
     from minimax_train.tools.planner import Layout, Workload, estimate_memory, gpu_spec
 
     cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
@@ -316,7 +334,7 @@ def planner_estimate(model_cfg, spec: MeasureSpec):
         cfg,
         seq_len=spec.seq_len,
         global_batch_tokens=spec.seq_len * spec.micro_batch_size * spec.accum * dp,
-        num_gpus=spec.world,
+        num_gpus=spec.world,  # pp x tp x dp
         gpu=cpu,
         precision="fp32",
         kernels="reference",
@@ -335,6 +353,9 @@ def planner_estimate(model_cfg, spec: MeasureSpec):
         ac=spec.activation_checkpointing,
         micro_batch_rows=spec.micro_batch_size,
         accum=spec.accum,
+        pp=spec.pp,
+        pp_schedule=spec.pp_schedule,
+        vpp=virtual_stages(ParallelConfig(pp_schedule=spec.pp_schedule)),
     )
     return estimate_memory(w, lay)
 

@@ -248,6 +248,8 @@ class CheckpointManager:
         tmp = self.root / (final.name + ".tmp")
         # an engine adapter (DeepSpeed) gives full-tensor state dicts in the same layout itself
         model_sd, optim_sd = model.get_state_dict() if optimizer is None else get_state_dict(model, optimizer)
+        if self.mesh.layout.pp > 1:
+            optim_sd = dict(optim_sd, param_groups=self._whole_param_groups(optim_sd["param_groups"]))
         bad = self.mesh.all_gather_object(first_nonfinite({"model": model_sd, "optim": optim_sd}))
         if any(bad):
             raise CheckpointError(
@@ -275,6 +277,17 @@ class CheckpointManager:
             self._publish(step, tmp, final)
         self.mesh.barrier()
         return final
+
+    def _whole_param_groups(self, groups: list) -> list:
+        """The optimiser's param groups naming every parameter of the model, not only this pipeline stage's:
+        DCP keeps one copy of a non-tensor entry, so every rank must write the same one (loading picks each
+        rank's parameters out of it by name, in any layout)."""
+        names = self.mesh.all_gather_object([list(g["params"]) for g in groups])
+        out = []
+        for i, g in enumerate(groups):
+            every = [n for rank in names for n in (rank[i] if i < len(rank) else [])]
+            out.append(dict(g, params=list(dict.fromkeys(every))))
+        return out
 
     def _write(self, step, tmp: Path, model_sd, optim_sd, meta, rank_state, config_yaml) -> None:
         import torch.distributed.checkpoint as dcp

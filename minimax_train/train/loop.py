@@ -5,44 +5,47 @@ Per optimiser step on every rank: take `accum` micro-batches, all-reduce the num
 data-parallel size, because FSDP averages gradients) plus coef * aux_loss / accum, clip, skip the
 update when the loss or gradient norm is not finite, step AdamW, all-reduce the step's statistics
 (second small all-reduce, which also carries the preemption flag), write metrics, evaluate and save
-when due. The same global batch therefore gives the same update in any data-parallel layout."""
+when due. The same global batch therefore gives the same update in any data-parallel layout.
+
+The pieces: train/setup.py (precision, init source, data), train/engine.py (model and engine),
+train/step.py (forward/backward of a step, evaluation), train/resume.py (resume and init_from),
+train/signals.py (preemption), train/metrics.py (records, console, W&B)."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import random
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from minimax_train.config import ConfigError, JobConfig, check_batch_layout, job_to_container, job_to_yaml
-from minimax_train.errors import MinimaxError, import_extra
-from minimax_train.model.config import RESUME_FIELDS, shape_mismatches
-from minimax_train.parallel.data_parallel import is_sharded, set_gradient_sync
+from minimax_train.config import JobConfig, check_batch_layout, job_to_container, job_to_yaml
+from minimax_train.errors import MinimaxError
 from minimax_train.parallel.mesh import ParallelMesh
-from minimax_train.train.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state
+from minimax_train.train.checkpoint import CheckpointManager, rng_state
+from minimax_train.train.engine import build_engine, seed_all
 from minimax_train.train.faults import Faults
 from minimax_train.train.metrics import (
     MetricsWriter,
     WandbLogger,
     format_duration,
     format_progress,
+    load_imbalance,
     max_memory_gb,
     peak_tflops,
 )
-from minimax_train.train.optim import build_optimizer, clip_grad_norm, set_lr
+from minimax_train.train.optim import set_lr
 from minimax_train.train.profiler import StepProfiler
+from minimax_train.train.resume import RunState, load_init_checkpoint, resume_latest
 from minimax_train.train.schedule import LRSchedule
+from minimax_train.train.setup import autocast_factory, build_data, resolve_init, use_bf16
+from minimax_train.train.signals import StopFlag
+from minimax_train.train.step import forward_backward, local_eval
 
 log = logging.getLogger("minimax_train.train")
 
@@ -66,305 +69,10 @@ class TrainResult:
     run_dir: str
 
 
-class StopFlag:
-    """SIGTERM / SIGUSR1 (slurm preemption, torchrun shutdown) -> save at the end of this step and exit."""
-
-    SIGNALS = ("SIGTERM", "SIGUSR1")
-
-    def __init__(self):
-        self.name: Optional[str] = None
-        self._old = {}
-
-    def _handler(self, signum, frame):
-        if self.name is None:
-            self.name = signal.Signals(signum).name
-            log.warning("received %s: will save a checkpoint after this step and exit", self.name)
-
-    def install(self):
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        _term_with_parent()
-        for s in self.SIGNALS:
-            sig = getattr(signal, s, None)
-            if sig is not None:
-                self._old[sig] = signal.signal(sig, self._handler)
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-
-def _term_with_parent() -> None:
-    """Under a bare torchrun, SIGUSR1 kills the agent (launch/torchrun.sh makes it immune) and would leave
-    its workers running orphaned: ask Linux for SIGTERM when our parent dies, so they save and exit."""
-    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    except (OSError, AttributeError):  # no prctl: the README says to use launch/torchrun.sh
-        pass
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_from_hf: Optional[str] = None):
-    """This rank's shards of the model, built on the meta device for the layout and filled from the
-    layout-independent init of train.seed (or, with init_from_hf, from the transformers checkpoint read by
-    slices); FSDP2 over dp unless DeepSpeed owns data parallelism (ZeRO-3: each module partitioned as soon as
-    it is filled)."""
-    from minimax_train.model.init import InitSource
-    from minimax_train.parallel.parallelize import build_model as build_for_layout
-
-    _seed_all(job.train.seed)  # data order and router jitter; the weights do not use the global RNG
-    if init_from_hf:
-        from minimax_train.hf import SafetensorsSource
-
-        source = SafetensorsSource(init_from_hf, job.model)
-        log.info("initialising from transformers weights in %s (each rank reads its own slices)", init_from_hf)
-    else:
-        source = InitSource(job.model, job.train.seed)
-    partition = None
-    if job.parallel.engine == "deepspeed" and job.parallel.zero_stage == 3:  # never whole on a rank
-        from minimax_train.parallel.deepspeed_engine import zero3_partitioner
-
-        partition = zero3_partitioner(job, bf16=bf16 and mesh.device.type == "cuda")
-    memory = dict(
-        activation_checkpointing=job.train.activation_checkpointing,
-        moe_chunk_tokens=job.train.moe_chunk_tokens,
-        loss_chunk_tokens=job.train.loss_chunk_tokens,
-    )
-    return build_for_layout(
-        job.model,
-        mesh,
-        source,
-        param_dtype=torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None,
-        reduce_dtype=torch.float32,
-        fsdp=job.parallel.engine != "deepspeed",  # DeepSpeed wraps it with its optimiser (build_engine)
-        memory=memory,
-        partition=partition,
-    )
-
-
-class TorchEngine:
-    """The default engine (FSDP2 or one process): plain autograd, our global-norm clip, the torch optimiser.
-    parallel.engine=deepspeed uses minimax_train.parallel.deepspeed_engine.DeepSpeedEngine, which has the
-    same methods."""
-
-    name = "fsdp2"
-
-    def __init__(self, model, optimizer, grad_sync: str = "step"):
-        self.model = self.module = model
-        self.optimizer = optimizer
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self.grad_sync = grad_sync
-
-    def micro_batch(self, index: int, last: bool) -> None:
-        # "step": FSDP keeps unsharded gradients across micro-batches and reduce-scatters once (less traffic);
-        # "micro": reduce-scatter after every micro-batch, only sharded gradients are kept (less memory)
-        set_gradient_sync(self.model, last or self.grad_sync == "micro")
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        return clip_grad_norm(self._params, max_norm)
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    @property
-    def lr_optimizer(self) -> torch.optim.Optimizer:
-        return self.optimizer
-
-    def set_batch(self, global_batch_size: int, accum: int) -> None:
-        pass  # the loop hands forward_backward `accum` micro-batches; nothing here counts them
-
-    def train(self):
-        self.model.train()
-
-    def close(self) -> None:
-        pass
-
-
-def build_engine(
-    job: JobConfig, mesh: ParallelMesh, *, accum: int, bf16: bool = False, init_from_hf: Optional[str] = None
-):
-    """(engine adapter, optimiser implementation name) for parallel.engine."""
-    if job.parallel.engine == "deepspeed":  # before the model is built
-        import_extra("deepspeed", "deepspeed", "parallel.engine=deepspeed")
-    model = build_model(job, mesh, bf16=bf16, init_from_hf=init_from_hf)
-    if job.parallel.engine == "deepspeed":
-        from minimax_train.parallel.deepspeed_engine import DeepSpeedEngine
-
-        # offloaded optimiser state lives on the host: step it with the CPU (foreach) AdamW
-        opt_device = torch.device("cpu") if job.parallel.offload_optimizer else mesh.device
-        optimizer, opt_impl = build_optimizer(model, job.optim, device=opt_device, sharded=True)
-        engine = DeepSpeedEngine(model, optimizer, job, mesh, accum=accum, bf16=bf16)
-        return engine, f"{opt_impl} in DeepSpeed ZeRO-{job.parallel.zero_stage}"
-    optimizer, opt_impl = build_optimizer(model, job.optim, device=mesh.device, sharded=is_sharded(model))
-    return TorchEngine(model, optimizer, job.parallel.grad_sync), opt_impl
-
-
-def check_init_checkpoint(init_from: str, model_cfg) -> Path:
-    """The checkpoint checkpoint.init_from names, after checking that its model has the current shapes
-    (CheckpointError listing the fields that differ); differences that keep the shapes (rope_theta, ...)
-    are logged."""
-    import dataclasses
-
-    from minimax_train.model.config import shape_mismatches
-    from minimax_train.train.checkpoint import CheckpointError, resolve_checkpoint, saved_model_config
-
-    path = resolve_checkpoint(init_from)
-    saved = saved_model_config(path)
-    bad = shape_mismatches(saved, model_cfg)
-    if bad:
-        raise CheckpointError(
-            f"checkpoint.init_from={init_from!r}: the model shapes differ from {path}'s ({'; '.join(bad)}); "
-            f"set these model.* fields as the checkpoint has them"
-        )
-    changed = [
-        f"{f.name}: {getattr(saved, f.name)!r} -> {getattr(model_cfg, f.name)!r}"
-        for f in dataclasses.fields(model_cfg)
-        if getattr(saved, f.name) != getattr(model_cfg, f.name)
-    ]
-    if changed:
-        log.info("checkpoint.init_from: model settings changed from %s: %s", path.name, "; ".join(changed))
-    return path
-
-
-def load_init_checkpoint(path, what: str, model, optimizer, optim_cfg, mesh: ParallelMesh) -> None:
-    """Weights (what="model") or weights and AdamW state ("model+optim") of checkpoint `path` into this run's
-    layout (DCP reshards); the optimiser's hyperparameters stay this run's (optim.*)."""
-    from minimax_train.train.checkpoint import load_model_and_optim
-    from minimax_train.train.optim import apply_hyperparameters
-
-    with_optim = what == "model+optim"
-    load_model_and_optim(Path(path), model, optimizer, no_dist=mesh.world_size == 1, with_optim=with_optim)
-    if with_optim:
-        apply_hyperparameters(optimizer if optimizer is not None else model.client_optimizer, optim_cfg)
-
-
-def _local_eval(model, loader, iters: int, device, autocast, mesh: ParallelMesh) -> torch.Tensor:
-    """[lm_loss_sum, loss tokens] over up to `iters` held-out micro-batches of this rank."""
-    acc = torch.zeros(2, dtype=torch.float64, device=device)
-    it = iter(loader)
-    model.eval()
-    with torch.no_grad():
-        for _ in range(iters):
-            try:
-                b = next(it).to(device, non_blocking=True)
-            except StopIteration:
-                break
-            with autocast():
-                out = model(**model_inputs(b, mesh))
-            acc[0] += out.lm_loss_sum.double()
-            acc[1] += out.num_loss_tokens.double()
-    model.train()
-    return acc
-
-
-def model_inputs(b, mesh: ParallelMesh) -> dict:
-    """Keyword arguments of the model for one micro-batch on this rank: with context parallelism, this
-    cp rank's zigzag share of every row (lm_loss_sum / num_loss_tokens then cover that share only)."""
-    if mesh.cp_size > 1:
-        from minimax_train.parallel.context_parallel import shard_batch
-
-        ids, labels, seq = shard_batch(b, mesh.cp_rank, mesh.cp_size)
-        return {"input_ids": ids, "labels": labels, "seq": seq}
-    return {"input_ids": b.input_ids, "labels": b.labels, "position_ids": b.position_ids, "cu_seqlens": b.cu_seqlens}
-
-
-def local_loss_tokens(b, mesh: ParallelMesh) -> int:
-    """Loss tokens this rank computes for micro-batch b (its cp share under context parallelism), so that
-    the sum over the dp x cp group is the global count."""
-    if mesh.cp_size > 1:
-        from minimax_train.parallel.cp_shard import zigzag_token_index
-
-        idx = zigzag_token_index(b.labels.shape[0], b.labels.shape[1], mesh.cp_rank, mesh.cp_size)
-        return int((b.labels.reshape(-1)[idx] != -100).sum())
-    return b.num_loss_tokens()
-
-
-@dataclass
-class ForwardBackward:
-    global_tokens: float  # loss tokens of the whole global batch (all dp ranks)
-    lm_sum: torch.Tensor  # this rank's summed token cross-entropy (fp64 scalar)
-    aux_sum: torch.Tensor  # this rank's summed per-micro-batch aux losses (fp64 scalar)
-    expert_load: torch.Tensor  # this rank's [layers, experts] token counts (fp64)
-
-
-def forward_backward(
-    model,
-    batches,
-    *,
-    mesh: ParallelMesh,
-    autocast=contextlib.nullcontext,
-    coef: float,
-    inject_nan: bool = False,
-    engine=None,
-) -> ForwardBackward:
-    """Accumulate the gradient of one optimiser step's share of this rank: `batches` are its micro-batches.
-
-    The gradient (after FSDP's average over the dp group) is that of
-        sum(token CE over the global batch) / global loss tokens + coef * mean(aux loss over all micro-batches)
-    so any split of the same global rows over ranks and micro-batches gives the same update. `engine`
-    (TorchEngine by default) owns the gradient-sync switch and backward (DeepSpeed: engine.backward)."""
-    if engine is None:
-        engine = TorchEngine(model, None)
-    device = mesh.device
-    accum = len(batches)
-    ntok = torch.tensor([sum(local_loss_tokens(b, mesh) for b in batches)], dtype=torch.float64, device=device)
-    mesh.all_reduce(ntok, group=mesh.dp_cp_group)
-    global_tokens = max(float(ntok.item()), 1.0)
-    scale = float(mesh.grad_reduce_size)  # FSDP / DeepSpeed average gradients over this many ranks
-    lm_sum = torch.zeros((), dtype=torch.float64, device=device)
-    aux_sum = torch.zeros((), dtype=torch.float64, device=device)
-    load = None
-    for i, b in enumerate(batches):
-        b = b.to(device, non_blocking=True)
-        engine.micro_batch(i, i == accum - 1)
-        with autocast():
-            out = model(**model_inputs(b, mesh))
-        loss_mb = out.lm_loss_sum.float() * (scale / global_tokens) + (coef / accum) * out.aux_loss.float()
-        if inject_nan:
-            loss_mb = loss_mb * float("nan")
-        engine.backward(loss_mb)
-        lm_sum += out.lm_loss_sum.detach().double()
-        aux_sum += out.aux_loss.detach().double()
-        el = out.expert_load.detach().double()
-        load = el if load is None else load + el
-    if inject_nan:
-        lm_sum += float("nan")
-    return ForwardBackward(global_tokens, lm_sum, aux_sum, load)
-
-
-def _same_model(path: Path, saved: JobConfig, job: JobConfig) -> None:
-    """Resume only into the model the checkpoint was trained as (the layout may differ)."""
-    diff = shape_mismatches(saved.model, job.model, RESUME_FIELDS)
-    if diff:
-        raise CheckpointError(
-            f"checkpoint {path} holds another model than this run's ({', '.join(diff)}, as checkpoint -> run): "
-            f"resume it with the checkpoint's model settings, or start a new run in another checkpoint.dir"
-        )
-
-
 def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
     """Run (or resume) the job. Collective: every rank of a torchrun job calls it. `run_dir` is rank 0's
     output directory (other ranks receive it)."""
-    from minimax_train.data import DataError, build_loader, load_tokenizer
+    from minimax_train.data import load_tokenizer
 
     faults = Faults(rank=int(os.environ.get("RANK", "0")))
     stop = StopFlag()
@@ -390,12 +98,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         G = ramp.rows_at(0)
         accum = check_batch_layout(job.train, dp, G)
         device = mesh.device
-        bf16 = job.train.precision == "bf16" or (job.train.precision == "auto" and device.type == "cuda")
-
-        def autocast():
-            if not bf16:
-                return contextlib.nullcontext()
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        bf16 = use_bf16(job, device)
+        autocast = autocast_factory(bf16, device)
 
         # ---- checkpoints: where, and is there one to resume -------------------------------------------------
         ckpt_root = Path(job.checkpoint.dir) if job.checkpoint.dir else run_dir / "checkpoints"
@@ -408,57 +112,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
 
         # ---- data (before the model: data errors surface before any heavy work) ------------------------------
         tokenizer = load_tokenizer(job.data)
-        init_hf = job.checkpoint.init_from_hf if not resume_from else None
-        init_ckpt = None
-        if job.checkpoint.init_from and not resume_from:  # a restarted continuation resumes from its own
-            init_ckpt = mesh.broadcast_object(str(check_init_checkpoint(job.checkpoint.init_from, job.model)))
-        if job.checkpoint.init_from_hf:  # the model is the HF one, also when resuming (its weights: only when not)
-            from minimax_train.hf import read_hf_config
-
-            hf_cfg = read_hf_config(job.checkpoint.init_from_hf)
-            if hf_cfg != job.model:
-                log.warning(
-                    "checkpoint.init_from_hf: the model config comes from %s (it differs from model.*)",
-                    job.checkpoint.init_from_hf,
-                )
-                job.model = hf_cfg
-                from minimax_train.parallel.layout import resolve_layout
-
-                resolve_layout(job.parallel, mesh.world_size, job.model, job.train)  # the layout vs the HF shapes
-        if len(tokenizer) > job.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size={job.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({len(tokenizer)} tokens, data.tokenizer={job.data.tokenizer!r})"
-            )
-        loader_kw = dict(
-            seq_len=T,
-            micro_batch_size=job.train.micro_batch_size,
-            dp_rank=mesh.dp_rank,
-            dp_size=dp,
-            seed=job.train.seed,
-        )
-        train_loader = build_loader(job.data, tokenizer, split="train", **loader_kw)
-        for src in train_loader.stats["sources"]:
-            if src["max_token_id"] is not None and src["max_token_id"] >= job.model.vocab_size:
-                raise DataError(
-                    f"{src['label']}: holds token id {src['max_token_id']}, outside model.vocab_size="
-                    f"{job.model.vocab_size}: it was tokenised with another tokenizer, or raise model.vocab_size"
-                )
-            log.info(
-                "data %s: %s documents, %d malformed records skipped",
-                src["label"],
-                src["documents"],
-                src["bad_records"],
-            )
-        valid_loader = None
-        if job.train.eval_interval > 0:
-            try:
-                valid_loader = build_loader(job.data, tokenizer, split="valid", **loader_kw)
-            except DataError as e:
-                raise DataError(
-                    f"{e} (validation: train.eval_interval={job.train.eval_interval}; set "
-                    f"train.eval_interval=0 to train without a held-out split)"
-                ) from None
+        init_hf, init_ckpt = resolve_init(job, mesh, resume_from)
+        train_loader, valid_loader = build_data(job, mesh, tokenizer)
 
         # ---- model and optimiser -----------------------------------------------------------------------------
         engine, opt_impl = build_engine(job, mesh, accum=accum, bf16=bf16, init_from_hf=init_hf)
@@ -473,7 +128,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         n_params = count_params(job.model)
 
         # ---- resume, or a new run from another run's checkpoint -----------------------------------------------
-        step, tokens, skipped, consecutive, wandb_id = 0, 0, 0, 0, None
+        state = RunState()
         if init_ckpt:
             t0 = time.perf_counter()
             load_init_checkpoint(init_ckpt, job.checkpoint.init_load, ckpt_model, ckpt_optim, job.optim, mesh)
@@ -484,19 +139,24 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 time.perf_counter() - t0,
             )
         if resume_from:
-            t0 = time.perf_counter()
-            loaded = manager.load_latest(ckpt_model, ckpt_optim, check_job=lambda p, saved: _same_model(p, saved, job))
-            resume_from, meta, mine, blob = str(loaded[0]), *loaded[1:]
-            step, tokens = int(meta["step"]), int(meta["tokens"])
-            skipped, consecutive = int(meta["skipped_steps"]), int(meta["consecutive_nonfinite"])
-            wandb_id = meta.get("wandb_run_id")
-            train_loader.load_state_dict(meta["data"])
-            if mine is not None:
-                set_rng_state(mine["rng"])
-            else:
-                log.warning("world size changed (%d -> %d): RNG streams reseeded", blob["world_size"], mesh.world_size)
-                _seed_all(job.train.seed + 1000003 * step)  # same on every rank, as at the start (TP ranks must agree)
-            log.info("resumed from %s (step %d, %.2fs)", resume_from, step, time.perf_counter() - t0)
+            # a changed world reseeds, the same on every rank, as at the start (TP ranks must agree)
+            state = resume_latest(
+                manager,
+                ckpt_model,
+                ckpt_optim,
+                job,
+                mesh,
+                train_loader,
+                reseed=lambda at: seed_all(job.train.seed + 1000003 * at),
+            )
+            resume_from = state.resumed_from
+        step, tokens, skipped, consecutive, wandb_id = (
+            state.step,
+            state.tokens,
+            state.skipped,
+            state.consecutive,
+            state.wandb_id,
+        )
         if step >= job.train.steps:
             log.info("checkpoint step %d >= train.steps=%d: nothing to do", step, job.train.steps)
         schedule = LRSchedule(job.optim, job.train.steps, ramp)
@@ -587,6 +247,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             flags = torch.tensor([0.0 if stop.name is None else 1.0], dtype=torch.float64, device=device)
             if mesh.layout.tp > 1:
                 mesh.all_reduce(flags, group=mesh.tp_group, op=dist.ReduceOp.MAX)
+            if mesh.layout.pp > 1:  # the pipeline stages' statistics are already summed (train/step.py)
+                mesh.all_reduce(flags, group=mesh.pp_group, op=dist.ReduceOp.MAX)
             stats = torch.cat([lm_sum.view(1), aux_sum.view(1), flags, load.flatten()])
             mesh.all_reduce(stats, group=grad_group)
             gn = float(grad_norm.item())
@@ -631,9 +293,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             else:
                 last_loss = loss
 
-            load2 = stats[3:].view(load.shape)
-            mean = load2.mean(dim=1).clamp(min=1e-9)
-            imbalance = float((load2.max(dim=1).values / mean).max().item())
+            imbalance = load_imbalance(stats[3:].view(load.shape))
             tps = G * T / dt
             tflops = flops_per_token * tps / mesh.world_size / 1e12
             rec: dict[str, Any] = {
@@ -657,7 +317,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             }
             rec.update(train_loader.step_metrics())
             if valid_loader is not None and (step % job.train.eval_interval == 0 or step == job.train.steps):
-                acc = _local_eval(model, valid_loader, job.train.eval_iters, device, autocast, mesh)
+                pipeline = getattr(engine, "pipeline", None)
+                acc = local_eval(model, valid_loader, job.train.eval_iters, device, autocast, mesh, pipeline)
                 mesh.all_reduce(acc, group=grad_group)
                 rec["val_loss"] = float(acc[0] / acc[1].clamp(min=1)) if acc[1] > 0 else None
                 rec["val_tokens"] = int(acc[1])  # loss tokens behind val_loss, over all ranks

@@ -36,6 +36,12 @@ def max_memory_gb(device: torch.device) -> float:
     return kb * (1 if sys.platform == "darwin" else 1024) / 1e9
 
 
+def load_imbalance(load: torch.Tensor) -> float:
+    """max over layers of (the busiest expert's tokens / the mean per expert), from [layers, experts] counts."""
+    mean = load.mean(dim=1).clamp(min=1e-9)
+    return float((load.max(dim=1).values / mean).max().item())
+
+
 def _finite_or_none(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else ("inf" if x > 0 else "-inf")

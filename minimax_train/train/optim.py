@@ -126,18 +126,19 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, group=None) -> torch.Tensor:
     """Global L2 norm of the gradients, accumulated in float64 (fp32 reductions over millions of elements
     are off by ~1e-5 relative on CPU), then clip to max_norm (inf: no clipping). Works for plain tensors
     and DTensors (FSDP2 shards, later TP): squares of local shards are summed per set of sharded mesh
     dimensions and all-reduced once per such set, so replicated dimensions are not double counted.
+    `group` (pipeline stages): ranks holding other parameters, whose squares are summed in too.
     Returns the pre-clip norm (fp64 scalar on the gradients' device)."""
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if not grads and group is None:
         return torch.zeros((), dtype=torch.float64)
-    device = _local(grads[0]).device
+    device = _local(grads[0]).device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     total = torch.zeros((), dtype=torch.float64, device=device)
     buckets: dict[tuple, list] = {}
     for g in grads:
@@ -156,6 +157,8 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
         for d in dims:
             dist.all_reduce(acc, group=mesh.get_group(d))
         total += acc
+    if group is not None:
+        dist.all_reduce(total, group=group)
     norm = total.sqrt()
     if math.isfinite(max_norm):
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from minimax_train.parallel.pipeline_layout import SCHEDULES
 from minimax_train.tools.planner.hardware import GPU_KINDS, gpu_spec
 from minimax_train.tools.planner.inputs import Assumptions, PlanError, Workload
 from minimax_train.tools.planner.memory import GiB, capacity_bytes
@@ -97,6 +98,17 @@ def build_parser():
         "or both (default)",
     )
     c.add_argument("--no-offload", action="store_true", help="skip deepspeed optimizer-offload layouts")
+    c.add_argument(
+        "--pp",
+        default="1",
+        help="pipeline stages: a number, or auto to enumerate every divisor of the GPUs up to the layers "
+        "(default %(default)s)",
+    )
+    c.add_argument(
+        "--pp-schedule",
+        default="1f1b",
+        help="pipeline schedules to consider when pp > 1, e.g. 1f1b,interleaved_1f1b,zbv (default %(default)s)",
+    )
     c.add_argument("--micro-batch", type=int, help="rows per micro-batch")
     c.add_argument("--max-tp", type=int, help="largest tp to enumerate (default: GPUs per node)")
     s = ap.add_argument_group("assumptions")
@@ -197,6 +209,8 @@ def main(argv=None) -> int:
             micro_batch_rows=args.micro_batch,
             max_tp=args.max_tp,
             offload=(False,) if args.no_offload else (False, True),
+            pp=None if args.pp == "auto" else parse_count(args.pp, "--pp"),
+            pp_schedules=_csv(args.pp_schedule, tuple(SCHEDULES), "--pp-schedule"),
         )
         r = plan(w, a, c, top=args.top)
     except USER_ERRORS as e:

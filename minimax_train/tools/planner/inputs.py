@@ -94,6 +94,9 @@ class Layout:
     micro_batch_rows: int
     accum: int
     offload: bool = False  # deepspeed only: optimiser state and step on the host (parallel.offload_optimizer)
+    pp: int = 1  # pipeline stages (ranks); tp x cp x dp are then the ranks of one stage
+    pp_schedule: str = "1f1b"
+    vpp: int = 1  # model chunks (virtual stages) per pp rank
 
     @property
     def sequence_parallel(self) -> bool:
@@ -103,8 +106,9 @@ class Layout:
         return "fsdp2" if self.engine == "fsdp2" else f"ds-z{self.zero_stage}" + ("-offload" if self.offload else "")
 
     def short(self) -> str:
+        pp = f"pp{self.pp}-{self.pp_schedule}{f'-v{self.vpp}' if self.vpp > 1 else ''} " if self.pp > 1 else ""
         return (
-            f"tp{self.tp} cp{self.cp} dp{self.dp} ep{self.ep} etp{self.etp} {self.engine_label()} "
+            f"{pp}tp{self.tp} cp{self.cp} dp{self.dp} ep{self.ep} etp{self.etp} {self.engine_label()} "
             f"sync-{self.grad_sync} ac-{self.ac} mb{self.micro_batch_rows}x{self.accum}"
         )
 
@@ -124,5 +128,9 @@ class Layout:
                 parts.append("parallel.offload_optimizer=true")
         elif self.grad_sync == "micro":
             parts.append("parallel.grad_sync=micro")
+        if self.pp > 1:
+            parts += [f"parallel.pp={self.pp}", f"parallel.pp_schedule={self.pp_schedule}"]
+            if self.vpp > 1 and self.pp_schedule.startswith("interleaved"):
+                parts.append(f"parallel.pp_virtual_stages={self.vpp}")
         parts.append(f"train.activation_checkpointing={self.ac}")
         return " ".join(parts)

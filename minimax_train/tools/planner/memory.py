@@ -64,6 +64,11 @@ one layer's fp32 gradients; deepspeed ZeRO 1/2 its gradient-reduction and parame
 (5e8 elements each, DeepSpeed's defaults, bf16; at most the local parameters); ring attention's two
 visiting K/V chunks; expert all-to-all send/receive buffers of one layer.
 
+Pipeline parallelism (pp > 1, planner/pipeline.py): every pp rank holds its layers' share of the dense and
+expert parameters, the embedding on the first stage's rank, the lm_head + final norm on the last's; its saved
+activations are those of its layers times the micro-batches in flight on it (the schedule's), the loss working
+set only where the head is. The reported memory is the largest over the pp ranks.
+
 The optimiser step: torch's foreach AdamW (CPU) allocates one temporary of the local optimiser shard
 (4 B per element); fused AdamW (GPU) none. The reported total is parameters + gradients + optimiser
 state + max(peak activations + communication buffers, the step's temporary); it fits when it is at most
@@ -174,17 +179,20 @@ def activation_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None)
     kinds = [(layer_lin, lin, lin_bwd)] * bool(s.n_lin) + [(layer_full, full, full_bwd)] * bool(s.n_full)
     if lay.ac == "none":
         saved = layers + final + meta
-        working = max([loss_ws, moe_bwd] + [bwd for _, _, bwd in kinds])
+        working_layers = max([moe_bwd] + [bwd for _, _, bwd in kinds])
     elif lay.ac == "full":  # layer inputs kept; one layer recomputed and back-propagated at a time
         saved = s.L * t_res * A * h + final + meta
-        working = max([loss_ws] + [layer + max(bwd, moe_bwd) for layer, _, bwd in kinds])
+        working_layers = max(layer + max(bwd, moe_bwd) for layer, _, bwd in kinds)
     else:  # selective: attention internals dropped, recomputed one layer at a time
         dropped = s.n_lin * (lin - t * A * h) + s.n_full * (full - t * A * h)
         saved = layers - dropped + final + meta
-        working = max([loss_ws, moe_bwd] + [attn - t * A * h + bwd for _, attn, bwd in kinds])
+        working_layers = max([moe_bwd] + [attn - t * A * h + bwd for _, attn, bwd in kinds])
+    working = max(loss_ws, working_layers)
     return {
         "saved": saved,
         "working": working,
+        "working_layers": working_layers,
+        "meta": meta,
         "peak": saved + working,
         "layers": layers,
         "final": final,
@@ -197,11 +205,37 @@ def activation_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None)
 
 
 def estimate_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> Memory:
+    """Memory of the busiest GPU (with pp > 1: of the pp rank whose total is largest)."""
+    if lay.pp == 1:
+        return _estimate_rank(w, lay, a)
+    from minimax_train.tools.planner.pipeline import in_flight, rank_shares
+
+    shares = w.cached(
+        ("pp_shares", lay.pp, lay.pp_schedule, lay.vpp),
+        lambda: rank_shares(w.model.num_hidden_layers, lay.pp, lay.pp_schedule, lay.vpp),
+    )
+    best = None
+    for sh in shares:
+        mem = _estimate_rank(w, lay, a, sh, in_flight(lay.pp_schedule, lay.pp, lay.accum, lay.vpp, sh.rank))
+        mem.detail["pp_rank"] = sh.rank
+        if best is None or mem.total > best.total:
+            best = mem
+    return best
+
+
+def _estimate_rank(w: Workload, lay: Layout, a: Optional[Assumptions] = None, share=None, flight=1.0) -> Memory:
     a = a or Assumptions()
     ps = w.cached(("split", lay.tp, lay.ep, lay.etp), lambda: parameter_split(w.model, lay.tp, lay.ep, lay.etp))
     dpc, edp = lay.dp * lay.cp, lay.edp
     pb, gb, ob, p_sh, g_sh, o_sh = _bytes_per_param(w, lay)
     dense, experts = ps["dense_local"], ps["experts_local"]
+    root = ps["root_local"]
+    if share is not None:  # this pp rank's layers, and the embedding / head if it holds them
+        frac = share.layers / w.model.num_hidden_layers
+        emb = w.model.vocab_size * w.model.hidden_size / lay.tp
+        dense = (dense - root) * frac + (emb if share.embedding else 0.0) + ((root - emb) if share.head else 0.0)
+        experts = experts * frac
+        root = (emb if share.embedding else 0.0) + ((root - emb) if share.head else 0.0)
 
     def shard(x_dense, x_exp, sharded):
         return x_dense / dpc + x_exp / edp if sharded else x_dense + x_exp
@@ -215,11 +249,18 @@ def estimate_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -
     if lay.offload:  # fp32 master + Adam moments (and the step) live on the host
         host, optim = optim, 0.0
     act = activation_memory(w, lay, a)
+    peak_act = act["peak"]
+    if share is not None:
+        layers_saved = act["saved"] - act["final"] - act["meta"]
+        frac = share.layers / w.model.num_hidden_layers
+        saved = layers_saved * frac * flight + act["meta"] + (act["final"] * flight if share.head else 0.0)
+        working = max(act["working_layers"] if share.layers else 0.0, act["loss_working"] if share.head else 0.0)
+        peak_act = saved + working
     comp = w.act_bytes
     layer_local = ps["layer_dense_local"] + ps["layer_experts_local"]
     comm = 0.0
     if p_sh and (dpc > 1 or edp > 1):  # all-gathered root + two layers, reduce-scatter staging of one layer
-        comm += comp * (ps["root_local"] + 2 * layer_local) + 4.0 * layer_local
+        comm += comp * (root + 2 * layer_local) + 4.0 * layer_local
     elif lay.engine == "deepspeed":
         comm += 2 * 2.0 * min(DS_BUCKET_ELEMS, dense + experts)
     s = w.cached("shapes", lambda: ModelShapes.of(w.model))
@@ -234,11 +275,11 @@ def estimate_memory(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -
         params,
         grads,
         optim,
-        act["peak"],
+        peak_act,
         comm,
         temp,
         detail={
-            "activations_saved": act["saved"],
+            "activations_saved": act["saved"] if share is None else saved,
             "activations_working": act["working"],
             "params_local_unsharded": dense + experts,
             "host_optimizer_bytes": host,

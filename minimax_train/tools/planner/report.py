@@ -52,8 +52,12 @@ def format_plan(i: int, p: Plan) -> str:
         else f"deepspeed ZeRO-{L.zero_stage}" + (" + optimizer offload" if L.offload else "")
     )
     x = t.exposed
+    pp = ""
+    if L.pp > 1:
+        chunks = f", {L.vpp} chunks per rank" if L.vpp > 1 else ""
+        pp = f"pp {L.pp} ({L.pp_schedule}{chunks}, bubble {t.bubble:.1%}, worst stage rank {m.detail.get('pp_rank', 0)}) x "
     lines = [
-        f"#{i} tp {L.tp} (SP {'on' if L.tp > 1 else 'off'}) x cp {L.cp} x dp {L.dp} | experts: ep {L.ep} x etp {L.etp} "
+        f"#{i} {pp}tp {L.tp} (SP {'on' if L.tp > 1 else 'off'}) x cp {L.cp} x dp {L.dp} | experts: ep {L.ep} x etp {L.etp} "
         f"x edp {L.edp} | {engine}{sync} | activation checkpointing {L.ac} | micro-batch {L.micro_batch_rows} "
         f"row(s) x {L.accum} accumulation",
         f"   memory/GPU GiB: parameters {_g(m.parameters)} + gradients {_g(m.gradients)} + optimizer {_g(m.optimizer)} "
@@ -65,6 +69,7 @@ def format_plan(i: int, p: Plan) -> str:
         f"   step {t.step:.2f} s = compute {t.compute:.2f} + exposed comm: tp {x['tp']:.2f}, cp {x['cp']:.2f}, "
         f"ep {x['ep']:.2f}, dp {x['dp']:.2f}"
         + (f", offload {x['offload']:.2f}" if L.offload else "")
+        + (f", pp p2p {x['pp']:.2f}, pp bubble {x['pp_bubble']:.2f}" if L.pp > 1 else "")
         + f" (totals tp {t.tp:.2f}, cp {t.cp:.2f}, ep {t.ep:.2f}, dp {t.dp:.2f}); "
         f"MFU {t.mfu:.1%}, {t.tokens_per_s:,.0f} tokens/s, {t.model_tflops_per_gpu:.0f} model TFLOP/s per GPU",
         f"   overrides: {L.overrides()}",

@@ -48,6 +48,8 @@ class Constraints:
     offload: tuple = (False, True)  # deepspeed optimiser offload off / on
     micro_batch_rows: Optional[int] = None
     max_tp: Optional[int] = None  # default: gpus_per_node
+    pp: Optional[int] = 1  # pipeline stages; None: enumerate (every divisor of the GPUs up to the layers)
+    pp_schedules: tuple = ("1f1b",)  # schedules to consider when pp > 1
 
 
 def _divisors(n: int) -> list[int]:
@@ -55,7 +57,15 @@ def _divisors(n: int) -> list[int]:
 
 
 def layout_error(
-    w: Workload, tp: int, cp: int, ep: int, etp: int, engine: str = "fsdp2", zero_stage: int = 3
+    w: Workload,
+    tp: int,
+    cp: int,
+    ep: int,
+    etp: int,
+    engine: str = "fsdp2",
+    zero_stage: int = 3,
+    pp: int = 1,
+    pp_schedule: str = "1f1b",
 ) -> Optional[str]:
     """Why this layout cannot run (the trainer's messages), or None."""
     from minimax_train.parallel.mesh import ParallelConfig, ParallelConfigError, resolve_layout
@@ -70,6 +80,8 @@ def layout_error(
             sequence_parallel=tp > 1,
             engine=engine,
             zero_stage=zero_stage if engine == "deepspeed" else 1,
+            pp=pp,
+            pp_schedule=pp_schedule,
         )
         lay = resolve_layout(pc, w.num_gpus, cfg)
     except ParallelConfigError as e:
@@ -83,14 +95,31 @@ def layout_error(
     if w.rows % lay.dp:
         return (
             f"the global batch has {w.rows} rows of {w.seq_len} tokens, not divisible by dp={lay.dp} "
-            f"(world {w.num_gpus} / (tp {tp} x cp {cp})): raise the batch or use more tp/cp"
+            f"(world {w.num_gpus} / (pp {pp} x tp {tp} x cp {cp})): raise the batch or use more tp/cp"
         )
     return None
 
 
 def enumerate_layouts(w: Workload, c: Optional[Constraints] = None) -> Iterable[Layout]:
     c = c or Constraints()
-    N = w.num_gpus
+    if c.pp is not None:
+        pps = [c.pp]
+    else:
+        pps = [x for x in _divisors(w.num_gpus) if x <= w.model.num_hidden_layers]
+    for pp in pps:
+        for sched in c.pp_schedules if pp > 1 else ("1f1b",):
+            yield from _stage_layouts(w, c, pp, sched)
+
+
+def _stage_layouts(w: Workload, c: Constraints, pp: int, sched: str) -> Iterable[Layout]:
+    """The layouts of one pp degree and schedule: tp x cp x dp over the ranks of a stage."""
+    from minimax_train.parallel.layout import ParallelConfig, ParallelConfigError
+    from minimax_train.parallel.pipeline_layout import check_microbatches, virtual_stages
+
+    if w.num_gpus % pp:
+        return
+    N = w.num_gpus // pp
+    vpp = virtual_stages(ParallelConfig(pp_schedule=sched))
     max_tp = c.max_tp or w.gpu.gpus_per_node
     tps = [c.tp] if c.tp else [x for x in _divisors(N) if x <= max_tp]
     for tp in tps:
@@ -110,7 +139,7 @@ def enumerate_layouts(w: Workload, c: Optional[Constraints] = None) -> Iterable[
                     else []
                 )
                 for ep in eps:
-                    if layout_error(w, tp, cp, ep, etp) is not None:
+                    if layout_error(w, tp, cp, ep, etp, pp=pp, pp_schedule=sched) is not None:
                         continue
                     edp = N // (ep * etp)
                     rows_per_dp = w.rows // dp
@@ -119,20 +148,28 @@ def enumerate_layouts(w: Workload, c: Optional[Constraints] = None) -> Iterable[
                         if mb < 1 or rows_per_dp % mb:
                             continue
                         accum = rows_per_dp // mb
+                        if pp > 1:
+                            try:
+                                check_microbatches(ParallelConfig(pp=pp, pp_schedule=sched), accum, "the batch")
+                            except ParallelConfigError:
+                                continue
                         for engine, stage in ENGINE_STAGES:
                             if engine not in c.engines or (
                                 engine == "deepspeed" and c.zero_stages and stage not in c.zero_stages
                             ):
                                 continue
-                            if engine == "deepspeed" and (tp, cp, ep, etp) != (1, 1, 1, 1):
+                            if engine == "deepspeed" and (tp, cp, ep, etp, pp) != (1, 1, 1, 1, 1):
                                 continue  # the DeepSpeed engine is data parallel only
-                            syncs = ("step", "micro") if (accum > 1 and stage == 3) else ("step",)
+                            syncs = ("step", "micro") if (accum > 1 and stage == 3 and pp == 1) else ("step",)
                             offloads = c.offload if engine == "deepspeed" else (False,)
                             for sync, off in itertools.product(syncs, offloads):
                                 if sync not in c.grad_sync:
                                     continue
                                 for ac in c.ac or AC_MODES:
-                                    yield Layout(tp, cp, dp, ep, etp, edp, engine, stage, sync, ac, mb, accum, off)
+                                    yield Layout(
+                                        tp, cp, dp, ep, etp, edp, engine, stage, sync, ac, mb, accum, off,
+                                        pp=pp, pp_schedule=sched, vpp=vpp,
+                                    )  # fmt: skip
 
 
 @dataclass

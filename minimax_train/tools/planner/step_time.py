@@ -20,6 +20,9 @@ all-to-all sends (n-1)/n of its rows, split between the two link kinds by where 
   fp32 gradients once per step (grad_sync step) or per micro-batch; ZeRO 1/2 reduce gradients and
   all-gather updated bf16 parameters once per step (ZeRO-2 reduce-scatters per micro-batch). Overlapped
   with compute: only the excess over the compute time is exposed.
+- PP (pp > 1): the schedule's bubble (planner/pipeline.py) idles bubble / (1 - bubble) of the compute; the
+  stage-boundary sends (activations forward, gradients backward) are exposed; each pp rank holds 1/pp of
+  the layers, so its data-parallel volume is 1/pp of the above.
 step = compute + exposed communication; MFU = model FLOPs / (step * peak); ranking: step time among the
 layouts that fit, then memory.
 """
@@ -48,6 +51,8 @@ class StepTime:
     mfu: float
     tokens_per_s: float
     model_tflops_per_gpu: float
+    pp: float = 0.0  # stage-boundary p2p seconds
+    bubble: float = 0.0  # the schedule's idle fraction
 
 
 def _coll_time(bytes_per_gpu: float, size: int, stride: int, gpu: GPUSpec, kind: str = "ring") -> float:
@@ -130,7 +135,7 @@ def estimate_time(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> 
         ep_t = _coll_time(mbs * s.L * 2 * moe_passes * vol, disp, stride, g, kind="a2a")
     # DP
     ps = w.cached(("split", tp, ep, etp), lambda: parameter_split(cfg, tp, ep, etp))
-    dense, experts = ps["dense_local"], ps["experts_local"]
+    dense, experts = ps["dense_local"] / lay.pp, ps["experts_local"] / lay.pp
     dpc, edp = lay.dp * lay.cp, lay.edp
     st = lay.zero_stage
     if lay.engine == "fsdp2" or st == 3:
@@ -163,6 +168,15 @@ def estimate_time(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> 
         "ep": ep_t * (1 - a.ep_overlap),
         "dp": max(0.0, dp_t - compute) if a.dp_overlap else dp_t,
     }
+    pp_t = bubble = 0.0
+    if lay.pp > 1:
+        from minimax_train.tools.planner.pipeline import bubble_fraction, p2p_bytes_per_rank
+
+        bubble = bubble_fraction(lay.pp_schedule, lay.pp, mbs, lay.vpp)
+        sent = p2p_bytes_per_rank(lay.pp, lay.vpp, mbs, t / tp, s.h, A, s.E)
+        pp_t = _coll_time(sent, 2, N // lay.pp, g)
+        exposed["pp"] = pp_t
+        exposed["pp_bubble"] = compute * bubble / (1 - bubble)
     step = compute + sum(exposed.values())
     return StepTime(
         compute=compute,
@@ -175,4 +189,6 @@ def estimate_time(w: Workload, lay: Layout, a: Optional[Assumptions] = None) -> 
         mfu=model_flops / (step * peak),
         tokens_per_s=G / step,
         model_tflops_per_gpu=model_flops / step / 1e12,
+        pp=pp_t,
+        bubble=bubble,
     )
