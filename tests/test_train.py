@@ -55,6 +55,22 @@ def test_fresh_run_learns_and_writes_outputs(fresh_run):
     assert ck == ["step_00000050", "step_00000060"]
 
 
+def test_model_flops_count_the_packed_documents(fresh_run):
+    """metrics.jsonl's model FLOPs are those of the rows as packed: below the one-document-per-row count
+    (the embedded corpus packs several documents into a row), above the attention-free part."""
+    from minimax_train.model.flops import train_flops, train_flops_per_token
+
+    cfg = compose_job("train.steps=60").model
+    tokens = 8 * 128
+    one_doc = train_flops_per_token(cfg, 128) * tokens
+    no_attention = train_flops(cfg, [1] * tokens)  # every token its own document: attention ~ nothing
+    recs = read_metrics(fresh_run)
+    for r in recs:
+        assert no_attention < r["model_flops"] <= one_doc
+        assert r["tflops_per_device"] == pytest.approx(r["model_flops"] / r["step_time_s"] / 1e12, rel=1e-9)
+    assert min(r["model_flops"] for r in recs) < one_doc  # some row held more than one document
+
+
 def test_export_loads_in_transformers_and_generates(fresh_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -121,9 +121,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
         # what checkpoints read and write: the model and torch optimiser, or the DeepSpeed adapter itself
         ckpt_model, ckpt_optim = (engine, None) if engine.name == "deepspeed" else (engine.model, engine.optimizer)
         coef = float(job.model.router_aux_loss_coef)
-        from minimax_train.model.flops import count_params, train_flops_per_token
+        from minimax_train.model.flops import count_params, train_flops
 
-        flops_per_token = train_flops_per_token(job.model, T)
         peak = peak_tflops(device, job.logging.peak_tflops)
         n_params = count_params(job.model)
 
@@ -228,6 +227,9 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             lr = schedule.lr(step)
             set_lr(engine.lr_optimizer, lr)
             batches = [next(it) for _ in range(accum)]
+            # model FLOPs of these rows as packed (each document's own attention), counted on the host;
+            # divided by cp because the cp ranks of a dp rank hold the same rows and the sum runs over dp x cp
+            local_flops = sum(train_flops(job.model, torch.diff(b.cu_seqlens).tolist()) for b in batches)
             fb = forward_backward(
                 model,
                 batches,
@@ -249,7 +251,8 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 mesh.all_reduce(flags, group=mesh.tp_group, op=dist.ReduceOp.MAX)
             if mesh.layout.pp > 1:  # the pipeline stages' statistics are already summed (train/step.py)
                 mesh.all_reduce(flags, group=mesh.pp_group, op=dist.ReduceOp.MAX)
-            stats = torch.cat([lm_sum.view(1), aux_sum.view(1), flags, load.flatten()])
+            flops = torch.tensor([local_flops / mesh.cp_size], dtype=torch.float64, device=device)
+            stats = torch.cat([lm_sum.view(1), aux_sum.view(1), flags, load.flatten(), flops])
             mesh.all_reduce(stats, group=grad_group)
             gn = float(grad_norm.item())
             stats = stats.cpu()  # one device-to-host copy for everything below
@@ -293,9 +296,9 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
             else:
                 last_loss = loss
 
-            imbalance = load_imbalance(stats[3:].view(load.shape))
+            imbalance = load_imbalance(stats[3:-1].view(load.shape))
             tps = G * T / dt
-            tflops = flops_per_token * tps / mesh.world_size / 1e12
+            tflops = float(stats[-1]) / dt / mesh.world_size / 1e12
             rec: dict[str, Any] = {
                 "step": step,
                 "loss": loss,
@@ -307,6 +310,7 @@ def train(job: JobConfig, run_dir: str | os.PathLike) -> TrainResult:
                 "global_batch_size": G,
                 "tokens_per_s": tps,
                 "tflops_per_device": tflops,
+                "model_flops": float(stats[-1]),  # of the global batch as packed (model/flops.train_flops)
                 "mfu": (tflops / peak) if peak else None,
                 "max_memory_gb": max_memory_gb(device),
                 "expert_load_imbalance": imbalance,
