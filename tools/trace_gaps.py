@@ -17,7 +17,8 @@ import gzip
 import json
 from collections import defaultdict
 
-SYNC_CALLS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent_host", "cudaMemcpyAsync")
+# runtime calls that can block the host until the GPU catches up (cudaMemcpy covers cudaMemcpyAsync too)
+SYNC_CALLS = ("Synchronize", "cudaMemcpy")
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
