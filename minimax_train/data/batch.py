@@ -26,12 +26,12 @@ class PackedBatch:
         return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
 
     def to(self, device, non_blocking: bool = False) -> PackedBatch:
-        return PackedBatch(
-            *(
-                t.to(device, non_blocking=non_blocking)
-                for t in (self.input_ids, self.labels, self.position_ids, self.cu_seqlens)
-            )
+        """The token tensors on `device`; cu_seqlens stays where it is (the host, from collate): the model
+        reads document lengths from it without a device sync and copies it over itself."""
+        ids, labels, pos = (
+            t.to(device, non_blocking=non_blocking) for t in (self.input_ids, self.labels, self.position_ids)
         )
+        return PackedBatch(ids, labels, pos, self.cu_seqlens)
 
 
 def collate(rows: list[Row], seq_len: int, pad_id: int) -> PackedBatch:

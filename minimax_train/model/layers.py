@@ -40,12 +40,14 @@ class PackedSequence:
 
     cu_seqlens [N+1] int32 over the local tokens; doc_ids [T] the document of each token; causal_pos [T]
     the index of each token in the (global) packed stream, used for causality; rope_pos [T] the position
-    inside its document, used for RoPE."""
+    inside its document, used for RoPE. cu_seqlens_host: the same boundaries (int64) on the host when the
+    batch brought them there: kernels that size their grids by them then need no device sync."""
 
     cu_seqlens: torch.Tensor
     doc_ids: torch.Tensor
     causal_pos: torch.Tensor
     rope_pos: torch.Tensor
+    cu_seqlens_host: torch.Tensor | None = None
     # init=True: dataclasses.replace (FSDP2 input casting does one per layer) must carry the same cache over
     cache: SequenceCache = field(default_factory=SequenceCache, repr=False, compare=False)
 
@@ -74,11 +76,13 @@ class PackedSequence:
         n = batch * seqlen
         if cu_seqlens is None:
             cu_seqlens = torch.arange(0, n + 1, seqlen, dtype=torch.int32)
-        longest = None
+        longest = host = None
         if cu_seqlens.device.type == "cpu":  # read on the host before the copy: no device sync later
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-            first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
-        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+            host = cu_seqlens.long()
+            longest = int((host[1:] - host[:-1]).max())
+            first, last = int(host[0]), int(host[-1])
+        # non_blocking: a pageable host source is staged at once, without waiting for the stream
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
         if longest is None:
             first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
         if first != 0 or last != n:
@@ -92,7 +96,9 @@ class PackedSequence:
             rope_pos = causal_pos - cu_seqlens.long()[doc_ids]
         else:
             rope_pos = position_ids.reshape(-1).to(device)
-        seq = cls(cu_seqlens=cu_seqlens, doc_ids=doc_ids, causal_pos=causal_pos, rope_pos=rope_pos)
+        seq = cls(
+            cu_seqlens=cu_seqlens, doc_ids=doc_ids, causal_pos=causal_pos, rope_pos=rope_pos, cu_seqlens_host=host
+        )
         if longest is not None:
             seq.cache["max_doc_len"] = longest
         return seq

@@ -81,6 +81,13 @@ def expert_capacity(capacity_factor: float, tokens: int, top_k: int, num_experts
     return int(math.ceil(capacity_factor * tokens * top_k / num_experts))
 
 
+def expert_counts(flat_e: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert (int64 [E]) of expert ids `flat_e`: torch.bincount's result, but a
+    scatter-add, which does not read the largest id back to the host (bincount syncs on CUDA)."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_e.device)
+    return counts.scatter_add_(0, flat_e.long(), torch.ones_like(flat_e, dtype=torch.long))
+
+
 def capacity_keep(
     flat_e: torch.Tensor, num_experts: int, capacity: int, offsets: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -89,7 +96,7 @@ def capacity_keep(
     its index among this tensor's assignments to e in (token, slot) order; it is kept iff position < capacity."""
     n = flat_e.numel()
     order = torch.argsort(flat_e, stable=True)
-    counts = torch.bincount(flat_e, minlength=num_experts)
+    counts = expert_counts(flat_e, num_experts)
     starts = torch.cumsum(counts, 0) - counts
     pos = torch.empty_like(flat_e)
     pos[order] = torch.arange(n, device=flat_e.device) - starts[flat_e[order]]
@@ -112,14 +119,14 @@ class LocalDispatcher:
         t, k = route.experts.shape
         num_experts = experts.gate_up_proj.shape[0]
         flat_e = route.experts.reshape(-1)
-        counts = torch.bincount(flat_e, minlength=num_experts)
+        counts = expert_counts(flat_e, num_experts)
         dropped = torch.zeros((), dtype=torch.long, device=x.device)
         if self.routing == "capacity":
             cap = expert_capacity(self.capacity_factor, t, k, num_experts)
             keep = capacity_keep(flat_e, num_experts, cap)
             kept = int(keep.sum())
             order = torch.argsort(torch.where(keep, flat_e, num_experts), stable=True)[:kept]
-            run_counts = torch.bincount(flat_e[order], minlength=num_experts)
+            run_counts = expert_counts(flat_e[order], num_experts)
             dropped = dropped + (t * k - kept)
         else:
             order = torch.argsort(flat_e, stable=True)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.attention import packed_causal_attention, resolve_packed_backend
-from ..ops.cross_entropy import chunked_loss_sum
+from ..ops.cross_entropy import chunked_loss_sum, fused_linear_cross_entropy_sum, liger_linear_cross_entropy
 from ..ops.fused import rms_norm
 from ..ops.lightning import lightning_attention, lightning_slopes
 from .config import ModelConfig
@@ -107,14 +107,23 @@ class LMHead(nn.Module):
     `loss_sum` the fp32 token cross-entropy summed over labels != -100, the lm_head + loss run in chunks of
     `chunk_tokens` under activation checkpoints (ops/cross_entropy.py) so the full logits never exist."""
 
+    loss_kernel = "chunked"  # CausalLM.set_memory_options: "auto" / "liger" take Liger's fused kernel on CUDA
+
     def __init__(self, hidden: int, vocab: int, weight: nn.Parameter | None = None):
         super().__init__()
         self.weight = weight if weight is not None else nn.Parameter(torch.empty(vocab, hidden))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.weight)
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits, or with labels the summed cross-entropy through the fused kernel (inside the module
+        call, so that sharding hooks gather the weight)."""
+        if labels is None:
+            return F.linear(hidden, self.weight)
+        return fused_linear_cross_entropy_sum(hidden, self.weight, labels)
 
     def loss_sum(self, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+        if self.loss_kernel != "chunked" and hidden.is_cuda and liger_linear_cross_entropy() is not None:
+            return self(hidden.reshape(labels.numel(), -1), labels)
+
         def loss_fn(h, y):  # through the module call: ZeRO-3 gathers the weight in its hooks, recompute too
             return F.cross_entropy(self(h).float(), y, ignore_index=-100, reduction="sum")
 
@@ -194,7 +203,7 @@ class LocalLightningCore:
     def __call__(self, q, k, v, seq):
         slopes = self.decays.on(q.device)
         o, _ = lightning_attention(q[None], k[None], v[None], slopes, cu_seqlens=seq.cu_seqlens_long,
-                                   block_size=self.block_size)  # fmt: skip
+                                   cu_seqlens_host=seq.cu_seqlens_host, block_size=self.block_size)  # fmt: skip
         return o[0]
 
     def __repr__(self) -> str:

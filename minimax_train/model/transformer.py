@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..ops.cross_entropy import LOSS_KERNELS, liger_linear_cross_entropy
 from ..ops.fused import scaled_sum
 from .attention import LightningAttention, SoftmaxAttention
 from .config import FULL, ModelConfig
@@ -179,12 +180,22 @@ class MiniMaxForCausalLM(nn.Module):
         fill_parameters(self, InitSource(self.config, seed))
 
     def set_memory_options(
-        self, activation_checkpointing: str = "none", moe_chunk_tokens: int = 0, loss_chunk_tokens: int = 0
+        self,
+        activation_checkpointing: str = "none",
+        moe_chunk_tokens: int = 0,
+        loss_chunk_tokens: int = 0,
+        loss_kernel: str = "chunked",
     ) -> None:
         """activation_checkpointing none | selective (attention sublayers) | full (whole layers);
         moe_chunk_tokens > 0 checkpoints the norm + MoE sublayer per chunk of that many tokens (dropless
         routing only); loss_chunk_tokens > 0 runs lm_head + cross-entropy per checkpointed chunk of that many
-        tokens (ops/cross_entropy.py). None of them changes the result."""
+        tokens (ops/cross_entropy.py); loss_kernel auto | liger runs them through Liger-Kernel's fused linear
+        cross-entropy on CUDA instead (auto: where it is installed; the vocabulary-parallel head keeps its
+        own). None of them changes the result beyond bf16 rounding."""
+        if loss_kernel not in LOSS_KERNELS:
+            raise ValueError(f"loss kernel '{loss_kernel}' unknown; use one of {', '.join(LOSS_KERNELS)}")
+        if loss_kernel == "liger" and liger_linear_cross_entropy() is None:
+            raise ImportError("train.loss_kernel=liger needs Liger-Kernel (pip extra 'cuda'); use auto or chunked")
         if activation_checkpointing not in AC_MODES:
             raise ValueError(
                 f"activation checkpointing mode '{activation_checkpointing}' unknown; use none, selective or full"
@@ -198,6 +209,8 @@ class MiniMaxForCausalLM(nn.Module):
             layer.checkpoint_mode = activation_checkpointing
             layer.moe_chunk_tokens = moe_chunk_tokens
         self.loss_chunk_tokens = loss_chunk_tokens
+        if self.lm_head is not None:
+            self.lm_head.loss_kernel = loss_kernel
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward_stage(self, layer_ids, inputs, seq: PackedSequence, *, first: bool, last: bool, labels=None):

@@ -100,6 +100,7 @@ def lightning_attention(
     output_final_state: bool = False,
     block_size: int = 256,
     backend: str = "auto",
+    cu_seqlens_host: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lightning attention over [B, T, H, D] inputs.
 
@@ -110,6 +111,8 @@ def lightning_attention(
     initial_state: [N, H, D, Dv] state before each sequence's first token (fp32 expected).
     block_size: torch backend's block length; only shapes buffers, never the result.
     backend: "torch", "fla" or "auto" (fla when q is on CUDA and fla imports, else torch).
+    cu_seqlens_host: the same boundaries on the host (optional): fla then sizes its grids without reading
+        the device copy (no host-device sync); pass one tensor object per sequence, fla caches by identity.
 
     Returns (o [B, T, H, Dv] in q.dtype, final states [N, H, D, Dv] or None). The state is held
     in fp32 (fp64 when the inputs are fp64, so the op can be checked against a float64 oracle).
@@ -120,11 +123,13 @@ def lightning_attention(
     if backend == "auto":
         backend = "fla" if q.is_cuda and fla_chunk_simple_gla() is not None else "torch"
     if backend == "fla":
-        return _lightning_fla(q, k, v, slopes, cu_seqlens, initial_state, output_final_state)
+        return _lightning_fla(q, k, v, slopes, cu_seqlens, initial_state, output_final_state, cu_seqlens_host)
+    if cu_seqlens_host is not None:
+        cu_seqlens = cu_seqlens_host
     return _lightning_torch(q, k, v, slopes, cu_seqlens, initial_state, output_final_state, block_size)
 
 
-def _lightning_fla(q, k, v, slopes, cu_seqlens, initial_state, output_final_state):
+def _lightning_fla(q, k, v, slopes, cu_seqlens, initial_state, output_final_state, cu_seqlens_host=None):
     chunk_simple_gla = fla_chunk_simple_gla()
     if chunk_simple_gla is None:
         raise ImportError(
@@ -134,6 +139,12 @@ def _lightning_fla(q, k, v, slopes, cu_seqlens, initial_state, output_final_stat
         raise ValueError("lightning_attention(backend='fla') needs CUDA tensors; use backend='torch' on CPU")
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.long)
+        if cu_seqlens_host is not None:
+            from .fla_varlen import remember_host_cu_seqlens
+
+            remember_host_cu_seqlens(cu_seqlens, cu_seqlens_host)
+    else:
+        cu_seqlens_host = None
     if initial_state is not None:
         initial_state = initial_state.float()  # the kernel's state is fp32; keep the contract on both backends
     # g_gamma is a per-head log-decay; scale=1.0 because MiniMax does not scale q.
@@ -146,6 +157,7 @@ def _lightning_fla(q, k, v, slopes, cu_seqlens, initial_state, output_final_stat
         initial_state=initial_state,
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
+        cu_seqlens_cpu=cu_seqlens_host,
     )
     return o.to(q.dtype), (final if output_final_state else None)
 

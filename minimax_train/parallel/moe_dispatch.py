@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..model.moe import capacity_keep, expert_capacity
+from ..model.moe import expert_counts as count_assignments
 from ..ops.experts import to_autocast
 from .moe_experts import swiglu_backward_input, swiglu_forward, weight_grad
 
@@ -256,7 +257,7 @@ class AllToAllDispatcher:
 
         # 1. the global router: every rank's per-chunk routed counts and token count
         counts_k = torch.stack(
-            [torch.bincount(flat_e[bounds[c] * k : bounds[c + 1] * k], minlength=e_all) for c in range(k_chunks)]
+            [count_assignments(flat_e[bounds[c] * k : bounds[c + 1] * k], e_all) for c in range(k_chunks)]
         )  # [K, E]
         payload = torch.cat([counts_k.reshape(-1), torch.full((1,), t, dtype=counts_k.dtype, device=dev)])
         host = self._gather_counts(payload).cpu()  # the layer's one host sync

@@ -105,3 +105,55 @@ def test_fused_elementwise_matches_eager(monkeypatch):
     assert abs(loss_f.item() - loss_e.item()) / loss_e.item() < 1e-3
     for name, g in grads_e.items():
         assert _rel(grads_f[name], g) < 2e-2, name
+
+
+def test_liger_loss_matches_chunked():
+    """Liger-Kernel's fused linear cross-entropy (train.loss_kernel auto on CUDA) gives the chunked
+    lm_head + fp32 cross-entropy's loss and gradients under bf16 autocast."""
+    pytest.importorskip("fla")
+    pytest.importorskip("liger_kernel")
+    ids = torch.randint(0, 512, (1, 3000), device="cuda")
+    labels = torch.roll(ids, -1, 1)
+    labels[0, 1000:1100] = -100
+    cu = torch.tensor([0, 1000, 3000], dtype=torch.int32)
+    results = {}
+    for kernel in ("liger", "chunked"):
+        model = MiniMaxForCausalLM(_cfg(), seed=5).cuda()
+        model.set_memory_options(loss_chunk_tokens=1024, loss_kernel=kernel)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, labels=labels, cu_seqlens=cu)
+        (out.lm_loss_sum * 0.25).backward()  # the trainer scales the summed loss: not a unit upstream gradient
+        results[kernel] = (out.lm_loss_sum.detach(), {n: p.grad for n, p in model.named_parameters()})
+    (loss_l, grads_l), (loss_c, grads_c) = results["liger"], results["chunked"]
+    assert abs(loss_l.item() - loss_c.item()) / loss_c.item() < 1e-3
+    for name, g in grads_c.items():
+        assert grads_l[name].dtype == torch.float32 and _rel(grads_l[name], g) < 2e-2, name
+
+
+def test_training_step_host_syncs():
+    """A forward + backward on host cu_seqlens waits on the device only where a library must: Liger's loss
+    (its token count and its unit-gradient check) and fla's chunk-index copy, none per layer."""
+    import warnings
+
+    pytest.importorskip("fla")
+    model = MiniMaxForCausalLM(_cfg(), seed=1).cuda()
+    model.set_memory_options(activation_checkpointing="selective", loss_kernel="auto")
+    ids = torch.randint(0, 512, (1, 2048), device="cuda")
+    cu = torch.tensor([0, 700, 701, 2048], dtype=torch.int32)  # on the host, as PackedBatch.to leaves it
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(ids, labels=torch.roll(ids, -1, 1), cu_seqlens=cu.clone())
+        (out.lm_loss_sum * 0.5 + out.aux_loss).backward()
+
+    step()  # compiles and autotunes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 4, syncs
