@@ -175,7 +175,9 @@ class TrainConfig:
     eval_iters: int = 2  # validation micro-batches per data-parallel rank
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with NaN/inf loss or gradients
     loss_chunk_tokens: int = 8192  # lm_head + cross-entropy per chunk of N tokens, recomputed in backward; 0: off
-    loss_kernel: str = "auto"  # auto: Liger-Kernel's fused linear cross-entropy on CUDA where installed | chunked | liger
+    loss_kernel: str = (
+        "auto"  # auto: Liger-Kernel's fused linear cross-entropy on CUDA where installed | chunked | liger
+    )
     moe_chunk_tokens: int = 0  # norm + MoE sublayer per checkpointed chunk of N tokens (long context); 0: off
 
     def __post_init__(self):

@@ -100,11 +100,12 @@ def test_bench_kernels_cpu_tiny(tmp_path):
     assert not [r for r in rows if r["status"] == "failed"], [r for r in rows if r["status"] == "failed"]
 
 
-@pytest.mark.slow
-def test_bench_train_cpu_tiny(tmp_path):
+def _bench_train_cpu_tiny(tmp_path, impls: str):
+    """bench_train.py at tiny size on CPU, 3 steps (1 warm-up), every impl ok with finite positive numbers:
+    (the model config, its all-softmax twin that megatron and titan train, the results by impl)."""
+    from minimax_train.model.config import FULL, ModelConfig
+
     out = tmp_path / "train.json"
-    have_megatron = importlib.util.find_spec("megatron") is not None
-    impls = "ours,hf,megatron" if have_megatron else "ours,hf"
     p = _run(
         [
             str(TOOLS / "bench_train.py"),
@@ -138,16 +139,35 @@ def test_bench_train_cpu_tiny(tmp_path):
         for k in ("tokens_per_s", "tflops_per_gpu", "mfu", "peak_mem_gb", "flops_per_token", "loss_last"):
             assert _finite(r[k]) and r[k] > 0, (impl, k, r[k])
         assert r["timed_steps"] == 2
+    cfg = ModelConfig(**data["meta"]["model"])
+    soft = ModelConfig(**{**data["meta"]["model"], "layer_types": [FULL] * cfg.num_hidden_layers})
+    return cfg, soft, res
+
+
+@pytest.mark.slow
+def test_bench_train_cpu_tiny(tmp_path):
+    have_megatron = importlib.util.find_spec("megatron") is not None
+    cfg, soft, res = _bench_train_cpu_tiny(tmp_path, "ours,hf,megatron" if have_megatron else "ours,hf")
     # one FLOP counter: ours and transformers train the same hybrid model, megatron the all-softmax one
-    from minimax_train.model.config import FULL, ModelConfig
     from minimax_train.model.flops import train_flops_per_token
 
-    cfg = ModelConfig(**data["meta"]["model"])
     assert res["ours"]["flops_per_token"] == pytest.approx(train_flops_per_token(cfg, 128))
     assert res["hf"]["flops_per_token"] == res["ours"]["flops_per_token"]
     if "megatron" in res:
-        soft = ModelConfig(**{**data["meta"]["model"], "layer_types": [FULL] * cfg.num_hidden_layers})
         assert res["megatron"]["flops_per_token"] == pytest.approx(train_flops_per_token(soft, 128))
+
+
+def test_bench_train_titan_cpu_tiny(tmp_path):
+    """TorchTitan's Qwen3 MoE peer trains the all-softmax model: its parameter count is the ModelConfig's and its
+    FLOPs the all-softmax counter's (CPU: the sdpa backend, flex has no backward there)."""
+    pytest.importorskip("torchtitan")
+    from minimax_train.model.flops import count_params, train_flops_per_token
+
+    _, soft, res = _bench_train_cpu_tiny(tmp_path, "titan")
+    titan = res["titan"]
+    assert titan["params"] == titan["params_expected"] == count_params(soft).total
+    assert titan["flops_per_token"] == pytest.approx(train_flops_per_token(soft, 128))
+    assert titan["attn_backend"] == "sdpa"
 
 
 def test_bench_layouts_cpu_tiny(tmp_path):

@@ -3,7 +3,18 @@
   (b) hf        -- transformers' MiniMaxForCausalLM trained eagerly on random tokens [1, seq_len]: fp32 params,
                    bf16 autocast, torch.optim.AdamW(fused=True), sdpa attention (how a user trains it);
   (c) megatron  -- megatron-core GPTModel with the same widths, experts and top-k but softmax attention in every
-                   layer (it has no lightning attention), local (non-Transformer-Engine) layer spec,
+                   layer (it has no lightning attention), local (non-Transformer-Engine) layer spec;
+  (d) titan     -- TorchTitan 0.3.0's Qwen3 MoE model (torchtitan.models.qwen3) at the same widths, experts and
+                   top-k, softmax attention in every layer as megatron, built as its trainer does on one GPU: on meta,
+                   parallelize_qwen3 (FSDP2 over one rank: fp32 params, bf16 compute by its MixedPrecisionPolicy),
+                   init_weights; its grouped-GEMM experts (torch._grouped_mm) and aux-loss-free load balancing
+                   (expert bias, optimizer pre-hook); no activation checkpointing, no torch.compile of the model;
+                   --titan-attn: flex (its default, compiled FlexAttention, causal block mask), varlen (FlashAttention
+                   varlen, torch >= 2.12) or sdpa (causal SDPA); without Qwen3's QK norm, embeddings tied as ours.
+                   It is built against torch >= 2.12; on older torch the worker supplies the one name it imports
+                   that is missing (fsdp.DataParallelMeshDims, used only with several ranks) and says so. Install
+                   (its other declared deps are ours or unused here):  pip install --no-deps torchtitan==0.3.0
+                   spmd_types==0.2.3 torch_checkpointing torchdata tyro docstring-parser typeguard tomli-w
 side by side on the same card, one process per implementation (clean memory, one failure does not stop the
 others), all with AdamW at a constant lr 1e-4. Every implementation runs --warmup untimed steps, then
 --steps - --warmup timed steps; numbers are medians over the timed steps.
@@ -13,8 +24,8 @@ others), all with AdamW at a constant lr 1e-4. Every implementation runs --warmu
     python tools/bench_train.py --device cpu --preset tiny --seq-len 128 --steps 3 --warmup 1 --peak-tflops 1
 
 FLOPs: minimax_train.model.flops.train_flops_per_token(cfg, seq_len) -- the function the trainer's own metric
-uses -- for ours and transformers (the same hybrid model), and for megatron the same function on the config with
-every layer softmax ("full_attention"), i.e. the FLOPs of the model megatron actually trains. Model FLOPs:
+uses -- for ours and transformers (the same hybrid model), and for megatron and titan the same function on the
+config with every layer softmax ("full_attention"), i.e. the FLOPs of the model they actually train. Model FLOPs:
 activation recomputation is not counted. MFU = TFLOP/s per GPU / peak (bf16 dense: H100 SXM and H200 989,
 from minimax_train/hardware.py; --peak-tflops overrides). Peak memory: torch.cuda.max_memory_allocated (peak RSS on
 CPU). The ratio column is ours' tokens/s over the implementation's tokens/s.
@@ -24,7 +35,7 @@ Presets: the conf/model names (tiny, minimax_1b, minimax_text_01) and minimax_sl
 lightning, one softmax), vocab 32768 and --slice-experts local experts (default 4: MiniMax's 32 experts under
 EP=8; each expert then sees tokens*2/4 rows, as an EP=8 rank does; 32 experts of 9216 are 5.4B parameters
 per layer and do not fit one GPU with AdamW). --override key=value changes any ModelConfig field for all
-three implementations (and is passed to the trainer as model.key=value).
+implementations (and is passed to the trainer as model.key=value).
 
 The baselines run in tools/bench_train_workers.py, the trainer through tools/bench_runs.py.
 """
@@ -55,7 +66,7 @@ from bench_runs import (  # noqa: E402
     single_document_corpus,
 )
 
-IMPLS = ("ours", "hf", "megatron")
+IMPLS = ("ours", "hf", "megatron", "titan")
 SLICE_BASE = "minimax_text_01"
 
 
@@ -85,7 +96,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--steps", type=int, default=None, help="total steps per implementation (default 10; CPU 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3; CPU 1)")
-    p.add_argument("--impls", default="ours,hf,megatron")
+    p.add_argument("--impls", default="ours,hf,megatron", help=f"comma-separated, of {','.join(IMPLS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device bf16 peak for MFU")
     p.add_argument(
@@ -126,6 +137,15 @@ def parse_args(argv=None):
         choices=("auto", "megatron", "torch"),
         help="megatron: DDP + get_megatron_optimizer (bf16 params, fp32 main params and grads); "
         "torch: torch AdamW over fp32 master copies of the bf16 params; auto: megatron, else torch",
+    )
+    p.add_argument(
+        "--titan-attn",
+        default="auto",
+        choices=("auto", "flex", "varlen", "sdpa"),
+        help="titan's attention: flex (TorchTitan's default for its language models: compiled FlexAttention with "
+        "a causal document block mask), varlen (torch varlen_attn, FlashAttention; needs torch >= 2.12), sdpa "
+        "(its ScaledDotProductAttention, causal; its language-model configs refuse it); auto: flex on GPU, sdpa on "
+        "CPU (flex has no backward there)",
     )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--timeout", type=float, default=None, help="seconds per implementation (default 420; CPU 300)")
@@ -248,6 +268,7 @@ def run_worker(a, impl: str, cfg, work: Path) -> dict[str, Any]:
         "hf_experts": a.hf_experts,
         "megatron_attn": a.megatron_attn,
         "megatron_optimizer": a.megatron_optimizer,
+        "titan_attn": a.titan_attn,
         "result": str(work / f"{impl}.result.json"),
     }
     spec_path = work / f"{impl}.spec.json"
@@ -303,6 +324,7 @@ def report(a, cfg, results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             "ours": "ours (minimax_train)",
             "hf": "transformers eager",
             "megatron": "megatron-core GPT-MoE (all softmax)",
+            "titan": "torchtitan Qwen3-MoE (all softmax)",
         }[r["impl"]]
         rows.append(
             [
@@ -345,8 +367,8 @@ def report(a, cfg, results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if meta.get("peak_tflops") is None:
         lines.append("- MFU not computed: unknown peak for this device; pass --peak-tflops")
     lines.append(
-        "- ratio ours/impl = tokens/s of ours / tokens/s of impl (same tokens per step; megatron trains "
-        "an all-softmax model, so its FLOPs differ: compare MFU there)"
+        "- ratio ours/impl = tokens/s of ours / tokens/s of impl (same tokens per step; megatron and titan "
+        "train an all-softmax model, so their FLOPs differ: compare MFU there)"
     )
     return "\n".join(lines)
 

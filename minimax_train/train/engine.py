@@ -46,7 +46,9 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
         moe_chunk_tokens=job.train.moe_chunk_tokens,
         loss_chunk_tokens=job.train.loss_chunk_tokens,
         # ZeRO-3 partitions the head's weight outside its module call, which the fused kernel reads directly
-        loss_kernel="chunked" if job.train.loss_kernel == "auto" and job.parallel.engine == "deepspeed" else job.train.loss_kernel,
+        loss_kernel="chunked"
+        if job.train.loss_kernel == "auto" and job.parallel.engine == "deepspeed"
+        else job.train.loss_kernel,
     )
     param_dtype = torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None
     partition = None
