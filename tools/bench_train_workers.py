@@ -371,10 +371,10 @@ def worker_megatron(spec) -> dict[str, Any]:
         if built is not None:
             ddp, mopt = built
 
-            def step_fn(ids, pos):
+            def step_fn(ids, pos, labels):
                 ddp.zero_grad_buffer()
                 mopt.zero_grad()
-                loss = ddp(ids, pos, None, labels=ids).float().mean()
+                loss = ddp(ids, pos, None, labels=labels).float().mean()
                 loss.backward()
                 ddp.finish_grad_sync()
                 mopt.step()
@@ -393,8 +393,8 @@ def worker_megatron(spec) -> dict[str, Any]:
         master = [p.detach().float().clone().requires_grad_() for p in params] if gpu else params
         opt, _ = _adamw(master)
 
-        def step_fn(ids, pos):
-            loss = model(ids, pos, None, labels=ids).float().mean()
+        def step_fn(ids, pos, labels):
+            loss = model(ids, pos, None, labels=labels).float().mean()
             loss.backward()
             if gpu:
                 for p, m in zip(params, master):
@@ -418,8 +418,9 @@ def worker_megatron(spec) -> dict[str, Any]:
     pos = torch.arange(T, device=dev)[None]
 
     def step(i):
-        ids = torch.randint(0, cfg.vocab_size, (1, T), device=dev, generator=gen)
-        return step_fn(ids, pos)
+        # GPTModel takes labels already shifted: position t learns token t + 1
+        ids = torch.randint(0, cfg.vocab_size, (1, T + 1), device=dev, generator=gen)
+        return step_fn(ids[:, :-1], pos, ids[:, 1:])
 
     res = _timed_loop(step, spec["steps"], spec["warmup"], dev, T)
     notes.append("FLOPs counted with every layer softmax (the model megatron trains)")
