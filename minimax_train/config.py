@@ -17,6 +17,7 @@ from typing import Any, Optional
 from minimax_train.data.config import DataConfig, SourceConfig, validate_data_config
 from minimax_train.errors import MinimaxError
 from minimax_train.model.config import ModelConfig
+from minimax_train.ops.cross_entropy import LOSS_KERNELS
 from minimax_train.parallel.mesh import ParallelConfig
 
 SCHEDULES = ("cosine", "wsd", "linear", "constant", "piecewise")
@@ -175,9 +176,7 @@ class TrainConfig:
     eval_iters: int = 2  # validation micro-batches per data-parallel rank
     max_nonfinite_steps: int = 5  # stop after this many consecutive steps with NaN/inf loss or gradients
     loss_chunk_tokens: int = 8192  # lm_head + cross-entropy per chunk of N tokens, recomputed in backward; 0: off
-    loss_kernel: str = (
-        "auto"  # auto: Liger-Kernel's fused linear cross-entropy on CUDA where installed | chunked | liger
-    )
+    loss_kernel: str = "auto"  # auto: Liger's fused linear cross-entropy on CUDA if installed | chunked | liger
     moe_chunk_tokens: int = 0  # norm + MoE sublayer per checkpointed chunk of N tokens (long context); 0: off
 
     def __post_init__(self):
@@ -189,7 +188,7 @@ class TrainConfig:
         _choice("train.device", self.device, DEVICES)
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.activation_checkpointing", self.activation_checkpointing, AC_MODES)
-        _choice("train.loss_kernel", self.loss_kernel, ("auto", "chunked", "liger"))
+        _choice("train.loss_kernel", self.loss_kernel, LOSS_KERNELS)
         if self.tokens is not None:
             _positive("train.tokens", self.tokens)
         for key, g in self.batch_sizes():

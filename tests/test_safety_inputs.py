@@ -121,6 +121,7 @@ def test_hf_and_trainer_errors_are_one_user_error_type():
     [
         ("deepspeed", "deepspeed", ["parallel=deepspeed"]),
         ("wandb", "wandb", ["logging.wandb.mode=offline"]),
+        ("liger_kernel", "cuda", ["train.loss_kernel=liger"]),
     ],
 )
 def test_missing_extra_names_its_pip_install(tmp_path, module, extra, overrides):

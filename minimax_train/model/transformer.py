@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..ops.cross_entropy import LOSS_KERNELS, liger_linear_cross_entropy
+from ..ops.cross_entropy import LOSS_KERNELS, require_liger
 from ..ops.fused import scaled_sum
 from .attention import LightningAttention, SoftmaxAttention
 from .config import FULL, ModelConfig
@@ -194,8 +194,8 @@ class MiniMaxForCausalLM(nn.Module):
         own). None of them changes the result beyond bf16 rounding."""
         if loss_kernel not in LOSS_KERNELS:
             raise ValueError(f"loss kernel '{loss_kernel}' unknown; use one of {', '.join(LOSS_KERNELS)}")
-        if loss_kernel == "liger" and liger_linear_cross_entropy() is None:
-            raise ImportError("train.loss_kernel=liger needs Liger-Kernel (pip extra 'cuda'); use auto or chunked")
+        if loss_kernel == "liger":
+            require_liger("train.loss_kernel=liger (auto falls back to the chunked loss)")
         if activation_checkpointing not in AC_MODES:
             raise ValueError(
                 f"activation checkpointing mode '{activation_checkpointing}' unknown; use none, selective or full"

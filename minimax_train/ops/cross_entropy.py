@@ -18,6 +18,7 @@ forward): no fp32 logits, no log_softmax tensors, no recomputed lm_head GEMM."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,7 @@ def chunked_loss_sum(hidden: torch.Tensor, labels: torch.Tensor, loss_fn: LossFn
     return total
 
 
+@functools.cache  # one import attempt per process, not one per micro-batch
 def liger_linear_cross_entropy():
     """Liger-Kernel's fused linear cross-entropy, or None where it does not import (CPU machines)."""
     try:
@@ -59,11 +61,7 @@ def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, l
     """sum over labels != -100 of the fp32 token cross-entropy of hidden [N, H] @ weight [V, H]^T (Liger)."""
     from .experts import to_autocast
 
-    fused = liger_linear_cross_entropy()
-    if fused is None:
-        raise ImportError(
-            "the fused linear cross-entropy needs Liger-Kernel (pip extra 'cuda'); use train.loss_kernel=chunked"
-        )
+    fused = require_liger("the fused linear cross-entropy (train.loss_kernel=chunked does without)")
     # the weight in the matmul dtype once (autocast would cast it again for every chunk); gradients of the
     # weight accumulate in fp32 over the chunks whatever the parameter dtype
     hidden, weight = to_autocast(hidden, weight)
@@ -73,6 +71,22 @@ def fused_linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, l
     )
 
 
+def require_liger(feature: str):
+    """liger_linear_cross_entropy(), or a MissingExtraError naming the extra that installs it."""
+    from minimax_train.errors import import_extra
+
+    return (
+        liger_linear_cross_entropy()
+        or import_extra("liger_kernel.transformers.functional", "cuda", feature).liger_fused_linear_cross_entropy
+    )
+
+
 LOSS_KERNELS = ("auto", "chunked", "liger")
 
-__all__ = ["LOSS_KERNELS", "chunked_loss_sum", "fused_linear_cross_entropy_sum", "liger_linear_cross_entropy"]
+__all__ = [
+    "LOSS_KERNELS",
+    "chunked_loss_sum",
+    "fused_linear_cross_entropy_sum",
+    "liger_linear_cross_entropy",
+    "require_liger",
+]

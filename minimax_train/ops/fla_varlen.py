@@ -37,6 +37,13 @@ def _device_offsets(cu_seqlens: torch.Tensor, split_size: int) -> tuple[torch.Te
     return offsets.to(cu_seqlens.device, non_blocking=True), int(offsets[-1])
 
 
+def _state_grid(K: int, V: int, N: int, H: int):
+    """fla's launch grid of the state kernels: one program per (K block, V block, sequence, head)."""
+    import triton
+
+    return lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(V, meta["BV"]) * N * H,)
+
+
 def _has_host_copy(*args, cu_seqlens=None, **kwargs):
     if cu_seqlens is None or cu_seqlens not in _HOST_CU_SEQLENS:
         return False, "no host copy of cu_seqlens"
@@ -48,7 +55,6 @@ def register_backend() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    import triton
     from fla.backends import BaseBackend, register
     from fla.ops.common.chunk_h import chunk_bwd_kernel_dh, chunk_fwd_kernel_h
 
@@ -69,11 +75,7 @@ def register_backend() -> None:
             state_shape = (V, K) if state_v_first else (K, V)
             h = k.new_empty(B, NS, H, *state_shape, dtype=torch.float if states_in_fp32 else k.dtype)
             ht = k.new_empty(N, H, *state_shape, dtype=torch.float) if output_final_state else None
-
-            def grid(meta):
-                return (triton.cdiv(K, meta["BK"]) * triton.cdiv(V, meta["BV"]) * N * H,)
-
-            chunk_fwd_kernel_h[grid](
+            chunk_fwd_kernel_h[_state_grid(K, V, N, H)](
                 k=k, v=v, h=h, g=g, g_gamma=g_gamma, gk=gk, gv=gv, h0=h0, ht=ht, cu_seqlens=cu_seqlens,
                 split_offsets=split_offsets, T=T, H=H, K=K, V=V, BT=BT, BS=BS, USE_G=g is not None,
                 USE_G_GAMMA=g_gamma is not None, USE_GK=gk is not None, USE_GV=gv is not None,
@@ -92,11 +94,7 @@ def register_backend() -> None:
             state_shape = (V, K) if state_v_first else (K, V)
             dh = k.new_empty(B, NS, HQ, *state_shape, dtype=torch.float if states_in_fp32 else k.dtype)
             dh0 = torch.empty_like(h0, dtype=torch.float) if h0 is not None else None
-
-            def grid(meta):
-                return (triton.cdiv(K, meta["BK"]) * triton.cdiv(V, meta["BV"]) * N * H,)
-
-            chunk_bwd_kernel_dh[grid](
+            chunk_bwd_kernel_dh[_state_grid(K, V, N, H)](
                 q=q, g=g, g_gamma=g_gamma, gk=gk, gv=gv, do=do, dh=dh, dht=dht, dh0=dh0, cu_seqlens=cu_seqlens,
                 split_offsets=split_offsets, scale=scale, T=T, HQ=HQ, H=H, K=K, V=V, BT=BT, BS=BS,
                 NG=HQ // H, USE_G=g is not None, USE_G_GAMMA=g_gamma is not None, USE_GK=gk is not None,

@@ -41,14 +41,16 @@ def build_model(job: JobConfig, mesh: ParallelMesh, *, bf16: bool = False, init_
         log.info("initialising from transformers weights in %s (each rank reads its own slices)", init_from_hf)
     else:
         source = InitSource(job.model, job.train.seed)
+    # the fused loss computes the head's gradients in forward, which DeepSpeed's parameter hooks have not
+    # been tested with: DeepSpeed keeps the chunked loss unless liger is asked for by name
+    loss_kernel = job.train.loss_kernel
+    if loss_kernel == "auto" and job.parallel.engine == "deepspeed":
+        loss_kernel = "chunked"
     memory = dict(
         activation_checkpointing=job.train.activation_checkpointing,
         moe_chunk_tokens=job.train.moe_chunk_tokens,
         loss_chunk_tokens=job.train.loss_chunk_tokens,
-        # ZeRO-3 partitions the head's weight outside its module call, which the fused kernel reads directly
-        loss_kernel="chunked"
-        if job.train.loss_kernel == "auto" and job.parallel.engine == "deepspeed"
-        else job.train.loss_kernel,
+        loss_kernel=loss_kernel,
     )
     param_dtype = torch.bfloat16 if (bf16 and mesh.device.type == "cuda") else None
     partition = None
